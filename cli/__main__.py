@@ -1,0 +1,3 @@
+from rnnd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,438 @@
+"""The bundle contract: what `rnnd export` writes into an ONNX file and `rnnd serve` reads.
+
+A bundle is one ONNX file. Its graph advances B streams by T steps; everything else the
+daemon needs to serve it without torch and without side files (how to turn a message into
+model input, how to turn model output into a prediction, what state to keep per stream and
+how to initialise it) travels as one JSON document under the model metadata key
+``rnnd.bundle``. These frozen dataclasses are that document; nothing else defines it, and
+the exporter writes exactly these objects.
+
+Graph conventions (both modes):
+
+* ``x``: ``[B, T, F]`` float32 (numeric input) or ``[B, T]`` int64 (token ids).
+* stateful mode: one input and one output per state tensor; ``y`` is ``[B, T, O]``.
+* window mode: no state; ``x`` holds the last W inputs, ``y`` is ``[B, O]``, the prediction
+  for the last step of the window.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+FORMAT_VERSION = 1
+METADATA_KEY = "rnnd.bundle"
+
+Mode = Literal["stateful", "window"]
+InputKind = Literal["numeric", "tokens"]
+OutputKind = Literal["regression", "classification", "language_model"]
+InitKind = Literal["zeros", "learned"]
+
+
+class BundleError(ValueError):
+    """A file is not a usable bundle. The message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+def encode_array(a: np.ndarray) -> str:
+    """float32/int64 arrays as base64 of their little-endian bytes: exact, and compact."""
+    return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode()
+
+
+def decode_array(data: str, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    raw = base64.b64decode(data.encode())
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How text becomes token ids; `rnnd.daemon.tokenizer` implements it."""
+
+    level: Literal["word", "char"]
+    vocab: tuple[str, ...]
+    unk_id: int
+    lowercase: bool = True
+    pad_id: int | None = None
+    # Word level only: what counts as one token (matched with re.findall).
+    pattern: str = r"[\w']+|[^\w\s]"
+
+    def __post_init__(self) -> None:
+        if self.level not in ("word", "char"):
+            raise BundleError(f"tokenizer level must be 'word' or 'char', not {self.level!r}")
+        if not 0 <= self.unk_id < len(self.vocab):
+            raise BundleError(f"tokenizer unk_id {self.unk_id} is outside the vocabulary")
+        if len(set(self.vocab)) != len(self.vocab):
+            raise BundleError("tokenizer vocabulary has duplicate entries")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one step of input is, in the units producers send."""
+
+    kind: InputKind
+    # numeric: feature names, and the normalisation the model was trained with
+    # (model input = (raw - mean) / std).
+    features: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    # numeric: raw values outside [valid_min, valid_max] are rejected (None: unbounded).
+    valid_min: tuple[float | None, ...] = ()
+    valid_max: tuple[float | None, ...] = ()
+    # tokens: the tokenizer and vocabulary; ids must lie in [0, len(vocab)).
+    tokenizer: TokenizerSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "numeric":
+            n = len(self.features)
+            if n == 0:
+                raise BundleError("numeric input needs at least one feature name")
+            for name in ("mean", "std", "valid_min", "valid_max"):
+                if len(getattr(self, name)) not in (0, n):
+                    raise BundleError(f"input {name} has {len(getattr(self, name))} values for {n} features")
+            if any(s <= 0 for s in self.std):
+                raise BundleError("input std must be positive")
+        elif self.kind == "tokens":
+            if self.tokenizer is None:
+                raise BundleError("token input needs a tokenizer")
+        else:
+            raise BundleError(f"input kind must be 'numeric' or 'tokens', not {self.kind!r}")
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features) if self.kind == "numeric" else 1
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if self.kind == "numeric" else "int64"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer.vocab) if self.tokenizer else 0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What ``y`` means, so the daemon can emit values, labels or next tokens from it alone."""
+
+    kind: OutputKind
+    # regression: output names and de-normalisation (value = y * std + mean).
+    names: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    # classification: one label per logit.
+    labels: tuple[str, ...] = ()
+    # language_model: one token per logit (usually the input vocabulary).
+    vocab: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind == "regression":
+            if not self.names:
+                raise BundleError("regression output needs at least one output name")
+            for name in ("mean", "std"):
+                if len(getattr(self, name)) not in (0, len(self.names)):
+                    raise BundleError(f"output {name} must have one value per output name")
+        elif self.kind == "classification":
+            if len(self.labels) < 2:
+                raise BundleError("classification output needs at least two labels")
+        elif self.kind == "language_model":
+            if len(self.vocab) < 2:
+                raise BundleError("language_model output needs its vocabulary")
+        else:
+            raise BundleError(
+                f"output kind must be regression, classification or language_model, not {self.kind!r}"
+            )
+
+    @property
+    def size(self) -> int:
+        """O, the last dimension of ``y``."""
+        return len({"regression": self.names, "classification": self.labels,
+                    "language_model": self.vocab}[self.kind])
+
+    @property
+    def is_logits(self) -> bool:
+        return self.kind != "regression"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor carried between steps of a stream.
+
+    ``shape`` is the per-stream shape; the graph tensor has the batch axis inserted at
+    ``batch_axis`` (PyTorch RNN state ``[L*D, B, H]`` is ``shape=(L*D, H), batch_axis=1``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    batch_axis: int
+    input_name: str
+    output_name: str
+    dtype: str = "float32"
+    init: InitKind = "zeros"
+    # init == "learned": the per-stream initial value, base64 (see encode_array).
+    init_value: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.batch_axis <= len(self.shape):
+            raise BundleError(f"state {self.name!r}: batch_axis {self.batch_axis} out of range")
+        if self.init == "learned" and self.init_value is None:
+            raise BundleError(f"state {self.name!r}: learned initial state has no value")
+        if self.init not in ("zeros", "learned"):
+            raise BundleError(f"state {self.name!r}: init must be zeros or learned")
+
+    def graph_shape(self, batch: int | str) -> tuple[int | str, ...]:
+        s: list[int | str] = list(self.shape)
+        s.insert(self.batch_axis, batch)
+        return tuple(s)
+
+    def initial(self) -> np.ndarray:
+        """The per-stream initial value, shape ``self.shape``."""
+        if self.init == "learned":
+            assert self.init_value is not None
+            return decode_array(self.init_value, self.dtype, self.shape).copy()
+        return np.zeros(self.shape, dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    description: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One comparison of the ONNX graph (run as the daemon runs it) with PyTorch."""
+
+    batch: int
+    steps: int
+    # Steps per ONNX call: 1 = step by step with state carried, >1 = chunks.
+    # Window mode: the window length.
+    chunk: int
+    data: str
+    max_abs_err: float
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    tolerance: float
+    max_abs_err: float
+    cases: tuple[ParityCase, ...]
+    reference: str = "PyTorch, one forward call over the full sequence"
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """A small input with PyTorch's outputs for it, so a bundle can be checked without torch."""
+
+    x: str
+    x_shape: tuple[int, ...]
+    y: str
+    y_shape: tuple[int, ...]
+    tolerance: float
+
+    def arrays(self, x_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        return decode_array(self.x, x_dtype, self.x_shape), decode_array(self.y, "float32", self.y_shape)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    rnnd_version: str
+    torch_version: str
+    onnx_opset: int
+    graph_strategy: str  # "native" (fused RNN ops) or "scan" (a traced step inside ONNX Scan)
+    created_at: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything in a bundle except its graph."""
+
+    model: ModelInfo
+    mode: Mode
+    input: InputSpec
+    output: OutputSpec
+    states: tuple[StateSpec, ...]
+    warmup_steps: int = 0
+    window: int | None = None
+    x_name: str = "x"
+    y_name: str = "y"
+    content_hash: str = ""
+    parity: ParityReport | None = None
+    self_check: SelfCheck | None = None
+    provenance: Provenance | None = None
+    format_version: int = FORMAT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode == "stateful":
+            if not self.states:
+                raise BundleError("a stateful bundle needs at least one state tensor")
+            if self.window is not None:
+                raise BundleError("window length is only for window-mode bundles")
+        elif self.mode == "window":
+            if self.states:
+                raise BundleError("a window-mode bundle carries no state tensors")
+            if not self.window or self.window < 1:
+                raise BundleError("a window-mode bundle needs a window length >= 1")
+        else:
+            raise BundleError(f"mode must be 'stateful' or 'window', not {self.mode!r}")
+        if self.warmup_steps < 0:
+            raise BundleError("warmup_steps must be >= 0")
+        if self.output.kind == "language_model" and self.input.kind != "tokens":
+            raise BundleError("a language_model output needs token input")
+        names = [self.x_name, self.y_name]
+        for s in self.states:
+            names += [s.input_name, s.output_name]
+        if len(set(names)) != len(names):
+            raise BundleError(f"graph tensor names must be distinct: {names}")
+
+    @property
+    def state_hash(self) -> str:
+        """Identifies the state layout: equal hashes mean state can move between models."""
+        return state_hash(self.states, self.input.kind)
+
+    @property
+    def state_bytes_per_stream(self) -> int:
+        return sum(s.nbytes for s in self.states)
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["state_hash"] = self.state_hash
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> BundleSpec:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"bundle metadata is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise BundleError("bundle metadata must be a JSON object")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version!r} is not supported by this rnnd "
+                f"(it reads version {FORMAT_VERSION}); re-export the model with this rnnd's `rnnd export`"
+            )
+        stored_hash = doc.pop("state_hash", None)
+        try:
+            spec = from_plain(cls, doc)
+        except (TypeError, KeyError) as e:
+            raise BundleError(f"bundle metadata does not match format {FORMAT_VERSION}: {e}") from None
+        if stored_hash is not None and stored_hash != spec.state_hash:
+            raise BundleError("bundle metadata is inconsistent: its state hash does not match its state spec")
+        return spec
+
+
+def state_hash(states: Sequence[StateSpec], input_kind: str = "") -> str:
+    """Names, per-stream shapes, batch axes and dtypes: what must agree for state to carry over.
+
+    Initial values are left out on purpose: they only matter for new streams.
+    """
+    layout = [[s.name, list(s.shape), s.batch_axis, s.dtype] for s in states]
+    blob = json.dumps({"states": layout, "input": input_kind}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- reading and writing ONNX files -------------------------------------------------------------
+
+
+def graph_hash(model_proto: Any) -> str:
+    """sha256 of the serialised graph (weights included), independent of the metadata."""
+    return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def attach(model_proto: Any, spec: BundleSpec) -> None:
+    """Write ``spec`` into an ``onnx.ModelProto``'s metadata (replacing an older one)."""
+    props = [p for p in model_proto.metadata_props if p.key != METADATA_KEY]
+    del model_proto.metadata_props[:]
+    model_proto.metadata_props.extend(props)
+    entry = model_proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = spec.to_json()
+    model_proto.doc_string = f"rnnd bundle {spec.model.ref}: {spec.model.description}".strip()
+    model_proto.producer_name = "rnnd"
+
+
+def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> BundleSpec:
+    if METADATA_KEY not in metadata:
+        raise BundleError(
+            f"{source} is an ONNX model but not an rnnd bundle (no {METADATA_KEY!r} metadata); "
+            "create bundles with `rnnd export`"
+        )
+    return BundleSpec.from_json(metadata[METADATA_KEY])
+
+
+def read_spec(path: str | Path) -> BundleSpec:
+    """Read a bundle's spec with ONNX Runtime alone (what the daemon does)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such file")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for non-ONNX input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{path} is not an ONNX model ONNX Runtime can load: {first}") from None
+    return spec_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+
+
+# --- dataclass construction from plain JSON ------------------------------------------------------
+
+_NESTED: dict[str, type] = {}
+
+
+def from_plain(cls: type, doc: Mapping[str, Any]) -> Any:
+    """Construct a (nested) frozen dataclass from json.loads output, tuples for lists."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(doc) - set(known)
+    if unknown:
+        raise TypeError(f"unknown field(s) {sorted(unknown)} in {cls.__name__}")
+    kwargs: dict[str, Any] = {}
+    for name, value in doc.items():
+        sub = _NESTED.get(f"{cls.__name__}.{name}")
+        if value is None:
+            kwargs[name] = None
+        elif sub is not None and isinstance(value, list):
+            kwargs[name] = tuple(from_plain(sub, v) for v in value)
+        elif sub is not None:
+            kwargs[name] = from_plain(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED.update({
+    "BundleSpec.model": ModelInfo,
+    "BundleSpec.input": InputSpec,
+    "BundleSpec.output": OutputSpec,
+    "BundleSpec.states": StateSpec,
+    "BundleSpec.parity": ParityReport,
+    "BundleSpec.self_check": SelfCheck,
+    "BundleSpec.provenance": Provenance,
+    "InputSpec.tokenizer": TokenizerSpec,
+    "ParityReport.cases": ParityCase,
+})

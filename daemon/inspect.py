@@ -1,0 +1,90 @@
+"""`rnnd inspect`: what is inside a bundle, and does it still compute what PyTorch computed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .bundle import BundleError, BundleSpec, graph_hash
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="show a bundle's metadata and re-run its self-check (no torch)",
+        description="Print what a bundle holds and re-run its self-check in ONNX Runtime alone. "
+        "Exit 0 if the bundle is intact and the self-check passes, 1 otherwise.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnx
+
+    from .runtime import BundleModel
+
+    if not args.bundle.is_file():
+        raise BundleError(f"{args.bundle}: no such file")
+    model = BundleModel(args.bundle)
+    spec = model.spec
+    try:
+        proto = onnx.load(str(args.bundle))
+        intact = graph_hash(proto) == spec.content_hash
+    except Exception as e:
+        raise BundleError(f"{args.bundle}: cannot re-read the graph to hash it: {e}") from None
+    err = model.self_check()
+    ok_check = spec.self_check is not None and err <= spec.self_check.tolerance
+    if args.json:
+        doc = asdict(spec)
+        doc["state_hash"] = spec.state_hash
+        doc.pop("self_check", None)
+        doc["inspect"] = {"content_hash_ok": intact, "self_check_max_abs_err": err, "self_check_ok": ok_check}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(describe(spec))
+        print(f"content hash : {spec.content_hash[:16]}… {'ok' if intact else 'MISMATCH: graph was modified'}")
+        print(f"self-check   : max|err| {err:.2e} vs PyTorch (tolerance {spec.self_check.tolerance:g}) "
+              f"{'ok' if ok_check else 'FAILED'}" if spec.self_check else "self-check   : none stored")
+    if not (intact and ok_check):
+        print(f"rnnd inspect: error: {args.bundle} failed its integrity check", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe(spec: BundleSpec) -> str:
+    inp, out = spec.input, spec.output
+    lines = [f"bundle       : {spec.model.ref}  (format {spec.format_version})"]
+    if spec.model.description:
+        lines.append(f"description  : {spec.model.description}")
+    lines.append(f"mode         : {spec.mode}" + (f", window {spec.window}" if spec.window else ""))
+    if inp.kind == "numeric":
+        feats = ", ".join(inp.features[:8]) + (" …" if len(inp.features) > 8 else "")
+        norm = " normalised (mean/std)" if inp.mean else ""
+        lines.append(f"input        : numeric, {inp.n_features} feature(s): {feats}{norm}")
+    else:
+        tok = inp.tokenizer
+        assert tok is not None
+        lines.append(f"input        : tokens, {tok.level}-level, vocabulary {len(tok.vocab)}, "
+                     f"unk={tok.vocab[tok.unk_id]!r}, lowercase={tok.lowercase}")
+    detail = {"regression": lambda: ", ".join(out.names),
+              "classification": lambda: ", ".join(out.labels),
+              "language_model": lambda: f"{len(out.vocab)} tokens"}[out.kind]()
+    lines.append(f"output       : {out.kind}: {detail}")
+    for s in spec.states:
+        lines.append(f"state        : {s.name} per-stream {list(s.shape)} {s.dtype}, graph "
+                     f"{list(s.graph_shape('B'))}, init {s.init}")
+    if spec.states:
+        lines.append(f"state bytes  : {spec.state_bytes_per_stream} per stream, hash {spec.state_hash}")
+    lines.append(f"warm-up      : {spec.warmup_steps} step(s)")
+    if spec.parity:
+        lines.append(f"parity       : max|err| {spec.parity.max_abs_err:.2e} over {len(spec.parity.cases)} "
+                     f"cases (tolerance {spec.parity.tolerance:g})")
+    if spec.provenance:
+        p = spec.provenance
+        lines.append(f"exported     : {p.created_at} by rnnd {p.rnnd_version}, torch {p.torch_version}, "
+                     f"opset {p.onnx_opset}, {p.graph_strategy} graph")
+    return "\n".join(lines)

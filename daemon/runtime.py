@@ -1,0 +1,119 @@
+"""A bundle loaded into ONNX Runtime: run B streams by T steps, carrying state.
+
+This is the only place that calls ``session.run``. The exporter's parity check and
+``rnnd inspect`` use the same code as the daemon, so what they prove is what is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import BundleError, BundleSpec, spec_from_metadata
+
+
+class BundleModel:
+    """An ONNX Runtime session plus the spec read from its own metadata."""
+
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_threads: int = 0,
+    ) -> None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        source = "model" if isinstance(model, bytes) else str(model)
+        try:
+            self.session = ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), sess_options=opts,
+                providers=list(providers))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{source} is not an ONNX model ONNX Runtime can load: {first}") from None
+        self.spec: BundleSpec = spec_from_metadata(
+            self.session.get_modelmeta().custom_metadata_map, source)
+        self._check_graph_matches_spec()
+        self._state_in = [s.input_name for s in self.spec.states]
+        self._outputs = [self.spec.y_name] + [s.output_name for s in self.spec.states]
+
+    def _check_graph_matches_spec(self) -> None:
+        spec = self.spec
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        want_in = {spec.x_name, *(s.input_name for s in spec.states)}
+        want_out = {spec.y_name, *(s.output_name for s in spec.states)}
+        if inputs != want_in or not want_out <= outputs:
+            raise BundleError(
+                f"bundle graph does not match its metadata: graph inputs {sorted(inputs)}, "
+                f"outputs {sorted(outputs)}; metadata expects {sorted(want_in)} -> {sorted(want_out)}")
+
+    # --- state ------------------------------------------------------------------------------
+    def initial_state(self, batch: int) -> list[np.ndarray]:
+        """Fresh state for ``batch`` streams, in graph layout (batch on each spec's axis)."""
+        out = []
+        for s in self.spec.states:
+            one = np.expand_dims(s.initial(), s.batch_axis)
+            out.append(np.ascontiguousarray(np.repeat(one, batch, axis=s.batch_axis)))
+        return out
+
+    # --- running ----------------------------------------------------------------------------
+    def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call: stateful ``x[B,T,...]`` → ``y[B,T,O]`` and new states; window ``x[B,W,...]`` → ``y[B,O]``."""
+        feed = {self.spec.x_name: x}
+        feed.update(zip(self._state_in, states, strict=True))
+        y, *new = self.session.run(self._outputs, feed)
+        return y, new
+
+    def run_sequence(
+        self, x: np.ndarray, chunk: int = 1, states: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Stateful: run ``x[B,T,...]`` in calls of ``chunk`` steps, carrying state between calls."""
+        if self.spec.mode != "stateful":
+            raise BundleError("run_sequence is for stateful bundles; use run_windows")
+        state = list(states) if states is not None else self.initial_state(x.shape[0])
+        ys = []
+        for t0 in range(0, x.shape[1], chunk):
+            y, state = self.run(np.ascontiguousarray(x[:, t0:t0 + chunk]), state)
+            ys.append(y)
+        return np.concatenate(ys, axis=1), state
+
+    def run_windows(self, x: np.ndarray) -> np.ndarray:
+        """Window mode: the prediction at every step of ``x[B,T,...]`` from the last W inputs.
+
+        Steps before the window is full see zero-padding in model space (what the daemon
+        does for a young stream; its predictions are marked as warm-up).
+        """
+        w = self.spec.window
+        assert w is not None
+        b, t = x.shape[:2]
+        pad = np.zeros((b, w - 1, *x.shape[2:]), dtype=x.dtype)
+        if x.dtype == np.int64 and self.spec.input.tokenizer and self.spec.input.tokenizer.pad_id is not None:
+            pad[:] = self.spec.input.tokenizer.pad_id
+        padded = np.concatenate([pad, x], axis=1)
+        ys = [self.run(np.ascontiguousarray(padded[:, i:i + w]), [])[0] for i in range(t)]
+        return np.stack(ys, axis=1)
+
+    def self_check(self) -> float:
+        """Re-run the probe stored at export; return the max abs error against PyTorch's outputs."""
+        check = self.spec.self_check
+        if check is None:
+            raise BundleError("bundle has no self-check data")
+        x, y_ref = check.arrays(self.spec.input.dtype)
+        errs = []
+        if self.spec.mode == "stateful":
+            for chunk in (1, x.shape[1]):
+                y, _ = self.run_sequence(x, chunk=chunk)
+                errs.append(float(np.max(np.abs(y - y_ref))))
+        else:
+            errs.append(float(np.max(np.abs(self.run(x, [])[0] - y_ref))))
+        return max(errs)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()

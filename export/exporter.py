@@ -1,0 +1,233 @@
+"""Export a PyTorch model to a bundle: graph, metadata, parity proof, then (only then) the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import rnnd
+import torch
+from rnnd.daemon.bundle import (
+    BundleError,
+    BundleSpec,
+    InputSpec,
+    ModelInfo,
+    OutputSpec,
+    Provenance,
+    SelfCheck,
+    StateSpec,
+    attach,
+    encode_array,
+    graph_hash,
+)
+from rnnd.daemon.runtime import BundleModel
+from torch import nn
+
+from . import compat, graph, parity, protocol
+from .errors import ExportError
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the exporter cannot learn from the module itself."""
+
+    name: str
+    input: InputSpec
+    output: OutputSpec
+    version: str = "1"
+    description: str = ""
+    mode: str = "stateful"
+    window: int | None = None
+    warmup_steps: int = 0
+    parity: parity.ParityPlan = field(default_factory=parity.ParityPlan)
+    # A realistic input sequence ([T, F] floats or [T] ids, model space) for the parity check.
+    sample: np.ndarray | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    spec: BundleSpec
+    path: Path
+    report: str
+
+
+def export_bundle(
+    model: nn.Module,
+    opts: ExportOptions,
+    out: str | Path,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``model``; write ``out`` only if parity holds. Raises ExportError/ParityError."""
+    say = log or (lambda _m: None)
+    model = model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        if opts.mode == "stateful":
+            spec, onnx_model, strategy, ref_state = _stateful_graph(model, opts)
+        elif opts.mode == "window":
+            spec, onnx_model, strategy, ref_state = _window_graph(model, opts)
+        else:
+            raise ExportError(f"--mode must be 'stateful' or 'window', not {opts.mode!r}")
+        say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
+
+        attach(onnx_model, spec)
+        bundle = BundleModel(onnx_model.SerializeToString())
+        say(f"parity check: B in {list(opts.parity.batches)}, "
+            f"{'window ' + str(opts.window) if opts.mode == 'window' else 'chunks ' + str(list(opts.parity.chunks))}")
+        report = parity.check(bundle, model, ref_state, opts.parity, sample=opts.sample,
+                              progress=lambda m: say("  " + m))
+        spec = dataclasses.replace(
+            spec, parity=report, self_check=_self_check(bundle, model, ref_state, opts),
+            content_hash=graph_hash(onnx_model),
+            provenance=Provenance(
+                rnnd_version=rnnd.__version__, torch_version=torch.__version__,
+                onnx_opset=graph.OPSET, graph_strategy=strategy,
+                created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                source=opts.source))
+    attach(onnx_model, spec)
+    try:
+        onnx.checker.check_model(onnx_model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(e).splitlines()[0]}") from e
+    path = Path(out)
+    _write_atomically(path, onnx_model.SerializeToString())
+    return ExportResult(spec=spec, path=path, report=parity.format_report(report))
+
+
+# --- stateful ---------------------------------------------------------------------------------
+
+
+def _stateful_graph(model: nn.Module, opts: ExportOptions):
+    protocol.check_streamable(model)
+    decls = protocol.derive_state(model)
+    init = protocol.learned_initial_state(model, decls)
+    states = tuple(
+        StateSpec(
+            name=d.name, shape=tuple(int(s) for s in d.shape), batch_axis=d.batch_axis,
+            input_name=f"{d.name}_in", output_name=f"{d.name}_out",
+            init="learned" if init is not None else "zeros",
+            init_value=encode_array(init[i].numpy().astype(np.float32)) if init is not None else None)
+        for i, d in enumerate(decls))
+    spec = _spec(opts, states)
+
+    def ref_state(batch: int) -> list[torch.Tensor]:
+        return protocol.batched(decls, batch, init)
+
+    x = _example(spec, batch=3, steps=2)
+    # Fails early, with a message about the protocol, if forward does not follow it.
+    y, _ = protocol.call(model, x, ref_state(3))
+    _check_out_size(y.shape[-1], spec.output)
+
+    io_ = graph.GraphIO(spec.x_name, spec.y_name, spec.input.dtype, 3 if spec.input.kind == "numeric" else 2,
+                        spec.output.size, states)
+    if not compat.needs_step_graph(model):
+        native = graph.trace(model, io_, x, ref_state(3))
+        if not graph.symbolic_dims(native, io_) and _exact_elsewhere(native, model, spec, ref_state):
+            return spec, native, "native", ref_state
+    step_model = compat.exportable_copy(model)
+    step = graph.trace(step_model, io_, _example(spec, batch=3, steps=1), ref_state(3), time_dynamic=False)
+    scanned = graph.wrap_in_scan(step, io_)
+    problems = graph.symbolic_dims(scanned, io_)
+    if problems:
+        raise ExportError("exported graph has fixed dimensions: " + "; ".join(problems))
+    return spec, scanned, "scan", ref_state
+
+
+def _exact_elsewhere(native: onnx.ModelProto, model: nn.Module, spec: BundleSpec, ref_state) -> bool:
+    """Does a graph traced at (B=3, T=2) still compute the model at (B=2, T=5)?
+
+    Tracing unrolls Python loops over time to the example length; such a graph keeps its
+    symbolic input shapes but computes the wrong thing (or fails) at any other T.
+    """
+    attach(native, spec)
+    try:
+        candidate = BundleModel(native.SerializeToString())
+        x = _example(spec, batch=2, steps=5)
+        got, _ = candidate.run_sequence(x.numpy(), chunk=5)
+    except Exception:
+        return False
+    want = protocol.call(model, x, ref_state(2))[0].numpy()
+    return got.shape == want.shape and float(np.max(np.abs(got - want))) <= 1e-4
+
+
+# --- window -----------------------------------------------------------------------------------
+
+
+def _window_graph(model: nn.Module, opts: ExportOptions):
+    if not opts.window or opts.window < 1:
+        raise ExportError("window mode needs --window W (the number of past steps the model sees)")
+    spec = _spec(opts, ())
+    x = _example(spec, batch=3, steps=opts.window)
+    y = protocol.call_window(model, x)
+    _check_out_size(y.shape[-1], spec.output)
+    io_ = graph.GraphIO(spec.x_name, spec.y_name, spec.input.dtype, 3 if spec.input.kind == "numeric" else 2,
+                        spec.output.size, (), window=True)
+    g = graph.trace(model, io_, x, [])
+    problems = graph.symbolic_dims(g, io_)
+    if problems:
+        raise ExportError("exported graph has fixed dimensions: " + "; ".join(problems))
+    return spec, g, "window", lambda _b: []
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _spec(opts: ExportOptions, states: tuple[StateSpec, ...]) -> BundleSpec:
+    try:
+        return BundleSpec(
+            model=ModelInfo(opts.name, opts.version, opts.description), mode=opts.mode,  # type: ignore[arg-type]
+            input=opts.input, output=opts.output, states=states,
+            warmup_steps=opts.warmup_steps, window=opts.window if opts.mode == "window" else None)
+    except BundleError as e:
+        raise ExportError(str(e)) from None
+
+
+def _example(spec: BundleSpec, batch: int, steps: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if spec.input.kind == "tokens":
+        return torch.randint(0, spec.input.vocab_size, (batch, steps), generator=g)
+    return torch.randn(batch, steps, spec.input.n_features, generator=g)
+
+
+def _check_out_size(got: int, out: OutputSpec) -> None:
+    if got != out.size:
+        what = {"regression": "output names", "classification": "labels",
+                "language_model": "vocabulary entries"}[out.kind]
+        raise ExportError(
+            f"the model outputs {got} values per step but the {out.kind} output spec has "
+            f"{out.size} {what}; make them agree")
+
+
+def _self_check(bundle: BundleModel, model: nn.Module, ref_state, opts: ExportOptions) -> SelfCheck:
+    spec = bundle.spec
+    rng = np.random.default_rng(opts.parity.seed + 1)
+    steps = spec.window if spec.mode == "window" else 6
+    assert steps is not None
+    x = parity.random_inputs(spec, 2, steps, rng)
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        y = (protocol.call_window(model, xt) if spec.mode == "window"
+             else protocol.call(model, xt, ref_state(2))[0]).numpy().astype(np.float32)
+    return SelfCheck(x=encode_array(x), x_shape=tuple(x.shape), y=encode_array(y), y_shape=tuple(y.shape),
+                     tolerance=opts.parity.tolerance)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

@@ -1,0 +1,130 @@
+"""Reference training recipes: the course notes' example tasks, on data generated in code.
+
+Each recipe states the held-out level it must reach; ``rnnd train`` prints the measured
+value next to it and exits non-zero on a miss. The bundles they export are the demo's and
+the daemon tests' models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import tasks
+from .training import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    task: Callable[[int], tasks.Task]
+    model: dict[str, Any]
+    train: TrainConfig
+    metric: str
+    higher_is_better: bool
+    level: float
+    warmup_steps: int = 0
+
+    @property
+    def target_text(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.level:g}"
+
+    def passes(self, value: float) -> bool:
+        return value >= self.level if self.higher_is_better else value <= self.level
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("delay", "LSTM remembers its input 10 steps back: y_t = x_{t-10}",
+           tasks.delay, {"cell": "lstm", "n_features": 1, "hidden": 32, "out_size": 1},
+           TrainConfig(iterations=900, batch=64, tbptt=40, lr=1e-2), "R2", True, 0.95, warmup_steps=10),
+    Recipe("product", "GRU multiplies consecutive inputs: y_t = x_{t-1} * x_t",
+           tasks.product, {"cell": "gru", "n_features": 1, "hidden": 32, "out_size": 1},
+           TrainConfig(iterations=600, batch=64, tbptt=25, lr=1e-2), "R2", True, 0.95, warmup_steps=1),
+    Recipe("sensors", "2-layer LSTM (H=64) forecasts the next reading of 8 noisy multi-sine sensors",
+           tasks.sensors, {"cell": "lstm", "n_features": 8, "hidden": 64, "layers": 2, "out_size": 1},
+           TrainConfig(iterations=400, batch=32, tbptt=50, lr=5e-3), "R2", True, 0.95, warmup_steps=20),
+    Recipe("charlm", "character-level LSTM language model over generated sentences",
+           tasks.charlm, {"cell": "lstm", "vocab_size": 0, "embed_dim": 16, "hidden": 96, "out_size": 0},
+           TrainConfig(iterations=500, batch=32, tbptt=64, lr=1e-2), "bits_per_char", False, 0.8,
+           warmup_steps=0),
+    Recipe("sentiment", "word-level GRU that re-decides the sentiment as each word arrives",
+           tasks.sentiment, {"cell": "gru", "vocab_size": 0, "embed_dim": 16, "hidden": 48, "out_size": 3},
+           TrainConfig(iterations=500, batch=64, tbptt=40, lr=1e-2), "step_accuracy", True, 0.98),
+]}
+
+
+@dataclass
+class RecipeResult:
+    recipe: Recipe
+    value: float
+    checkpoint: Path
+    bundle: Path | None
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.recipe.passes(self.value) and self.bundle is not None
+
+    def summary(self) -> str:
+        verdict = "ok" if self.recipe.passes(self.value) else "MISSED"
+        where = f"bundle {self.bundle}" if self.bundle else "no bundle"
+        return (f"{self.recipe.name}: held-out {self.recipe.metric} = {self.value:.4f} "
+                f"(target {self.recipe.target_text}: {verdict}), trained in {self.seconds:.1f}s; "
+                f"checkpoint {self.checkpoint}, {where}")
+
+
+def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
+               export: bool = True) -> RecipeResult:
+    """Generate data, train, measure, save the checkpoint and export the bundle."""
+    import dataclasses
+    import sys
+
+    import torch
+
+    from .. import zoo
+    from ..exporter import ExportOptions, export_bundle
+    from . import training
+
+    recipe = RECIPES[name]
+    task = recipe.task(seed)
+    kwargs = dict(recipe.model)
+    if "vocab_size" in kwargs:
+        kwargs["vocab_size"] = task.input.vocab_size
+    if kwargs.get("out_size") == 0:
+        kwargs["out_size"] = task.output.size
+    torch.manual_seed(seed)
+    model = zoo.build(**kwargs)
+    cfg = dataclasses.replace(recipe.train, seed=seed)
+    training.train(model, task.train, task.output.kind, cfg, progress=progress)
+    value = task.score(training.predict(model, task.test.x), task.test, recipe.warmup_steps)
+    seconds = float(model.train_seconds)  # type: ignore[attr-defined]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / f"{name}.pt"
+    embedded = {
+        "factory": "rnnd.export.zoo:build", "kwargs": kwargs, "name": name, "version": "1",
+        "description": recipe.summary, "mode": "stateful", "warmup_steps": recipe.warmup_steps,
+        "input": dataclasses.asdict(task.input), "output": dataclasses.asdict(task.output),
+        "sample": torch.from_numpy(task.sample),
+        "metric": {"name": recipe.metric, "value": value, "level": recipe.level},
+    }
+    torch.save({"state_dict": model.state_dict(), "rnnd": embedded}, ckpt)
+    bundle = None
+    if export and recipe.passes(value):
+        opts = ExportOptions(name=name, input=task.input, output=task.output, version="1",
+                             description=recipe.summary, warmup_steps=recipe.warmup_steps,
+                             sample=task.sample, source=f"rnnd train {name} (seed {seed})")
+        log = (lambda m: print(m, file=sys.stderr)) if progress else None
+        bundle = export_bundle(model, opts, out_dir / f"{name}.onnx", log=log).path
+    return RecipeResult(recipe, value, ckpt, bundle, seconds)
+
+
+def synthetic_stream(name: str, seed: int, length: int) -> np.ndarray:
+    """Raw (producer-side) inputs for one stream of a recipe's task, e.g. for the demo."""
+    return tasks.raw_stream(name, seed, length)

@@ -1,0 +1,186 @@
+"""The recipes' data, generated in code (nothing is downloaded), and their held-out metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from rnnd.daemon.bundle import InputSpec, OutputSpec
+from rnnd.daemon.tokenizer import Tokenizer, build_vocab
+
+from .training import Data
+
+
+@dataclass
+class Task:
+    input: InputSpec
+    output: OutputSpec
+    train: Data
+    test: Data
+    # A realistic sequence in model space, for the exporter's parity check.
+    sample: np.ndarray
+    score: Callable[[np.ndarray, Data, int], float]
+
+
+def r2(pred: np.ndarray, data: Data, warmup: int) -> float:
+    p, y = pred[:, warmup:], data.y[:, warmup:]
+    return float(1.0 - np.mean((p - y) ** 2) / np.var(y))
+
+
+def step_accuracy(pred: np.ndarray, data: Data, warmup: int) -> float:
+    return float(np.mean(pred[:, warmup:].argmax(-1) == data.y[:, warmup:]))
+
+
+def bits_per_char(pred: np.ndarray, data: Data, warmup: int) -> float:
+    logits = pred[:, warmup:].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, data.y[:, warmup:, None], axis=-1)
+    return float(-picked.mean() / np.log(2))
+
+
+def _split(x: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None, test: float = 0.2) -> tuple[Data, Data]:
+    n = int(len(x) * (1 - test))
+    m_tr = None if mask is None else mask[:n]
+    m_te = None if mask is None else mask[n:]
+    return Data(x[:n], y[:n], m_tr), Data(x[n:], y[n:], m_te)
+
+
+# --- numeric -------------------------------------------------------------------------------------
+
+
+def delay(seed: int, n: int = 2000, steps: int = 80, lag: int = 10) -> Task:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, steps, 1)).astype(np.float32)
+    y = np.zeros_like(x)
+    y[:, lag:] = x[:, :-lag]
+    mask = np.ones((n, steps), dtype=bool)
+    mask[:, :lag] = False
+    train, test = _split(x, y, mask)
+    return Task(InputSpec("numeric", features=("x",), valid_min=(-1.0,), valid_max=(1.0,)),
+                OutputSpec("regression", names=(f"x_lag{lag}",)), train, test, x[0], r2)
+
+
+def product(seed: int, n: int = 2000, steps: int = 60) -> Task:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, steps, 1)).astype(np.float32)
+    y = np.zeros_like(x)
+    y[:, 1:] = x[:, 1:] * x[:, :-1]
+    mask = np.ones((n, steps), dtype=bool)
+    mask[:, 0] = False
+    train, test = _split(x, y, mask)
+    return Task(InputSpec("numeric", features=("x",)), OutputSpec("regression", names=("x_prev_times_x",)),
+                train, test, x[0], r2)
+
+
+SENSORS = ("temp", "humidity", "pressure", "vibration", "current", "voltage", "rpm", "flow")
+_BASE = np.array([20.0, 55.0, 1013.0, 0.5, 12.0, 230.0, 1500.0, 3.2])
+_SCALE = np.array([3.0, 8.0, 5.0, 0.2, 2.0, 4.0, 200.0, 0.5])
+
+
+def sensor_readings(rng: np.random.Generator, n: int, steps: int) -> np.ndarray:
+    """Raw readings [n, steps, 8]: each device mixes two slow oscillations, plus noise."""
+    t = np.arange(steps)[None, :, None]
+    f1 = rng.uniform(0.02, 0.06, size=(n, 1, 1))
+    f2 = rng.uniform(0.08, 0.15, size=(n, 1, 1))
+    ph = rng.uniform(0, 2 * np.pi, size=(n, 1, 8))
+    mix = rng.uniform(0.3, 1.0, size=(n, 1, 8))
+    wave = np.sin(2 * np.pi * f1 * t + ph) + mix * np.sin(2 * np.pi * f2 * t + 2 * ph)
+    noise = rng.standard_normal((n, steps, 8)) * 0.05
+    return (_BASE + _SCALE * (wave + noise)).astype(np.float32)
+
+
+def sensors(seed: int, n: int = 600, steps: int = 201) -> Task:
+    rng = np.random.default_rng(seed)
+    raw = sensor_readings(rng, n, steps)
+    mean, std = raw.reshape(-1, 8).mean(0), raw.reshape(-1, 8).std(0)
+    x = ((raw[:, :-1] - mean) / std).astype(np.float32)
+    y = x[:, 1:, :1]
+    x = x[:, :-1]
+    train, test = _split(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    inp = InputSpec("numeric", features=SENSORS, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    out = OutputSpec("regression", names=("temp_next",), mean=(float(mean[0]),), std=(float(std[0]),))
+    return Task(inp, out, train, test, x[0], r2)
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+_DET = ["the", "a", "my", "one", "that"]
+_ADJ = ["red", "small", "old", "quick", "lazy", "happy", "bright", "quiet"]
+_NOUN = ["cat", "dog", "fox", "bird", "horse", "robot", "sensor", "river"]
+_VERB = ["sees", "likes", "chases", "finds", "hears", "follows", "meets"]
+
+
+def sentences(rng: np.random.Generator, count: int) -> list[str]:
+    out = []
+    for _ in range(count):
+        words = [rng.choice(_DET), rng.choice(_ADJ), rng.choice(_NOUN), rng.choice(_VERB),
+                 rng.choice(_DET), rng.choice(_NOUN)]
+        out.append(" ".join(words) + ".")
+    return out
+
+
+def charlm(seed: int, n: int = 800, steps: int = 129) -> Task:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(sentences(rng, 6))[:steps] for _ in range(n)]
+    spec = build_vocab(texts, level="char", lowercase=True)
+    tok = Tokenizer(spec)
+    ids = np.stack([tok.encode(t) for t in texts])
+    x, y = np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:])
+    train, test = _split(x, y)
+    inp = InputSpec("tokens", tokenizer=spec)
+    out = OutputSpec("language_model", vocab=spec.vocab)
+    return Task(inp, out, train, test, x[0], bits_per_char)
+
+
+_POS = ["good", "great", "love", "excellent", "nice", "happy"]
+_NEG = ["bad", "awful", "hate", "terrible", "poor", "sad"]
+_FILLER = ["the", "movie", "was", "plot", "and", "actors", "i", "think", "it", "really",
+           "story", "but", "then", "ending", "music", "quite", "very", "so"]
+LABELS = ("neutral", "positive", "negative")
+
+
+def review(rng: np.random.Generator, words: int) -> tuple[list[str], list[int]]:
+    """Words and the per-step label: the latest sentiment word decides; 'not' flips it."""
+    out: list[str] = []
+    labels: list[int] = []
+    current = 0
+    while len(out) < words:
+        r = rng.random()
+        if r < 0.15:
+            negate = rng.random() < 0.3
+            positive = rng.random() < 0.5
+            word = rng.choice(_POS if positive else _NEG)
+            if negate:
+                out.append("not")
+                labels.append(current)
+            out.append(str(word))
+            current = 1 if positive != negate else 2
+            labels.append(current)
+        else:
+            out.append(str(rng.choice(_FILLER)))
+            labels.append(current)
+    return out[:words], labels[:words]
+
+
+def sentiment(seed: int, n: int = 2000, steps: int = 40) -> Task:
+    rng = np.random.default_rng(seed)
+    docs = [review(rng, steps) for _ in range(n)]
+    spec = build_vocab([" ".join(w) for w, _ in docs], level="word")
+    tok = Tokenizer(spec)
+    x = np.stack([tok.encode(" ".join(w)) for w, _ in docs])
+    y = np.array([lab for _, lab in docs], dtype=np.int64)
+    train, test = _split(x, y)
+    return Task(InputSpec("tokens", tokenizer=spec), OutputSpec("classification", labels=LABELS),
+                train, test, x[0], step_accuracy)
+
+
+def raw_stream(name: str, seed: int, length: int) -> np.ndarray:
+    """One stream of producer-side input for a numeric recipe (raw units)."""
+    rng = np.random.default_rng(seed)
+    if name == "sensors":
+        return sensor_readings(rng, 1, length)[0]
+    if name in ("delay", "product"):
+        return rng.uniform(-1, 1, size=(length, 1)).astype(np.float32)
+    raise ValueError(f"{name} is not a numeric recipe")

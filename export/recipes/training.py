@@ -1,0 +1,112 @@
+"""Truncated backpropagation through time, shared by every recipe.
+
+Sequences are cut into chunks of ``tbptt`` steps; the state carries from one chunk to the
+next (detached, so gradients stop at the chunk boundary) and gradients are clipped — the
+course notes' two remedies for exploding gradients over long sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import protocol
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 600
+    batch: int = 64
+    tbptt: int = 25
+    lr: float = 1e-2
+    clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Data:
+    """Arrays in model space. y: float targets [N,T,O], or int class ids [N,T] (-1 = ignore)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    # Steps whose loss is masked (e.g. the delay line's first 10, which have no target).
+    mask: np.ndarray | None = None
+
+
+def _loss(kind: str, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if kind == "regression":
+        err = (out - y) ** 2
+        if mask is not None:
+            err = err[mask]
+        return err.mean()
+    logits = out.reshape(-1, out.shape[-1])
+    target = y.reshape(-1)
+    if mask is not None:
+        target = torch.where(mask.reshape(-1), target, torch.full_like(target, -1))
+    return nn.functional.cross_entropy(logits, target, ignore_index=-1)
+
+
+def train(model: nn.Module, data: Data, output_kind: str, cfg: TrainConfig, progress: bool = True) -> list[float]:
+    """Train in place; returns the loss curve (one value per iteration)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    decls = protocol.derive_state(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+    x_all = torch.from_numpy(data.x)
+    y_all = torch.from_numpy(data.y)
+    m_all = torch.from_numpy(data.mask) if data.mask is not None else None
+    n, t_total = data.x.shape[:2]
+    chunks = math.ceil(t_total / cfg.tbptt)
+    bar = _bar(cfg.iterations, progress)
+    losses: list[float] = []
+    model.train()
+    it = 0
+    started = time.monotonic()
+    while it < cfg.iterations:
+        idx = torch.from_numpy(rng.choice(n, size=min(cfg.batch, n), replace=False))
+        state = protocol.batched(decls, len(idx), None)
+        for c in range(chunks):
+            if it >= cfg.iterations:
+                break
+            sl = slice(c * cfg.tbptt, (c + 1) * cfg.tbptt)
+            out, *state = model(x_all[idx, sl], *state)
+            state = [s.detach() for s in state]
+            loss = _loss(output_kind, out, y_all[idx, sl], None if m_all is None else m_all[idx, sl])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            it += 1
+            if bar is not None:
+                bar.update(1)
+                if it % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    model.train_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+    return losses
+
+
+def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Full-sequence forward from the initial state (how the metric is measured)."""
+    decls = protocol.derive_state(model)
+    with torch.no_grad():
+        out, *_ = model(torch.from_numpy(x), *protocol.batched(decls, x.shape[0], None))
+    return out.numpy()
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="training", unit="it", leave=False, dynamic_ncols=True)
