@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rnnd import __version__
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    if getattr(args, "debug", False):
+        os.environ["RNND_DEBUG"] = "1"
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

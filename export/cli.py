@@ -167,6 +167,7 @@ def resolve_settings(args: argparse.Namespace, embedded: dict[str, Any]) -> dict
 
 def run_export(args: argparse.Namespace) -> int:
     import numpy as np
+
     from rnnd.daemon.bundle import BundleError, InputSpec, OutputSpec, from_plain
 
     from . import loader

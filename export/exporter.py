@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import rnnd
 import torch
+from torch import nn
+
+import rnnd
 from rnnd.daemon.bundle import (
     BundleError,
     BundleSpec,
@@ -28,7 +30,6 @@ from rnnd.daemon.bundle import (
     graph_hash,
 )
 from rnnd.daemon.runtime import BundleModel
-from torch import nn
 
 from . import compat, graph, parity, protocol
 from .errors import ExportError

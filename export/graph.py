@@ -17,16 +17,21 @@ Whatever the strategy, ``symbolic_dims`` checks the result.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
-from rnnd.daemon.bundle import StateSpec
 from torch import nn
+
+from rnnd.daemon.bundle import StateSpec
 
 from .errors import ExportError
 
@@ -87,7 +92,7 @@ def trace(
         dyn[s.output_name] = {s.batch_axis: "B"}
     wrapper = _Window(model) if io_.window else _Stateful(model)
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_silenced():
         warnings.simplefilter("ignore")  # tracer warnings are expected for Python loops over T
         try:
             torch.onnx.export(
@@ -100,6 +105,24 @@ def trace(
                 f"PyTorch could not export the model to ONNX: {msg[:300]}. Replace or remove the "
                 "layer it names (run with --debug for the full trace)") from e
     return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """The exporter prints its whole IR graph to stdout on failure; our error says what matters."""
+    if os.environ.get("RNND_DEBUG"):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def wrap_in_scan(step: onnx.ModelProto, io_: GraphIO) -> onnx.ModelProto:

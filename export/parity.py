@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
 from rnnd.daemon.bundle import BundleSpec, ParityCase, ParityReport
 from rnnd.daemon.runtime import BundleModel
-from torch import nn
 
 from . import protocol
 from .errors import ParityError

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from rnnd.daemon.bundle import InputSpec, OutputSpec
 from rnnd.daemon.tokenizer import Tokenizer, build_vocab
 

@@ -1,0 +1,157 @@
+"""Models written only for the tests: what a user might bring to `rnnd export`.
+
+None of them comes from rnnd's zoo; each follows (or deliberately breaks) the protocol in
+rnnd.export.protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rnnd.export import StateDecl
+
+
+class MixedStack(nn.Module):
+    """GRU(F→32) → LayerNorm → LSTM(32→16) with a residual projection: state derived automatically."""
+
+    def __init__(self, n_features: int = 3, out_size: int = 2) -> None:
+        super().__init__()
+        self.gru = nn.GRU(n_features, 32, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+        self.lstm = nn.LSTM(32, 16, batch_first=True)
+        self.skip = nn.Linear(32, 16)
+        self.head = nn.Linear(16, out_size)
+
+    def forward(self, x, h0, h1, c1):
+        a, h0 = self.gru(x, h0)
+        a = self.norm(a)
+        b, (h1, c1) = self.lstm(a, (h1, c1))
+        return self.head(b + self.skip(a)), h0, h1, c1
+
+
+class HandCell(nn.Module):
+    """A hand-written Elman cell from nn.Linear, looped over time in Python; declares its state.
+
+    Tracing unrolls the loop, so the exporter must loop a one-step graph in ONNX instead.
+    Also has a learned initial state.
+    """
+
+    def __init__(self, n_features: int = 2, hidden: int = 12, out_size: int = 1) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_features, hidden)
+        self.rec = nn.Linear(hidden, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, out_size)
+        self.h0 = nn.Parameter(torch.randn(hidden) * 0.5)
+
+    def state_spec(self):
+        return [StateDecl("h", (self.rec.in_features,), 0)]
+
+    def initial_state(self):
+        return (self.h0.detach(),)
+
+    def forward(self, x, h):
+        ys = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.norm(self.inp(x[:, t]) + self.rec(h)))
+            ys.append(self.head(h) + x[:, t, :1])  # residual from the first input feature
+        return torch.stack(ys, dim=1), h
+
+
+class TokenTagger(nn.Module):
+    """Embedding → 2-layer GRU of one size → LSTM of another → per-step tags."""
+
+    def __init__(self, vocab_size: int = 30, n_tags: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 8)
+        self.gru = nn.GRU(8, 24, num_layers=2, batch_first=True)
+        self.lstm = nn.LSTM(24, 10, batch_first=True, proj_size=6)
+        self.head = nn.Linear(6, n_tags)
+
+    def forward(self, x, h0, h1, c1):
+        a, h0 = self.gru(self.emb(x), h0)
+        b, (h1, c1) = self.lstm(a, (h1, c1))
+        return self.head(b), h0, h1, c1
+
+
+class BiTagger(nn.Module):
+    """Bidirectional: cannot stream; fine in window mode."""
+
+    def __init__(self, n_features: int = 2, out_size: int = 1) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(n_features, 8, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, out_size)
+
+    def forward(self, x, *state):
+        y, _ = self.rnn(x)
+        return self.head(y)
+
+
+class NoState(nn.Module):
+    """Returns only y: breaks the stateful protocol."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(2, 4, batch_first=True)
+
+    def forward(self, x, h):
+        y, _ = self.rnn(x, h)
+        return y
+
+
+class ConvStateful(nn.Module):
+    """A convolution over time inside a would-be stateful model: refused (use window mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+
+    def forward(self, x, h):
+        y, h = self.rnn(self.conv(x.transpose(1, 2)).transpose(1, 2), h)
+        return y, h
+
+
+class Unexportable(nn.Module):
+    """Uses an operation the ONNX exporter has no mapping for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(2, 4, batch_first=True)
+
+    def forward(self, x, h):
+        y, h = self.rnn(x, h)
+        return torch.special.zeta(y, torch.full_like(y, 2.0)), h
+
+
+def mixed_stack(**kw):
+    return MixedStack(**kw)
+
+
+def hand_cell(**kw):
+    return HandCell(**kw)
+
+
+def token_tagger(**kw):
+    return TokenTagger(**kw)
+
+
+def bi_tagger(**kw):
+    return BiTagger(**kw)
+
+
+def no_state(**kw):
+    return NoState(**kw)
+
+
+def conv_stateful(**kw):
+    return ConvStateful(**kw)
+
+
+def unexportable(**kw):
+    return Unexportable(**kw)
+
+
+def not_a_module():
+    return {"weights": 1}
