@@ -131,12 +131,15 @@ class OutputSpec:
     labels: tuple[str, ...] = ()
     # language_model: one token per logit (usually the input vocabulary).
     vocab: tuple[str, ...] = ()
+    # regression: the input feature each output predicts at the next step, when the model
+    # forecasts its own inputs. Lets the daemon roll forecasts several steps ahead.
+    next_of: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind == "regression":
             if not self.names:
                 raise BundleError("regression output needs at least one output name")
-            for name in ("mean", "std"):
+            for name in ("mean", "std", "next_of"):
                 if len(getattr(self, name)) not in (0, len(self.names)):
                     raise BundleError(f"output {name} must have one value per output name")
         elif self.kind == "classification":
@@ -297,6 +300,9 @@ class BundleSpec:
             raise BundleError("warmup_steps must be >= 0")
         if self.output.kind == "language_model" and self.input.kind != "tokens":
             raise BundleError("a language_model output needs token input")
+        unknown = set(self.output.next_of) - set(self.input.features)
+        if unknown:
+            raise BundleError(f"output next_of names unknown input features: {sorted(unknown)}")
         names = [self.x_name, self.y_name]
         for s in self.states:
             names += [s.input_name, s.output_name]

@@ -7,6 +7,7 @@ This is the only place that calls ``session.run``. The exporter's parity check a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,68 @@ class BundleModel:
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+
+# --- execution providers ------------------------------------------------------------------------
+
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                   "tensorrt": "TensorrtExecutionProvider"}
+
+
+class ProviderError(RuntimeError):
+    """The requested device is not there. Exit code 2: a configuration problem, not a crash."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    requested: str  # as configured: cpu, cuda:0, tensorrt:1
+    actual: str  # the provider the session really runs on (ONNX Runtime's name)
+    fallback: bool  # True when we run on CPU although something else was requested
+
+    @property
+    def label(self) -> str:
+        return {v: k for k, v in _PROVIDER_NAMES.items()}.get(self.actual, self.actual)
+
+
+def provider_list(requested: str) -> list:
+    """ONNX Runtime's provider list for ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` (CPU last, as ORT wants)."""
+    kind, _, dev = requested.partition(":")
+    if kind not in _PROVIDER_NAMES:
+        raise ProviderError(f"unknown provider {requested!r}: use cpu, cuda[:N] or tensorrt[:N]")
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    opts = {"device_id": int(dev or 0)}
+    chain: list = [(_PROVIDER_NAMES[kind], opts)]
+    if kind == "tensorrt":
+        chain.append(("CUDAExecutionProvider", opts))
+    return [*chain, "CPUExecutionProvider"]
+
+
+def open_bundle(path: str | Path, requested: str = "cpu", fallback: bool = False,
+                intra_op_threads: int = 0) -> tuple[BundleModel, ProviderChoice]:
+    """Load a bundle on the requested device and verify that it really runs there.
+
+    ONNX Runtime only warns when a provider is missing and silently runs on CPU; a daemon
+    sized for a GPU would then fall over under load. So: refuse, or fall back only when
+    ``fallback`` is set, and report it either way.
+    """
+    want = _PROVIDER_NAMES.get(requested.partition(":")[0], requested)
+    providers = provider_list(requested)
+    available = ort.get_available_providers()
+    if want not in available:
+        if not fallback:
+            raise ProviderError(
+                f"provider {requested} requested, but this onnxruntime offers only {', '.join(available)}: "
+                "install onnxruntime-gpu with CUDA/cuDNN (the GPU image does), run with --provider cpu, "
+                "or allow --provider-fallback")
+        providers = ["CPUExecutionProvider"]
+    model = BundleModel(path, providers=providers, intra_op_threads=intra_op_threads)
+    actual = model.providers[0]
+    if actual != want and not fallback:
+        raise ProviderError(
+            f"provider {requested} requested, but ONNX Runtime created the session on {actual} "
+            "(a CUDA/cuDNN library is probably missing; see the ONNX Runtime log above), "
+            "or allow --provider-fallback")
+    return model, ProviderChoice(requested, actual, fallback=actual != want)

@@ -62,6 +62,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output-mean", help="regression: de-normalisation means")
     g.add_argument("--output-std", help="regression: de-normalisation standard deviations")
     g.add_argument("--labels", help="classification: comma-separated label names, in logit order")
+    g.add_argument("--next-of", help="regression: the input feature each output predicts at the next step "
+                   "(enables multi-step forecasts in the daemon)")
     g = p.add_argument_group("parity")
     g.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default 1e-4)")
     g.add_argument("--parity-batches", default=None, help="batch sizes to check (default 1,7,512)")
@@ -157,7 +159,7 @@ def resolve_settings(args: argparse.Namespace, embedded: dict[str, Any]) -> dict
     out = dict(settings.get("output") or {})
     for flag, key, conv in (("output_kind", "kind", None), ("output_names", "names", _names),
                             ("output_mean", "mean", _floats), ("output_std", "std", _floats),
-                            ("labels", "labels", _names)):
+                            ("labels", "labels", _names), ("next_of", "next_of", _names)):
         value = getattr(args, flag)
         if value is not None:
             out[key] = conv(value) if conv else value

@@ -91,7 +91,7 @@ def export_bundle(
             provenance=Provenance(
                 rnnd_version=rnnd.__version__, torch_version=torch.__version__,
                 onnx_opset=graph.OPSET, graph_strategy=strategy,
-                created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 source=opts.source))
     attach(onnx_model, spec)
     try:

@@ -12,6 +12,9 @@ import pytest
 TESTS = Path(__file__).parent
 MODELS = TESTS / "models"
 sys.path.insert(0, str(MODELS))  # the test-only user models: `import user_models`
+sys.path.insert(0, str(TESTS))  # kafka_fixtures, daemon_harness
+
+from kafka_fixtures import *  # noqa: E402, F403 - broker, bootstrap, topic_factory
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""`rnnd serve` (torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a bundle: Kafka in, a prediction per step out",
+        description="Serve a bundle on Kafka. Every setting is also read from RNND_* environment variables and "
+        "from a TOML file (--config); precedence: flag > environment > file > default. "
+        "See docs/configuration.md.")
+    config.add_arguments(p)
+    p.add_argument("--print-config-docs", action="store_true", help="print the settings table (Markdown) and exit")
+    p.add_argument("--check", action="store_true", help="load the configuration and the model, then exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_config_docs:
+        print(config.docs_table())
+        return 0
+    cfg = config.from_args(args)
+    from . import logs
+
+    logs.setup(cfg.log_format, cfg.log_level)
+    from .app import Daemon, serve
+
+    if args.check:
+        daemon = Daemon(cfg)
+        print(f"ok: {daemon.model.spec.model.ref} on {daemon.provider.actual}")
+        return 0
+    return serve(cfg)

@@ -1,0 +1,276 @@
+"""Kafka record bytes ⇄ steps and predictions. Pure functions of their input: no I/O, no state.
+
+Decoding turns one input record into a ``Record`` (its steps, in raw units, plus controls
+and coordinates) or a ``DeadLetter`` (a reason code, a message that says what is wrong, and
+the original bytes). A dead letter never touches stream state: the decision is made here,
+before the record reaches the scheduler. The message formats are documented as JSON Schema
+in schemas/ (input.schema.json, output.schema.json, dead-letter.schema.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .bundle import BundleSpec
+from .config import ServeConfig
+from .tokenizer import Tokenizer
+
+CONTROLS = ("reset", "end")
+
+# Reason codes of dead letters (a metric label, and `reason` in the dead-letter record).
+NOT_JSON = "not_json"
+NOT_OBJECT = "not_object"
+NO_KEY = "no_key"
+NO_INPUT = "no_input"
+WRONG_TYPE = "wrong_type"
+WRONG_INPUT_KIND = "wrong_input_kind"
+FEATURE_COUNT = "feature_count"
+FEATURE_NAMES = "feature_names"
+NON_FINITE = "non_finite"
+OUT_OF_RANGE = "out_of_range"
+TOKEN_OUT_OF_RANGE = "token_out_of_range"
+TEXT_TOO_LONG = "text_too_long"
+TOO_MANY_STEPS = "too_many_steps"
+UNKNOWN_CONTROL = "unknown_control"
+REASONS = (NOT_JSON, NOT_OBJECT, NO_KEY, NO_INPUT, WRONG_TYPE, WRONG_INPUT_KIND, FEATURE_COUNT, FEATURE_NAMES,
+           NON_FINITE, OUT_OF_RANGE, TOKEN_OUT_OF_RANGE, TEXT_TOO_LONG, TOO_MANY_STEPS, UNKNOWN_CONTROL)
+
+
+class Record:
+    """One usable input record: ``steps`` raw inputs (feature lists, or token ids) and controls.
+
+    ``reset`` applies before the record's steps, ``end`` after them. ``remaining`` counts the
+    steps and controls not yet applied; the record's offset may be committed once it is 0.
+    """
+
+    __slots__ = ("cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps", "timestamp")
+
+    def __init__(self, key: bytes, partition: int, offset: int, timestamp: int, steps: list,
+                 reset: bool = False, end: bool = False, echo: dict[str, Any] | None = None) -> None:
+        self.key = key
+        self.partition = partition
+        self.offset = offset
+        self.timestamp = timestamp
+        self.steps = steps
+        self.reset = reset
+        self.end = end
+        self.echo = echo
+        self.remaining = len(steps) + int(reset) + int(end)
+        self.cursor = 0  # next step to apply
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+    def encode(self) -> bytes:
+        doc = {
+            "reason": self.reason, "message": self.message, "topic": self.topic, "partition": self.partition,
+            "offset": self.offset, "timestamp": self.timestamp, "key": _key_text(self.key),
+            "key_b64": None if self.key is None else base64.b64encode(self.key).decode(),
+            "payload_b64": None if self.value is None else base64.b64encode(self.value).decode(),
+        }
+        return orjson.dumps(doc)
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _key_text(key: bytes | None) -> str | None:
+    if key is None:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class Decoder:
+    """Validates input records against one bundle's input spec and the serve settings."""
+
+    def __init__(self, spec: BundleSpec, cfg: ServeConfig, topic: str) -> None:
+        self.spec = spec
+        self.topic = topic
+        self.kind = spec.input.kind
+        self.features = spec.input.features
+        self.n_features = spec.input.n_features
+        self._index = {name: i for i, name in enumerate(self.features)}
+        self.mean = list(spec.input.mean) or [0.0] * self.n_features
+        self.lo = list(spec.input.valid_min) or [None] * self.n_features
+        self.hi = list(spec.input.valid_max) or [None] * self.n_features
+        self.has_bounds = any(v is not None for v in (*self.lo, *self.hi))
+        self.replace_non_finite = cfg.non_finite == "zero"
+        self.max_steps = cfg.max_steps_per_message
+        self.max_text = cfg.max_text_tokens
+        self.tokenizer = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
+        self.vocab_size = spec.input.vocab_size
+
+    def decode(self, key: bytes | None, value: bytes | None, partition: int, offset: int,
+               timestamp: int) -> Record | DeadLetter:
+        try:
+            if not key:
+                raise Reject(NO_KEY, "message has no key: the key names the stream (device id, user id, ...)")
+            doc = _loads(value)
+            if not isinstance(doc, dict):
+                raise Reject(NOT_OBJECT, f"message must be a JSON object, not {type(doc).__name__}")
+            return self._record(doc, key, partition, offset, timestamp)
+        except Reject as r:
+            return DeadLetter(r.reason, r.message, self.topic, partition, offset, timestamp, key, value)
+
+    # --- the parts of a message ------------------------------------------------------------
+    def _record(self, doc: dict, key: bytes, partition: int, offset: int, timestamp: int) -> Record:
+        control = doc.get("control")
+        reset = end = False
+        if control is not None:
+            if control == "reset":
+                reset = True
+            elif control == "end":
+                end = True
+            else:
+                raise Reject(UNKNOWN_CONTROL, f"unknown control {control!r}: use 'reset' or 'end'")
+        has = [k for k in ("x", "text", "tokens") if doc.get(k) is not None]
+        if len(has) > 1:
+            raise Reject(WRONG_TYPE, f"give one of x, text or tokens, not {' and '.join(has)}")
+        if not has:
+            if control is None:
+                raise Reject(NO_INPUT, "message has no x, text, tokens or control")
+            steps: list = []
+        elif has[0] == "x":
+            if self.kind != "numeric":
+                raise Reject(WRONG_INPUT_KIND, "this model reads text: send `text` or `tokens`, not `x`")
+            steps = self._numeric(doc["x"])
+        else:
+            if self.kind != "tokens":
+                raise Reject(WRONG_INPUT_KIND, f"this model reads numeric features ({', '.join(self.features)}): "
+                                               f"send `x`, not `{has[0]}`")
+            steps = self._text(doc["text"]) if has[0] == "text" else self._tokens(doc["tokens"])
+        echo = None
+        if "event_time" in doc or "client_id" in doc:
+            echo = {k: doc[k] for k in ("event_time", "client_id") if k in doc}
+        return Record(key, partition, offset, timestamp, steps, reset, end, echo)
+
+    def _numeric(self, x: Any) -> list[list[float]]:
+        if isinstance(x, dict):
+            rows = [self._named(x)]
+        elif isinstance(x, list) and x and all(isinstance(r, dict) for r in x):
+            rows = [self._named(r) for r in x]
+        elif isinstance(x, list) and x and all(isinstance(r, list) for r in x):
+            rows = [self._row(r) for r in x]
+        elif isinstance(x, list) and x and not any(isinstance(r, (list, dict)) for r in x):
+            rows = [self._row(x)]
+        elif _is_number(x) and self.n_features == 1:
+            rows = [self._row([x])]
+        elif isinstance(x, list) and not x:
+            raise Reject(NO_INPUT, "x is empty")
+        else:
+            raise Reject(WRONG_TYPE, "x must be a list of numbers (one step), a list of lists (several steps), "
+                                     "or an object of named features")
+        if len(rows) > self.max_steps:
+            raise Reject(TOO_MANY_STEPS, f"{len(rows)} steps in one message; the limit is {self.max_steps}")
+        return rows
+
+    def _named(self, obj: dict) -> list[float]:
+        missing = [n for n in self.features if n not in obj]
+        unknown = [n for n in obj if n not in self._index]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if unknown:
+                parts.append(f"unknown {', '.join(map(str, unknown))}")
+            raise Reject(FEATURE_NAMES, f"feature names do not match the model ({'; '.join(parts)}); "
+                                        f"expected {', '.join(self.features)}")
+        return self._row([obj[n] for n in self.features])
+
+    def _row(self, row: list) -> list[float]:
+        if len(row) != self.n_features:
+            raise Reject(FEATURE_COUNT, f"a step has {len(row)} values; the model takes {self.n_features} "
+                                        f"({', '.join(self.features)})")
+        out = []
+        for i, v in enumerate(row):
+            if not _is_number(v):
+                raise Reject(WRONG_TYPE, f"feature {self.features[i]} is {type(v).__name__} {v!r}, not a number")
+            v = float(v)
+            if not math.isfinite(v):
+                if not self.replace_non_finite:
+                    raise Reject(NON_FINITE, f"feature {self.features[i]} is {v}; the model needs finite values "
+                                             "(or run with non_finite=zero)")
+                v = self.mean[i]
+            if self.has_bounds:
+                lo, hi = self.lo[i], self.hi[i]
+                if (lo is not None and v < lo) or (hi is not None and v > hi):
+                    raise Reject(OUT_OF_RANGE, f"feature {self.features[i]} = {v} is outside the valid range "
+                                               f"[{lo}, {hi}]")
+            out.append(v)
+        return out
+
+    def _text(self, text: Any) -> list[int]:
+        if not isinstance(text, str):
+            raise Reject(WRONG_TYPE, f"text must be a string, not {type(text).__name__}")
+        assert self.tokenizer is not None
+        ids = self.tokenizer.encode(text).tolist()
+        if not ids:
+            raise Reject(NO_INPUT, "text has no tokens")
+        if len(ids) > self.max_text:
+            raise Reject(TEXT_TOO_LONG, f"text has {len(ids)} tokens; the limit is {self.max_text} (max_text_tokens)")
+        return ids
+
+    def _tokens(self, tokens: Any) -> list[int]:
+        if not isinstance(tokens, list) or not tokens:
+            raise Reject(WRONG_TYPE if not isinstance(tokens, list) else NO_INPUT,
+                         "tokens must be a non-empty list of token ids")
+        for t in tokens:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise Reject(WRONG_TYPE, f"token id {t!r} is not an integer")
+            if not 0 <= t < self.vocab_size:
+                raise Reject(TOKEN_OUT_OF_RANGE, f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        if len(tokens) > self.max_text:
+            raise Reject(TEXT_TOO_LONG, f"{len(tokens)} tokens; the limit is {self.max_text} (max_text_tokens)")
+        return list(tokens)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _loads(value: bytes | None) -> Any:
+    if value is None:
+        raise Reject(NOT_JSON, "message has no value (a tombstone?); send a JSON object")
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses NaN/Infinity, which Python's json module writes by default: accept them
+    # here so that the non-finite policy, not a parse error, decides.
+    try:
+        return json.loads(value)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Reject(NOT_JSON, f"message is not JSON: {str(e)[:120]}") from None
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def key_text(key: bytes) -> str:
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return base64.b64encode(key).decode()

@@ -1,0 +1,126 @@
+"""Raw model outputs → the prediction the bundle's output kind calls for.
+
+Vectorised over a whole call's rows; the per-row work is only building the JSON-ready dict.
+Also the roll-outs that look ahead from a stream's state without changing it: multi-step
+forecasts (regression models whose outputs are their next inputs) and token generation
+(language models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .bundle import BundleSpec
+from .runtime import BundleModel
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Heads:
+    def __init__(self, spec: BundleSpec, top_k: int) -> None:
+        out = spec.output
+        self.kind = out.kind
+        self.names = list(out.names)
+        self.labels = list(out.labels)
+        self.vocab = list(out.vocab)
+        self.top_k = max(1, min(top_k or out.size, out.size))
+        self.mean = np.asarray(out.mean or [0.0] * out.size, dtype=np.float32)
+        self.std = np.asarray(out.std or [1.0] * out.size, dtype=np.float32)
+
+    def values(self, y: np.ndarray) -> np.ndarray:
+        """Regression outputs in the units the model was trained on (de-normalised)."""
+        return y * self.std + self.mean
+
+    def predictions(self, y: np.ndarray) -> list[dict[str, Any]]:
+        """``y[N, O]`` → one prediction dict per row."""
+        if self.kind == "regression":
+            names = self.names
+            return [{"values": dict(zip(names, row, strict=True))} for row in self.values(y).tolist()]
+        p = softmax(y.astype(np.float32))
+        k = self.top_k
+        top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(p, top, axis=-1).tolist()
+        if self.kind == "classification":
+            labels = self.labels
+            return [{"label": labels[idx[0]], "probs": {labels[i]: q for i, q in zip(idx, ps, strict=True)}}
+                    for idx, ps in zip(top.tolist(), top_p, strict=True)]
+        vocab = self.vocab
+        return [{"next": [{"token": vocab[i], "p": q} for i, q in zip(idx, ps, strict=True)]}
+                for idx, ps in zip(top.tolist(), top_p, strict=True)]
+
+
+class Forecaster:
+    """Roll a regression model H steps ahead on copies of the state, feeding predictions back.
+
+    Needs a model whose outputs are the next values of all its inputs (``output.next_of``).
+    """
+
+    def __init__(self, model: BundleModel, horizon: int) -> None:
+        spec = model.spec
+        self.model = model
+        self.horizon = horizon
+        inp, out = spec.input, spec.output
+        if spec.mode != "stateful" or out.kind != "regression" or sorted(out.next_of) != sorted(inp.features):
+            raise ValueError(
+                "forecast_horizon needs a stateful regression bundle whose outputs are the next values of all "
+                f"its inputs (output.next_of); {spec.model.ref} has next_of={list(out.next_of)} for inputs "
+                f"{list(inp.features)}")
+        order = [list(out.next_of).index(f) for f in inp.features]
+        self.order = np.asarray(order)
+        self.o_mean = np.asarray(out.mean or [0.0] * out.size, dtype=np.float32)
+        self.o_std = np.asarray(out.std or [1.0] * out.size, dtype=np.float32)
+        self.i_mean = np.asarray(inp.mean or [0.0] * inp.n_features, dtype=np.float32)
+        self.i_std = np.asarray(inp.std or [1.0] * inp.n_features, dtype=np.float32)
+
+    def roll(self, y: np.ndarray, states: list[np.ndarray]) -> np.ndarray:
+        """``y[B, O]`` (the step's own prediction) and the states after it → ``[B, H, O]`` model-space."""
+        out = [y]
+        state = [s.copy() for s in states]
+        for _ in range(self.horizon - 1):
+            raw = out[-1] * self.o_std + self.o_mean
+            x = ((raw[:, self.order] - self.i_mean) / self.i_std).astype(np.float32)[:, None, :]
+            y_next, state = self.model.run(x, state)
+            out.append(y_next[:, 0])
+        return np.stack(out, axis=1)
+
+
+class Generator:
+    """Generate N tokens from each row's state: greedy, or sampled from the top k (seeded per row)."""
+
+    def __init__(self, model: BundleModel, n: int, strategy: str, top_k: int, seed: int) -> None:
+        spec = model.spec
+        if spec.mode != "stateful" or spec.output.kind != "language_model":
+            raise ValueError("generate_tokens needs a stateful language-model bundle")
+        self.model = model
+        self.n = n
+        self.greedy = strategy == "greedy"
+        self.k = max(1, min(top_k, spec.output.size))
+        self.seed = seed
+
+    def generate(self, logits: np.ndarray, states: list[np.ndarray], seeds: list[tuple[int, ...]]) -> np.ndarray:
+        """``logits[B, V]`` after the step → token ids ``[B, n]``."""
+        rngs = None if self.greedy else [np.random.default_rng((self.seed, *s)) for s in seeds]
+        state = [s.copy() for s in states]
+        picked = []
+        cur = logits
+        for i in range(self.n):
+            if self.greedy:
+                ids = cur.argmax(axis=-1)
+            else:
+                p = softmax(cur)
+                top = np.argsort(-p, axis=-1, kind="stable")[:, : self.k]
+                tp = np.take_along_axis(p, top, axis=-1)
+                tp /= tp.sum(axis=-1, keepdims=True)
+                assert rngs is not None
+                ids = np.array([t[rng.choice(self.k, p=q)] for t, q, rng in zip(top, tp, rngs, strict=True)])
+            picked.append(ids)
+            if i + 1 < self.n:
+                y, state = self.model.run(ids.astype(np.int64)[:, None], state)
+                cur = y[:, 0]
+        return np.stack(picked, axis=1)

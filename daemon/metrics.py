@@ -1,0 +1,105 @@
+"""Prometheus metrics and the small HTTP server for /metrics, /healthz and /readyz.
+
+Each daemon has its own registry (tests run several in one process). The server is a few
+lines on asyncio streams rather than prometheus-client's thread server, because it must
+also answer the health probes from the daemon's own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("rnnd.http")
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.messages = Counter("rnnd_messages_consumed", "Input records consumed.", ["topic"], registry=r)
+        self.predictions = Counter("rnnd_predictions", "Predictions produced to the output topic.", registry=r)
+        self.dead_letters = Counter("rnnd_dead_letters", "Input records sent to the dead-letter topic.",
+                                    ["reason"], registry=r)
+        self.steps = Counter("rnnd_steps", "Model steps applied (one per stream per input step).", registry=r)
+        self.batch_size = Histogram("rnnd_batch_size", "Streams advanced per model call.", registry=r,
+                                    buckets=_SIZE_BUCKETS)
+        self.chunk_steps = Histogram("rnnd_chunk_steps", "Steps per stream per model call (T).", registry=r,
+                                     buckets=_SIZE_BUCKETS[:8])
+        self.inference_seconds = Histogram("rnnd_inference_seconds", "Time in one ONNX Runtime call.",
+                                           registry=r, buckets=_TIME_BUCKETS)
+        self.latency = Histogram("rnnd_end_to_end_latency_seconds",
+                                 "Input record timestamp to prediction handed to the producer.", registry=r,
+                                 buckets=_TIME_BUCKETS)
+        self.active_streams = Gauge("rnnd_active_streams", "Streams with state in memory.", registry=r)
+        self.state_bytes = Gauge("rnnd_state_bytes", "Bytes of model state held for active streams.", registry=r)
+        self.evictions = Counter("rnnd_evictions", "Streams evicted from memory.", ["reason"], registry=r)
+        self.stream_ends = Counter("rnnd_stream_ends", "Streams ended by an `end` control.", registry=r)
+        self.lag = Gauge("rnnd_consumer_lag", "Records in the partition not yet fetched.", ["partition"],
+                         registry=r)
+        self.inflight = Gauge("rnnd_inflight_steps", "Steps accepted and not yet applied.", registry=r)
+        self.paused = Gauge("rnnd_fetch_paused", "1 while fetching is paused for backpressure.", registry=r)
+        self.commits = Counter("rnnd_commits", "Input offset commits.", registry=r)
+        self.kafka_errors = Counter("rnnd_kafka_errors", "Kafka errors seen (retried).", ["op"], registry=r)
+        self.ready = Gauge("rnnd_ready", "1 when the daemon is connected and serving.", registry=r)
+        self.assigned = Gauge("rnnd_assigned_partitions", "Input partitions assigned to this replica.", registry=r)
+        self.model_info = Gauge("rnnd_model_info", "The served model (value 1).",
+                                ["model", "version", "provider", "requested_provider", "fallback", "state_hash"],
+                                registry=r)
+        for reason in ("ttl", "lru"):
+            self.evictions.labels(reason)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HttpServer:
+    """GET /metrics, /healthz (the process serves requests) and /readyz (Kafka connected, assigned)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.host = host
+        self.port = port
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if path == "/metrics":
+                status, body, ctype = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                status, body, ctype = 200, b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok = self.ready()
+                status, body, ctype = (200, b"ready\n", "text/plain") if ok else (503, b"not ready\n", "text/plain")
+            else:
+                status, body, ctype = 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n")
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

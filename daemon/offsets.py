@@ -1,0 +1,81 @@
+"""Which input offsets may be committed.
+
+Within one partition, records of different streams finish out of order (a stream with a
+backlog runs later). The committable offset is the first record not yet fully applied:
+everything before it has been applied and its outputs handed to the producer, which the
+checkpoint flushes before it commits. Records carry their own countdown (``remaining``),
+so marking progress costs nothing here; this only walks the front of each queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .codec import Record
+
+
+class PartitionOffsets:
+    __slots__ = ("committed", "last", "records")
+
+    def __init__(self) -> None:
+        self.records: deque[Record] = deque()
+        self.last = -1  # highest offset accepted
+        self.committed = -1  # last offset handed to commit (exclusive end)
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (Kafka's 'next offset to read'), or None if nothing new."""
+        q = self.records
+        while q and q[0].remaining <= 0:
+            q.popleft()
+        if self.last < 0:
+            return None
+        point = q[0].offset if q else self.last + 1
+        return point if point > self.committed else None
+
+
+class Offsets:
+    def __init__(self) -> None:
+        self.partitions: dict[int, PartitionOffsets] = {}
+
+    def accept(self, partition: int, offset: int) -> bool:
+        """False for an offset at or below one already accepted (a re-fetch): skip it."""
+        p = self.partitions.get(partition)
+        if p is None:
+            p = self.partitions[partition] = PartitionOffsets()
+        if offset <= p.last:
+            return False
+        p.last = offset
+        return True
+
+    def track(self, record: Record) -> None:
+        if record.remaining > 0:
+            self.partitions[record.partition].records.append(record)
+
+    def commit_points(self) -> dict[int, int]:
+        out = {}
+        for partition, p in self.partitions.items():
+            point = p.commit_point()
+            if point is not None:
+                out[partition] = point
+        return out
+
+    def mark_committed(self, points: dict[int, int]) -> None:
+        for partition, point in points.items():
+            p = self.partitions.get(partition)
+            if p is not None:
+                p.committed = max(p.committed, point)
+
+    def pending(self, partition: int) -> int:
+        p = self.partitions.get(partition)
+        if p is None:
+            return 0
+        return sum(1 for r in p.records if r.remaining > 0)
+
+    def forget(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+
+    def start_at(self, partition: int, offset: int) -> None:
+        """A newly assigned partition: the consumer resumes at ``offset`` (its committed position)."""
+        p = self.partitions[partition] = PartitionOffsets()
+        p.last = offset - 1
+        p.committed = offset

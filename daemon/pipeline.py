@@ -1,0 +1,266 @@
+"""The daemon's one idea, without Kafka: records → steps → batched model calls → predictions.
+
+    accept()   decode a record (or dead-letter it), find its stream, queue its steps
+    plan()     take the next round of work from the scheduler; gather inputs and state
+    execute()  run the model (ONNX Runtime; safe to call on a worker thread)
+    finish()   scatter the new state back, turn outputs into predictions, encode them
+
+``app.py`` drives these four against Kafka. Keeping them free of I/O is what lets the tests
+and the benchmarks drive exactly the same code with plain lists of records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import codec
+from .codec import DeadLetter, Record
+from .config import ServeConfig
+from .heads import Forecaster, Generator, Heads
+from .metrics import Metrics
+from .offsets import Offsets
+from .runtime import BundleModel
+from .scheduler import Group, Scheduler, as_array
+from .state import Eviction, StateArena, Streams, WindowArena
+
+
+@dataclass
+class Output:
+    """One record for the output topic."""
+
+    key: bytes
+    value: bytes
+    input_timestamp: int  # ms, the input record's timestamp (latency)
+
+
+@dataclass
+class Call:
+    """One planned model call and, after execute(), its results."""
+
+    group: Group
+    x: np.ndarray
+    slots: np.ndarray
+    states: list[np.ndarray]
+    y: np.ndarray | None = None
+    new_states: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    forecast: np.ndarray | None = None
+    generated: np.ndarray | None = None
+
+
+class Pipeline:
+    def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
+                 provider: str = "cpu", clock: Callable[[], float] = time.monotonic) -> None:
+        spec = self.spec = model.spec
+        self.model = model
+        self.cfg = cfg
+        self.topic = topic
+        self.metrics = metrics
+        self.model_ref = spec.model.ref
+        self.window = spec.mode == "window"
+        self.numeric = spec.input.kind == "numeric"
+        self.decoder = codec.Decoder(spec, cfg, topic)
+        self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock)
+        self.streams.on_evict.append(self._evicted)
+        rollout = cfg.forecast_horizon > 0 or cfg.generate_tokens > 0
+        # Forecasts and generation start from the state after each step, so steps run one at a time.
+        max_chunk = 1 if (self.window or rollout) else cfg.max_chunk
+        self.scheduler = Scheduler(self.streams, cfg.max_batch, max_chunk, on_reset=self._on_reset,
+                                   on_end=self._on_end)
+        self.offsets = Offsets()
+        self.heads = Heads(spec, cfg.top_k)
+        self.forecaster = Forecaster(model, cfg.forecast_horizon) if cfg.forecast_horizon else None
+        self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
+                          if cfg.generate_tokens else None)
+        if (self.forecaster or self.generator) and self.window:
+            raise ValueError("forecasts and generation need a stateful bundle")
+        self.mean = np.asarray(spec.input.mean or [0.0] * spec.input.n_features, dtype=np.float32)
+        self.inv_std = 1.0 / np.asarray(spec.input.std or [1.0] * spec.input.n_features, dtype=np.float32)
+        self.normalise = bool(spec.input.mean or spec.input.std)
+        self.emit_every = cfg.emit_every
+        self.hold_warmup = cfg.warmup == "hold"
+        self.warmup = spec.warmup_steps
+        self.last_prediction: dict[int, dict[str, Any]] = {}  # emit=end: per slot
+        self.dead: list[DeadLetter] = []
+        self.outputs: list[Output] = []
+        self.evictions: list[Eviction] = []
+        self._key_text: dict[bytes, str] = {}
+
+    # --- accept ---------------------------------------------------------------------------
+    def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> None:
+        if not self.offsets.accept(partition, offset):
+            return
+        item = self.decoder.decode(key, value, partition, offset, timestamp)
+        if isinstance(item, DeadLetter):
+            self.dead.append(item)
+            if self.metrics:
+                self.metrics.dead_letters.labels(item.reason).inc()
+            return
+        self.offsets.track(item)
+        if item.remaining:
+            assert key is not None
+            self.scheduler.add(self.streams.slot(partition, key), item)
+
+    # --- plan / execute / finish ----------------------------------------------------------
+    def plan(self) -> list[Call]:
+        calls = []
+        for g in self.scheduler.next_batch():
+            slots = np.asarray(g.slots, dtype=np.int64)
+            x = as_array(g.rows, len(g.slots), g.t, self.numeric)
+            if self.normalise:
+                x = (x - self.mean) * self.inv_std
+            if self.window:
+                arena = self.streams.arena
+                assert isinstance(arena, WindowArena)
+                x = arena.push_and_window(slots, self.streams.steps[slots], x[:, 0])
+                states: list[np.ndarray] = []
+            else:
+                arena = self.streams.arena
+                assert isinstance(arena, StateArena)
+                states = arena.gather(slots)
+            calls.append(Call(g, np.ascontiguousarray(x), slots, states))
+        return calls
+
+    def execute(self, calls: list[Call]) -> list[Call]:
+        """ONNX Runtime work only (releases the GIL): safe on a worker thread."""
+        for c in calls:
+            t0 = time.perf_counter()
+            c.y, c.new_states = self.model.run(c.x, c.states)
+            c.seconds = time.perf_counter() - t0
+            if self.forecaster is not None:
+                c.forecast = self.forecaster.roll(c.y[:, -1], c.new_states)
+            if self.generator is not None:
+                seeds = [(r.partition, r.offset, i) for r, i in c.group.refs]
+                c.generated = self.generator.generate(c.y[:, -1], c.new_states, seeds)
+        return calls
+
+    def finish(self, calls: list[Call]) -> list[Output]:
+        now_ms = int(time.time() * 1000)
+        m = self.metrics
+        for c in calls:
+            g = c.group
+            assert c.y is not None
+            if not self.window:
+                arena = self.streams.arena
+                assert isinstance(arena, StateArena)
+                arena.scatter(c.slots, c.new_states)
+            y = c.y.reshape(-1, c.y.shape[-1])  # [B*T, O], row-major (stream, step) like g.refs
+            preds = self.heads.predictions(y)
+            if c.forecast is not None:
+                self._attach_forecast(preds, c.forecast)
+            if c.generated is not None:
+                self._attach_generated(preds, c.generated)
+            t = g.t
+            for i, slot in enumerate(g.slots):
+                first = g.first_step[i]
+                for j in range(t):
+                    record, index = g.refs[i * t + j]
+                    step = first + j
+                    pred = preds[i * t + j]
+                    self._emit(slot, record, index, step, pred, now_ms)
+            self.scheduler.complete(g)
+            if m:
+                m.batch_size.observe(len(g.slots))
+                m.chunk_steps.observe(t)
+                m.inference_seconds.observe(c.seconds)
+                m.steps.inc(len(g.slots) * t)
+        return self._take_outputs()
+
+    def _emit(self, slot: int, record: Record, index: int, step: int, pred: dict[str, Any], now_ms: int) -> None:
+        warm = step < self.warmup
+        doc = self._doc(record, index, step, pred, warm, now_ms)
+        if self.emit_every == 0:
+            self.last_prediction[slot] = doc
+            return
+        if warm and self.hold_warmup:
+            return
+        if self.emit_every > 1 and (step + 1) % self.emit_every:
+            return
+        self.outputs.append(Output(record.key, codec.encode(doc), record.timestamp))
+
+    def _doc(self, record: Record, index: int, step: int, pred: dict[str, Any], warm: bool,
+             now_ms: int) -> dict[str, Any]:
+        key = self._key_text.get(record.key)
+        if key is None:
+            key = codec.key_text(record.key)
+            if len(self._key_text) < 1_000_000:
+                self._key_text[record.key] = key
+        doc = {
+            "key": key, "id": f"{self.topic}/{record.partition}/{record.offset}/{index}",
+            "topic": self.topic, "partition": record.partition, "offset": record.offset, "index": index,
+            "step": step, "prediction": pred, "warmup": warm, "model": self.model_ref,
+            "input_ts": record.timestamp, "output_ts": now_ms,
+        }
+        if record.echo:
+            doc.update(record.echo)
+        return doc
+
+    def _attach_forecast(self, preds: list[dict[str, Any]], forecast: np.ndarray) -> None:
+        names = self.heads.names
+        for pred, rows in zip(preds, self.heads.values(forecast).tolist(), strict=True):
+            pred["forecast"] = [dict(zip(names, r, strict=True)) for r in rows]
+
+    def _attach_generated(self, preds: list[dict[str, Any]], ids: np.ndarray) -> None:
+        vocab = self.heads.vocab
+        tok = self.decoder.tokenizer
+        for pred, row in zip(preds, ids.tolist(), strict=True):
+            tokens = [vocab[i] for i in row]
+            pred["generated"] = tok.join(tokens) if tok else tokens
+            pred["generated_ids"] = row
+
+    def _take_outputs(self) -> list[Output]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    # --- controls and evictions -----------------------------------------------------------
+    def _on_reset(self, slot: int, record: Record) -> None:
+        self.last_prediction.pop(slot, None)
+
+    def _on_end(self, slot: int, record: Record) -> None:
+        doc = self.last_prediction.pop(slot, None)
+        if doc is not None:
+            doc["ended"] = True
+            self.outputs.append(Output(record.key, codec.encode(doc), record.timestamp))
+        if self.metrics:
+            self.metrics.stream_ends.inc()
+
+    def _evicted(self, event: Eviction) -> None:
+        self.last_prediction.pop(event.slot, None)
+        self.evictions.append(event)
+        if self.metrics and event.reason in ("ttl", "lru"):
+            self.metrics.evictions.labels(event.reason).inc()
+
+    # --- housekeeping ---------------------------------------------------------------------
+    def take_dead_letters(self) -> list[DeadLetter]:
+        dead, self.dead = self.dead, []
+        return dead
+
+    def take_evictions(self) -> list[Eviction]:
+        ev, self.evictions = self.evictions, []
+        return ev
+
+    def revoke(self, partition: int) -> int:
+        """Drop a partition's queued work, streams and offsets (after its checkpoint)."""
+        self.scheduler.drop_partition(partition)
+        for _, slot in list(self.streams.slots_of(partition)):
+            self.last_prediction.pop(slot, None)
+        n = self.streams.drop_partition(partition)
+        self.offsets.forget(partition)
+        return n
+
+    def busy(self) -> bool:
+        return self.scheduler.inflight > 0
+
+    def pending_in(self, partition: int) -> int:
+        return self.offsets.pending(partition)
+
+    def update_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.active_streams.set(self.streams.active)
+            self.metrics.state_bytes.set(self.streams.state_bytes)
+            self.metrics.inflight.set(self.scheduler.inflight)

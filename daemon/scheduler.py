@@ -1,0 +1,181 @@
+"""Cellular batching: which steps of which streams go into the next model call.
+
+Each call advances many streams at once and never holds two steps of one stream side by
+side (a stream's next step needs the state its previous step produced). A stream with a
+backlog — a text message, or records that queued while the model was busy — runs several
+steps as one T>1 chunk instead: one row of ``x[B, T, ...]``, which the fused RNN kernels
+loop over far faster than T separate calls. Chunk lengths are powers of two so that one
+round makes at most log2(max_chunk)+1 calls; what does not fit runs in the next round.
+
+Dispatch is eager: ``next_batch`` is called whenever the model is free, so the batch grows
+with load and a lone step is never held back waiting for company (unless max_wait_ms asks
+for that, see app.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codec import Record
+from .state import Streams
+
+
+@dataclass
+class Group:
+    """One model call: B streams, T steps each."""
+
+    t: int
+    slots: list[int] = field(default_factory=list)
+    rows: list = field(default_factory=list)  # B*T raw steps, row-major (stream, step)
+    refs: list[tuple[Record, int]] = field(default_factory=list)  # (record, index in record) per step
+    first_step: list[int] = field(default_factory=list)  # each stream's step count before this call
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+
+class Scheduler:
+    def __init__(self, streams: Streams, max_batch: int, max_chunk: int,
+                 on_reset: Callable[[int, Record], None] | None = None,
+                 on_end: Callable[[int, Record], None] | None = None) -> None:
+        self.streams = streams
+        self.max_batch = max_batch
+        self.max_chunk = max_chunk
+        self.queues: dict[int, deque[Record]] = {}
+        self.ready: dict[int, None] = {}  # insertion-ordered set: streams with work, oldest first
+        self.inflight = 0  # steps and controls accepted but not yet applied
+        self.on_reset = on_reset
+        self.on_end = on_end
+
+    def add(self, slot: int, record: Record) -> None:
+        q = self.queues.get(slot)
+        if q is None:
+            q = self.queues[slot] = deque()
+        q.append(record)
+        self.streams.busy[slot] += record.remaining
+        self.inflight += record.remaining
+        self.ready[slot] = None
+
+    def pending_steps(self, slot: int) -> int:
+        return sum(len(r.steps) - r.cursor for r in self.queues.get(slot, ()))
+
+    def next_batch(self) -> list[Group]:
+        """Take work for the next round: groups keyed by chunk length T."""
+        groups: dict[int, Group] = {}
+        taken = 0
+        for slot in list(self.ready):
+            if taken >= self.max_batch:
+                break
+            del self.ready[slot]
+            q = self.queues[slot]
+            self._apply_controls(slot, q)
+            if not q:
+                del self.queues[slot]
+                continue
+            t = self._take(slot, q, groups)
+            if t:
+                taken += 1
+        return list(groups.values())
+
+    def _take(self, slot: int, q: deque[Record], groups: dict[int, Group]) -> int:
+        available = 0
+        for i, r in enumerate(q):
+            if i and r.reset:
+                break  # a reset cuts the chunk: the steps after it start from the initial state
+            available += len(r.steps) - r.cursor
+            if available >= self.max_chunk or r.end:
+                break  # an `end` control cuts the chunk: the steps after it belong to a new stream
+        t = min(available, self.max_chunk)
+        if t == 0:
+            return 0
+        t = 1 << (t.bit_length() - 1)
+        g = groups.get(t)
+        if g is None:
+            g = groups[t] = Group(t)
+        g.slots.append(slot)
+        g.first_step.append(int(self.streams.steps[slot]))
+        need = t
+        for r in q:
+            n = min(need, len(r.steps) - r.cursor)
+            if n:
+                g.rows.extend(r.steps[r.cursor:r.cursor + n])
+                g.refs.extend((r, i) for i in range(r.cursor, r.cursor + n))
+                r.cursor += n
+                need -= n
+            if need == 0:
+                break
+        return t
+
+    def complete(self, group: Group) -> None:
+        """The call for ``group`` ran and its state was scattered: account and re-queue."""
+        t = group.t
+        for i, slot in enumerate(group.slots):
+            self.streams.steps[slot] += t
+            self.streams.busy[slot] -= t
+            for r, _ in group.refs[i * t:(i + 1) * t]:
+                r.remaining -= 1
+            self.inflight -= t
+            q = self.queues.get(slot)
+            if q:
+                while q and q[0].cursor == len(q[0].steps) and not q[0].end:
+                    q.popleft()
+                if q:
+                    self.ready[slot] = None
+                else:
+                    del self.queues[slot]
+
+    def _apply_controls(self, slot: int, q: deque[Record]) -> None:
+        """Controls at the head of the queue take effect now, in order with the steps."""
+        while q:
+            r = q[0]
+            if r.reset and r.cursor == 0:
+                r.reset = False
+                self._done(slot, r)
+                self.streams.reset(slot)
+                if self.on_reset:
+                    self.on_reset(slot, r)
+            if r.cursor < len(r.steps):
+                return
+            if r.end:
+                r.end = False
+                self._done(slot, r)
+                if self.on_end:
+                    self.on_end(slot, r)
+                q.popleft()
+                if q:
+                    self.streams.reset(slot)  # what follows starts a new stream under the same key
+                else:
+                    self.streams.release(slot, "end")
+                continue
+            q.popleft()
+
+    def _done(self, slot: int, r: Record) -> None:
+        r.remaining -= 1
+        self.streams.busy[slot] -= 1
+        self.inflight -= 1
+
+    def idle(self) -> bool:
+        return not self.ready
+
+    def drop_partition(self, partition: int) -> list[Record]:
+        """Forget queued work of a revoked partition; return the records it held."""
+        dropped = []
+        for slot in [s for s in self.queues if int(self.streams.partition[s]) == partition]:
+            q = self.queues.pop(slot)
+            self.ready.pop(slot, None)
+            for r in q:
+                self.inflight -= r.remaining
+                dropped.append(r)
+        return dropped
+
+
+def as_array(rows: list, b: int, t: int, numeric: bool) -> np.ndarray:
+    if numeric:
+        x = np.array(rows, dtype=np.float32)
+        return x.reshape(b, t, x.shape[-1])
+    return np.array(rows, dtype=np.int64).reshape(b, t)

@@ -1,0 +1,224 @@
+"""Per-stream state: one slot per stream in preallocated arrays, gathered and scattered by index.
+
+``Streams`` maps (partition, key) to a slot and keeps the per-slot bookkeeping (step count,
+last use, pending work) in flat numpy arrays; its arena holds the model state itself:
+
+* ``StateArena`` (stateful bundles): one array per state tensor in the graph's own layout
+  with the batch axis sized to ``capacity`` — e.g. ``[L, capacity, H]`` — so that gathering
+  B streams is one ``np.take`` that yields the model's input layout directly.
+* ``WindowArena`` (window bundles): a ring buffer of the last W inputs per stream.
+
+The arrays are allocated once at ``max_streams`` with ``np.zeros``, which maps pages lazily:
+memory grows with the slots actually used, and nothing is ever copied to grow. Freed slots
+are reused last-in first-out, which keeps the touched region compact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import BundleSpec
+
+EvictHook = Callable[[int, bytes, int, str], None]  # partition, key, slot, reason
+
+
+class StateArena:
+    def __init__(self, spec: BundleSpec, capacity: int) -> None:
+        self.specs = spec.states
+        self.tensors = [np.zeros(s.graph_shape(capacity), dtype=s.dtype) for s in spec.states]
+        self.initial = [None if s.init == "zeros" else s.initial() for s in spec.states]
+        self._axes = [s.batch_axis for s in spec.states]
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [np.take(t, slots, axis=ax) for t, ax in zip(self.tensors, self._axes, strict=True)]
+
+    def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
+        for t, ax, new in zip(self.tensors, self._axes, states, strict=True):
+            t[(slice(None),) * ax + (slots,)] = new
+
+    def init(self, slot: int) -> None:
+        for t, ax, value in zip(self.tensors, self._axes, self.initial, strict=True):
+            t[(slice(None),) * ax + (slot,)] = 0.0 if value is None else value
+
+    def get(self, slot: int) -> list[np.ndarray]:
+        """One stream's state, per-stream shapes (for the changelog)."""
+        return [np.take(t, slot, axis=ax).copy() for t, ax in zip(self.tensors, self._axes, strict=True)]
+
+    def put(self, slot: int, values: list[np.ndarray]) -> None:
+        for t, ax, v in zip(self.tensors, self._axes, values, strict=True):
+            t[(slice(None),) * ax + (slot,)] = v
+
+    @property
+    def bytes_per_stream(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+class WindowArena:
+    """The last W inputs of each stream, oldest first once read through ``windows``."""
+
+    def __init__(self, spec: BundleSpec, capacity: int) -> None:
+        assert spec.window is not None
+        self.w = spec.window
+        tail = (spec.input.n_features,) if spec.input.kind == "numeric" else ()
+        tok = spec.input.tokenizer
+        self.fill = float(tok.pad_id) if tok is not None and tok.pad_id is not None else 0.0
+        self.ring = np.full((capacity, self.w, *tail), self.fill, dtype=spec.input.dtype) if self.fill else \
+            np.zeros((capacity, self.w, *tail), dtype=spec.input.dtype)
+        self._arange = np.arange(self.w)
+
+    def push_and_window(self, slots: np.ndarray, counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Write each stream's new input at its ring position; return the windows ``[B, W, ...]``.
+
+        ``counts`` are the streams' step counts before this step (so the new input lands at
+        ``counts % W``); a stream younger than W sees the pad value before its first input.
+        """
+        pos = counts % self.w
+        self.ring[slots, pos] = x
+        order = (pos[:, None] + 1 + self._arange[None, :]) % self.w
+        return self.ring[slots[:, None], order]
+
+    def init(self, slot: int) -> None:
+        self.ring[slot] = self.fill
+
+    def get(self, slot: int) -> list[np.ndarray]:
+        return [self.ring[slot].copy()]
+
+    def put(self, slot: int, values: list[np.ndarray]) -> None:
+        self.ring[slot] = values[0]
+
+    @property
+    def bytes_per_stream(self) -> int:
+        return int(self.ring[0].nbytes)
+
+
+@dataclass
+class Eviction:
+    partition: int
+    key: bytes
+    slot: int
+    reason: str  # ttl | lru | end
+
+
+class Streams:
+    """(partition, key) → slot, with TTL and LRU eviction. Knows nothing of Kafka or the model."""
+
+    def __init__(self, spec: BundleSpec, capacity: int, ttl_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.arena: StateArena | WindowArena = (
+            WindowArena(spec, capacity) if spec.mode == "window" else StateArena(spec, capacity))
+        self.index: dict[int, dict[bytes, int]] = {}
+        self.keys: list[bytes | None] = []
+        self.partition = np.zeros(capacity, dtype=np.int32)
+        self.steps = np.zeros(capacity, dtype=np.int64)
+        self.last_used = np.zeros(capacity, dtype=np.float64)
+        self.busy = np.zeros(capacity, dtype=np.int32)  # unapplied steps/controls: never evicted
+        self.in_use = np.zeros(capacity, dtype=bool)
+        self._free: list[int] = []
+        self._next = 0  # slots below this have been handed out at least once
+        self.active = 0
+        self.on_evict: list[Callable[[Eviction], None]] = []
+        self.evicted = {"ttl": 0, "lru": 0}
+
+    # --- lookup ---------------------------------------------------------------------------
+    def slot(self, partition: int, key: bytes) -> int:
+        """The stream's slot, allocating (and initialising) one for a new stream."""
+        keys = self.index.get(partition)
+        if keys is None:
+            keys = self.index[partition] = {}
+        slot = keys.get(key)
+        if slot is None:
+            slot = self._allocate()
+            keys[key] = slot
+            self.keys[slot] = key
+            self.partition[slot] = partition
+            self.steps[slot] = 0
+            self.in_use[slot] = True
+            self.arena.init(slot)
+            self.active += 1
+        self.last_used[slot] = self.clock()
+        return slot
+
+    def find(self, partition: int, key: bytes) -> int | None:
+        return self.index.get(partition, {}).get(key)
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next < self.capacity:
+            self._next += 1
+            self.keys.append(None)
+            return self._next - 1
+        self.evict_lru(max(1, self.capacity // 100))
+        if not self._free:
+            raise MemoryError(f"all {self.capacity} stream slots hold streams with pending steps; "
+                              "raise max_streams or lower max_inflight_steps")
+        return self._free.pop()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def reset(self, slot: int) -> None:
+        self.steps[slot] = 0
+        self.arena.init(slot)
+
+    def release(self, slot: int, reason: str = "end") -> None:
+        key = self.keys[slot]
+        if key is None:
+            return
+        partition = int(self.partition[slot])
+        del self.index[partition][key]
+        self.keys[slot] = None
+        self.in_use[slot] = False
+        self._free.append(slot)
+        self.active -= 1
+        if reason in self.evicted:
+            self.evicted[reason] += 1
+        event = Eviction(partition, key, slot, reason)
+        for hook in self.on_evict:
+            hook(event)
+
+    def evict_lru(self, n: int) -> int:
+        used = self.last_used[: self._next].copy()
+        unusable = (self.busy[: self._next] > 0) | ~self.in_use[: self._next]
+        used[unusable] = np.inf
+        n = min(n, int((~unusable).sum()))
+        if n <= 0:
+            return 0
+        victims = np.argpartition(used, n - 1)[:n]
+        for slot in victims:
+            self.release(int(slot), "lru")
+        return n
+
+    def evict_idle(self) -> int:
+        if not self.ttl_s or not self.active:
+            return 0
+        now = self.clock()
+        mask = self.last_used[: self._next] < now - self.ttl_s
+        mask &= (self.busy[: self._next] == 0) & self.in_use[: self._next]
+        victims = [int(s) for s in np.flatnonzero(mask)]
+        for slot in victims:
+            self.release(slot, "ttl")
+        return len(victims)
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget a revoked partition's streams (their state now belongs to another replica)."""
+        keys = self.index.pop(partition, {})
+        for slot in keys.values():
+            self.keys[slot] = None
+            self.in_use[slot] = False
+            self.busy[slot] = 0
+            self._free.append(slot)
+        self.active -= len(keys)
+        return len(keys)
+
+    def slots_of(self, partition: int) -> Iterator[tuple[bytes, int]]:
+        return iter(self.index.get(partition, {}).items())
+
+    @property
+    def state_bytes(self) -> int:
+        return self.active * self.arena.bytes_per_stream
