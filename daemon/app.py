@@ -52,6 +52,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._work = asyncio.Event()
         self._connected = False
+        self._joined = False  # the first assignment (possibly empty) arrived: we are in the group
         self._kafka_ok = False
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnd-infer")
@@ -93,7 +94,7 @@ class Daemon:
             self._work.set()
 
     def is_ready(self) -> bool:
-        return self._connected and self._kafka_ok and not self._stopping.is_set()
+        return self._connected and self._joined and self._kafka_ok and not self._stopping.is_set()
 
     async def _connect(self) -> None:
         """Connect with retry and backoff: a broker that is down at start is waited for, not fatal."""
@@ -318,6 +319,7 @@ class Daemon:
         for tp in mine:
             self.pipeline.offsets.forget(tp.partition)
         self.assigned |= mine
+        self._joined = True
         self.metrics.assigned.set(len(self.assigned))
         log.info("partitions %s assigned", sorted(tp.partition for tp in mine))
 
