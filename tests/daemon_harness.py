@@ -159,7 +159,7 @@ def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60, settle
             while parts is None and time.monotonic() < deadline:
                 parts = c.partitions_for_topic(topic) or None
                 if parts is None:
-                    await c._client.force_metadata_update()  # noqa: SLF001
+                    await c._client.force_metadata_update()
                     await asyncio.sleep(0.2)
             if parts is None:
                 return []
