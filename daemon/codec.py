@@ -164,9 +164,18 @@ class Decoder:
         echo = None
         if "event_time" in doc or "client_id" in doc:
             echo = {k: doc[k] for k in ("event_time", "client_id") if k in doc}
+            # The fallback parser admits what orjson cannot write back (lone surrogates, integers
+            # beyond 64 bits, deep nesting): refuse it here rather than fail later on every output.
+            try:
+                orjson.dumps(echo)
+            except orjson.JSONEncodeError as e:
+                raise Reject(WRONG_TYPE, f"event_time/client_id cannot be copied into outputs: {e}") from None
         return Record(key, partition, offset, timestamp, steps, reset, end, echo)
 
     def _numeric(self, x: Any) -> list[list[float]]:
+        # Count first: an oversized message is refused without validating its rows one by one.
+        if isinstance(x, list) and len(x) > self.max_steps and all(isinstance(r, (list, dict)) for r in x):
+            raise Reject(TOO_MANY_STEPS, f"{len(x)} steps in one message; the limit is {self.max_steps}")
         if isinstance(x, dict):
             rows = [self._named(x)]
         elif isinstance(x, list) and x and all(isinstance(r, dict) for r in x):
@@ -207,7 +216,10 @@ class Decoder:
         for i, v in enumerate(row):
             if not _is_number(v):
                 raise Reject(WRONG_TYPE, f"feature {self.features[i]} is {type(v).__name__} {v!r}, not a number")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an integer literal beyond float range (Python's json keeps it exact)
+                v = math.inf if v > 0 else -math.inf
             if not math.isfinite(v):
                 if not self.replace_non_finite:
                     raise Reject(NON_FINITE, f"feature {self.features[i]} is {v}; the model needs finite values "
@@ -263,6 +275,8 @@ def _loads(value: bytes | None) -> Any:
         return json.loads(value)
     except (UnicodeDecodeError, ValueError) as e:
         raise Reject(NOT_JSON, f"message is not JSON: {str(e)[:120]}") from None
+    except RecursionError:  # json recurses per nesting level; orjson stops at 1024
+        raise Reject(NOT_JSON, "message is not JSON this daemon reads: nested too deeply") from None
 
 
 def encode(doc: dict[str, Any]) -> bytes:

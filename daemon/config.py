@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -49,6 +50,8 @@ class ServeConfig:
     provider_fallback: bool = opt(False, "If the provider is unavailable, run on CPU (logged, and labelled in "
                                          "rnnd_model_info) instead of refusing to start.")
     intra_op_threads: int = opt(0, "ONNX Runtime intra-op threads (0: ONNX Runtime's default).")
+    ort_spinning: bool = opt(False, "Let ONNX Runtime's threads busy-wait between calls (slightly lower latency; "
+                                    "an idle daemon then keeps its cores busy).")
     # --- batching ---
     max_batch: int = opt(1024, "Most streams advanced in one model call.")
     max_chunk: int = opt(64, "Most steps of one stream run in one call (T); a backlog runs as chunks.")
@@ -163,9 +166,15 @@ def _coerce(name: str, raw: Any, typ: type, source: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
+        # TOML values are typed: `max_batch = true` is not 1, and `input_topic = 5` is not a topic name.
+        if isinstance(raw, bool) or (typ is str and isinstance(raw, (int, float, list, dict))):
+            raise ValueError(raw)
         if typ is int and isinstance(raw, float) and not raw.is_integer():
             raise ValueError(raw)
-        return typ(raw)
+        value = typ(raw)
+        if typ is float and not math.isfinite(value):
+            raise ValueError(raw)  # nan passes every `< 0` check in validate()
+        return value
     except (TypeError, ValueError):
         raise ConfigError(f"{name} from {source} must be {typ.__name__}, got {raw!r}") from None
 
@@ -187,7 +196,14 @@ def load(
             raise ConfigError(f"config file {path}: no such file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        doc = doc.get("serve", doc)  # a [serve] table or top-level keys
+        if "serve" in doc:  # a [serve] table or top-level keys, not both (nothing is silently ignored)
+            others = sorted(k for k in doc if k != "serve")
+            if not isinstance(doc["serve"], dict):
+                raise ConfigError(f"config file {path}: `serve` must be a table ([serve]) of settings")
+            if others:
+                raise ConfigError(f"config file {path}: settings both at top level ({', '.join(others)}) and in "
+                                  "[serve]; put them all in one place")
+            doc = doc["serve"]
         for key, raw in doc.items():
             name = key.replace("-", "_")
             if name not in types:

@@ -122,7 +122,9 @@ class Scheduler:
             self.inflight -= t
             q = self.queues.get(slot)
             if q:
-                while q and q[0].cursor == len(q[0].steps) and not q[0].end:
+                # A record is done once its steps ran and no control of it is pending: a control-only
+                # reset behind a backlog has no steps but must still be applied by _apply_controls.
+                while q and q[0].cursor == len(q[0].steps) and not (q[0].end or q[0].reset):
                     q.popleft()
                 if q:
                     self.ready[slot] = None

@@ -1,0 +1,545 @@
+"""The daemon's core loop (accept → plan → execute → finish) on real bundles, without Kafka.
+
+Hundreds of records for ~50 keys arrive in random interleavings, with 1..5 steps each, some
+while the model is running. Whatever the batching did, every key's predictions must equal
+the bundle run over that key's whole sequence in one call (``BundleModel.run_sequence`` with
+``chunk=len``, or ``run_windows``), de-normalised by hand here; every step must produce
+exactly one output with a unique id that points back at the input step it came from; and
+the commit point must never pass a record whose steps are not all out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
+from rnnd.daemon.codec import Record
+from rnnd.daemon.config import ServeConfig
+from rnnd.daemon.offsets import Offsets
+from rnnd.daemon.pipeline import Pipeline
+from rnnd.daemon.runtime import BundleModel
+from rnnd.export import zoo
+from rnnd.export.exporter import ExportOptions, export_bundle
+from rnnd.export.parity import ParityPlan
+
+TOPIC = "in"
+TOL = 1e-4
+QUICK_PARITY = ParityPlan(batches=(1, 3), chunks=(1, 4), steps=12)  # the export's own check; not under test
+
+NUM_IN = InputSpec("numeric", features=("a", "b", "c"), mean=(1.0, -2.0, 30.0), std=(2.0, 0.5, 4.0))
+NUM_OUT = OutputSpec("regression", names=("y1", "y2"), mean=(0.5, -10.0), std=(2.0, 3.0))
+WIN_IN = InputSpec("numeric", features=("u", "v"), mean=(5.0, -1.0), std=(3.0, 0.25))
+WIN_OUT = OutputSpec("regression", names=("z",), mean=(100.0,), std=(7.0,))
+WORDS = tuple(f"w{i}" for i in range(10))
+VOCAB = ("<pad>", "<unk>", *WORDS)
+TOK_IN = InputSpec("tokens", tokenizer=TokenizerSpec("word", VOCAB, unk_id=1, pad_id=0))
+TOK_OUT = OutputSpec("classification", labels=("neg", "neu", "pos"))
+
+
+# --- bundles (exported once per module) -----------------------------------------------------------
+
+
+def _export(path: Path, model: torch.nn.Module, **opts: Any) -> BundleModel:
+    export_bundle(model, ExportOptions(parity=QUICK_PARITY, **opts), path)
+    return BundleModel(path)
+
+
+@pytest.fixture(scope="module")
+def gru(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
+    torch.manual_seed(11)
+    model = zoo.build(cell="gru", n_features=3, hidden=8, out_size=2)
+    return _export(tmp_path_factory.mktemp("gru") / "gru.onnx", model, name="gru", input=NUM_IN, output=NUM_OUT,
+                   warmup_steps=3)
+
+
+@pytest.fixture(scope="module")
+def lstm_tokens(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
+    torch.manual_seed(12)
+    model = zoo.build(cell="lstm", vocab_size=len(VOCAB), embed_dim=6, hidden=8, out_size=3)
+    return _export(tmp_path_factory.mktemp("lstm") / "lstm.onnx", model, name="tok", input=TOK_IN,
+                   output=TOK_OUT, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
+    torch.manual_seed(13)
+    model = zoo.build(arch="window", kind="bilstm", n_features=2, hidden=8, out_size=1)
+    return _export(tmp_path_factory.mktemp("win") / "win.onnx", model, name="win", input=WIN_IN, output=WIN_OUT,
+                   mode="window", window=5, warmup_steps=4)
+
+
+# --- traffic --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    """One input record as a producer sent it, and what the test knows about it."""
+
+    key: bytes
+    partition: int
+    offset: int
+    value: bytes
+    steps: list  # raw steps: feature lists (NaN allowed) or token ids
+    reset: bool = False
+    end: bool = False
+    dead: bool = False
+    echo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestamp(self) -> int:
+        return 1_000_000 + 10 * self.offset + self.partition
+
+
+def numeric_steps(rng: random.Random, n: int, spec: InputSpec, nan_rate: float = 0.0) -> list[list[float]]:
+    """Raw values around the training distribution, so normalisation matters."""
+    scale = list(zip(spec.mean, spec.std, strict=True))
+    return [[math.nan if rng.random() < nan_rate else m + s * rng.gauss(0, 1) for m, s in scale] for _ in range(n)]
+
+
+def numeric_value(rng: random.Random, steps: list[list[float]], features: tuple[str, ...],
+                  extra: dict[str, Any]) -> bytes:
+    """One of the documented forms of x, chosen at random; Python json so that NaN goes out as NaN."""
+    form = rng.choice(["rows", "named-rows", "flat", "named"] if len(steps) == 1 else ["rows", "named-rows"])
+    if form == "rows":
+        x: Any = steps
+    elif form == "named-rows":
+        x = [dict(zip(features, row, strict=True)) for row in steps]
+    elif form == "flat":
+        x = steps[0]
+    else:
+        x = dict(zip(features, steps[0], strict=True))
+    return json.dumps({"x": x, **extra}).encode()
+
+
+def token_value(rng: random.Random, ids: list[int], extra: dict[str, Any]) -> bytes:
+    """As token ids or as text, at random.
+
+    <pad>/<unk> are not words (the word tokenizer splits them into "<", "unk", ">"): only ids
+    can carry them.
+    """
+    if rng.random() < 0.5 or min(ids) < 2:
+        return orjson.dumps({"tokens": ids, **extra})
+    return orjson.dumps({"text": " ".join(VOCAB[i].upper() for i in ids), **extra})  # the tokenizer lower-cases
+
+
+def make_traffic(rng: random.Random, n_keys: int, n_records: int, kind: str, spec: InputSpec,
+                 controls: bool = False, dead_rate: float = 0.0, nan_rate: float = 0.0,
+                 end_every_key: bool = False) -> list[Sent]:
+    """Records for random keys over three partitions (key → partition fixed, as Kafka's partitioner does)."""
+    keys = [f"key-{i}".encode() for i in range(n_keys)]
+    offsets = [0, 0, 0]
+    sent = []
+
+    def add(key: bytes, steps: list, reset: bool = False, end: bool = False) -> None:
+        partition = int(key.split(b"-")[1]) % 3
+        extra: dict[str, Any] = {}
+        if rng.random() < 0.2:
+            extra = {"event_time": rng.randint(0, 10**9), "client_id": f"c{rng.randint(0, 9)}"}
+        if reset or end:
+            extra["control"] = "reset" if reset else "end"
+        dead = rng.random() < dead_rate
+        if dead:
+            value = orjson.dumps({"x": [[1.0]], "tokens": [1]})  # two inputs: a dead letter for any model
+        elif not steps:
+            value = orjson.dumps(extra)
+        elif kind == "tokens":
+            value = token_value(rng, steps, extra)
+        else:
+            value = numeric_value(rng, steps, spec.features, extra)
+        sent.append(Sent(key, partition, offsets[partition], value, steps, reset, end, dead,
+                         {k: v for k, v in extra.items() if k in ("event_time", "client_id")}))
+        offsets[partition] += 1
+
+    for _ in range(n_records):
+        key = rng.choice(keys)
+        n = rng.randint(1, 5)
+        steps = ([rng.randrange(len(VOCAB)) for _ in range(n)] if kind == "tokens"
+                 else numeric_steps(rng, n, spec, nan_rate))
+        reset = controls and rng.random() < 0.1
+        end = controls and not reset and rng.random() < 0.1
+        if controls and rng.random() < 0.08:  # a control-only record
+            only_reset = rng.random() < 0.5
+            add(key, [], reset=only_reset, end=not only_reset)
+        add(key, steps, reset, end)
+    if end_every_key:
+        for key in keys:
+            add(key, [], end=True)
+    return sent
+
+
+# --- driving the pipeline --------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    docs: list[dict[str, Any]]  # every output, in emission order
+    dead: int
+    commit_checks: int
+    refused: int  # accept() said "not now" (all stream slots hold queued work)
+
+
+def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
+          check: Callable[[Pipeline, int, list[dict[str, Any]]], None] | None = None,
+          already_accepted: int = 0, burst: int = 25) -> Result:
+    """Accept records in random bursts (some while a call is 'running'), plan/execute/finish until idle."""
+    docs: list[dict[str, Any]] = []
+    by_offset = {(s.partition, s.offset): s for s in sent}
+    i = already_accepted
+    checks = refused = 0
+
+    def accept(n: int) -> None:
+        nonlocal i, refused
+        for _ in range(n):
+            if i < len(sent):
+                s = sent[i]
+                if pipeline.accept(s.key, s.value, s.partition, s.offset, s.timestamp) is False:
+                    refused += 1
+                    return  # every slot holds queued work: offer it again after the model ran
+                i += 1
+                if rng.random() < 0.05:  # a re-fetch of something already accepted: ignored
+                    old = sent[rng.randrange(i)]
+                    pipeline.accept(old.key, old.value, old.partition, old.offset, old.timestamp)
+
+    for _ in range(5_000):  # a few hundred rounds at most; more means work that is never applied
+        if i >= len(sent) and not pipeline.busy():
+            break
+        accept(rng.randint(0, burst))
+        calls = pipeline.plan()
+        accept(rng.randint(0, 3))
+        outputs = pipeline.finish(pipeline.execute(calls))
+        for o in outputs:
+            doc = orjson.loads(o.value)
+            assert o.key == doc["key"].encode()
+            assert doc["input_ts"] == by_offset[(doc["partition"], doc["offset"])].timestamp
+            # latency runs from the record that triggered the output: the step's, or the end control's
+            trigger = {s.timestamp for s in sent if s.key == o.key and (s.end or not doc.get("ended"))}
+            assert o.input_timestamp in trigger and o.input_timestamp >= doc["input_ts"]
+            docs.append(doc)
+        if check is not None:
+            check(pipeline, i, docs)
+            checks += 1
+    else:
+        raise AssertionError(f"the pipeline never became idle: {pipeline.scheduler.inflight} steps/controls "
+                             "accepted but never applied")
+    docs += [orjson.loads(o.value) for o in pipeline.finish([])]
+    assert pipeline.scheduler.inflight == 0 and not pipeline.streams.busy.any()
+    return Result(docs, len(pipeline.take_dead_letters()), checks, refused)
+
+
+def config(**kw: Any) -> ServeConfig:
+    base = {"model": "x", "input_topic": TOPIC, "output_topic": "out", "max_batch": 16, "max_chunk": 8,
+            "top_k": 10, "stream_ttl_s": 0.0}
+    return ServeConfig(**{**base, **kw}).validate()
+
+
+# --- the independent reference -----------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    key: bytes
+    step: int
+    y: np.ndarray  # model-space output of this step
+    last_of_segment: bool
+    ended: bool  # the segment closed with an end control
+
+
+def normalise(steps: list[list[float]], spec: InputSpec) -> np.ndarray:
+    """Raw → model space in float64; NaN becomes 0 (non_finite=zero replaces it with the raw mean)."""
+    x = (np.asarray(steps, dtype=np.float64) - np.asarray(spec.mean)) / np.asarray(spec.std)
+    return np.nan_to_num(x, nan=0.0).astype(np.float32)
+
+
+def reference(model: BundleModel, sent: list[Sent]) -> dict[tuple[int, int, int], Expected]:
+    """Split each key's records into segments at reset/end and run each segment in one call."""
+    spec = model.spec
+    segments: dict[bytes, list[list[tuple[Sent, int]]]] = defaultdict(lambda: [[]])
+    closed_by_end: dict[int, bool] = {}
+    for s in sent:
+        if s.dead:
+            continue
+        segs = segments[s.key]
+        if s.reset and segs[-1]:
+            segs.append([])
+        segs[-1].extend((s, j) for j in range(len(s.steps)))
+        if s.end:
+            closed_by_end[id(segs[-1])] = True
+            segs.append([])
+    out: dict[tuple[int, int, int], Expected] = {}
+    for key, segs in segments.items():
+        for seg in segs:
+            if not seg:
+                continue
+            raw = [s.steps[j] for s, j in seg]
+            if spec.input.kind == "tokens":
+                x = np.asarray(raw, dtype=np.int64)[None]
+            else:
+                x = normalise(raw, spec.input)[None]
+            y = model.run_windows(x)[0] if spec.mode == "window" else model.run_sequence(x, chunk=len(seg))[0][0]
+            for step, (s, j) in enumerate(seg):
+                out[(s.partition, s.offset, j)] = Expected(key, step, y[step], step == len(seg) - 1,
+                                                           closed_by_end.get(id(seg), False))
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def check_doc(doc: dict[str, Any], exp: Expected, model: BundleModel, sent: Sent) -> None:
+    spec = model.spec
+    assert doc["key"] == exp.key.decode() and doc["step"] == exp.step, (doc, exp)
+    assert doc["warmup"] is (exp.step < spec.warmup_steps)
+    assert doc["model"] == spec.model.ref and doc["topic"] == TOPIC
+    for k, v in sent.echo.items():
+        assert doc[k] == v
+    pred = doc["prediction"]
+    if spec.output.kind == "regression":
+        want = exp.y.astype(np.float64) * np.asarray(spec.output.std) + np.asarray(spec.output.mean)
+        got = [pred["values"][name] for name in spec.output.names]
+        # de-normalised by hand; the tolerance applies in model space: |got - want| / std <= TOL
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL * max(spec.output.std))
+    else:
+        p = softmax(exp.y.astype(np.float64))
+        labels = spec.output.labels
+        assert pred["label"] == labels[int(np.argmax(p))]
+        np.testing.assert_allclose([pred["probs"][lab] for lab in labels], p, rtol=0, atol=TOL)
+
+
+def check_outputs(result: Result, model: BundleModel, sent: list[Sent],
+                  emitted: Callable[[Expected], bool] = lambda e: True) -> dict[tuple[int, int, int], Expected]:
+    """Exactly one output for each step ``emitted`` selects, each equal to the reference."""
+    expected = reference(model, sent)
+    by_offset = {(s.partition, s.offset): s for s in sent}
+    ids = [d["id"] for d in result.docs]
+    assert len(ids) == len(set(ids)), "duplicate output ids"
+    got = {}
+    for d in result.docs:
+        assert d["id"] == f"{TOPIC}/{d['partition']}/{d['offset']}/{d['index']}"
+        coord = (d["partition"], d["offset"], d["index"])
+        assert coord in expected, f"output for no input step: {d['id']}"
+        check_doc(d, expected[coord], model, by_offset[coord[:2]])
+        got[coord] = d
+    want = {c for c, e in expected.items() if emitted(e)}
+    assert set(got) == want, (len(got), len(want))
+    # per key, outputs come out in step order (a consumer of the output topic sees them in order)
+    per_key: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for d in result.docs:
+        per_key[d["key"]].append((d["partition"], d["offset"], d["index"]))
+    for coords in per_key.values():
+        assert coords == sorted(coords)
+    assert result.dead == sum(s.dead for s in sent)
+    return expected
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+def exact_commit_check(sent: list[Sent], spec_steps: Callable[[Sent], int]):
+    """The commit point of each partition is the first record not fully output (or last accepted + 1)."""
+    def check(pipeline: Pipeline, accepted: int, docs: list[dict[str, Any]]) -> None:
+        done: dict[tuple[int, int], int] = defaultdict(int)
+        for d in docs:
+            done[(d["partition"], d["offset"])] += 1
+        points = pipeline.offsets.commit_points()
+        for p in {s.partition for s in sent[:accepted]}:
+            mine = [s for s in sent[:accepted] if s.partition == p]
+            open_ = [s.offset for s in mine if not s.dead and done[(p, s.offset)] < spec_steps(s)]
+            assert points.get(p) == min(open_, default=mine[-1].offset + 1), (p, points, open_[:3])
+    return check
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_gru_numeric_matches_full_sequence_reference(gru: BundleModel, seed: int) -> None:
+    rng = random.Random(seed)
+    sent = make_traffic(rng, n_keys=50, n_records=300, kind="numeric", spec=NUM_IN, dead_rate=0.05, nan_rate=0.03)
+    pipeline = Pipeline(gru, config(non_finite="zero", max_batch=rng.choice([7, 64]), max_chunk=rng.choice([4, 8])),
+                        TOPIC)
+    result = drive(pipeline, sent, rng, exact_commit_check(sent, lambda s: len(s.steps)))
+    assert result.commit_checks > 5
+    check_outputs(result, gru, sent)
+    assert any(d["warmup"] for d in result.docs) and not all(d["warmup"] for d in result.docs)
+    last = {p: max(s.offset for s in sent if s.partition == p) for p in range(3)}
+    assert pipeline.offsets.commit_points() == {p: o + 1 for p, o in last.items()}
+
+
+@pytest.mark.parametrize("seed", [5, 15, 25])
+def test_gru_with_reset_and_end_controls(gru: BundleModel, seed: int) -> None:
+    """Controls split a key's sequence into independent streams; each restarts at step 0."""
+    rng = random.Random(seed)
+    sent = make_traffic(rng, n_keys=40, n_records=300, kind="numeric", spec=NUM_IN, controls=True)
+    assert sum(s.reset for s in sent) > 10 and sum(s.end for s in sent) > 10
+    assert any(s.reset and not s.steps for s in sent)
+    pipeline = Pipeline(gru, config(max_chunk=8), TOPIC)
+
+    def check(pipeline: Pipeline, accepted: int, docs: list[dict[str, Any]]) -> None:
+        done: dict[tuple[int, int], int] = defaultdict(int)
+        for d in docs:
+            done[(d["partition"], d["offset"])] += 1
+        for p, point in pipeline.offsets.commit_points().items():
+            below = [s for s in sent[:accepted] if s.partition == p and s.offset < point]
+            assert all(done[(p, s.offset)] == len(s.steps) for s in below)
+
+    result = drive(pipeline, sent, rng, check)
+    check_outputs(result, gru, sent)
+    last = {p: max(s.offset for s in sent if s.partition == p) for p in range(3)}
+    assert pipeline.offsets.commit_points() == {p: o + 1 for p, o in last.items()}
+
+
+def test_lstm_tokens_matches_full_sequence_reference(lstm_tokens: BundleModel) -> None:
+    rng = random.Random(3)
+    sent = make_traffic(rng, n_keys=50, n_records=250, kind="tokens", spec=TOK_IN, dead_rate=0.03)
+    pipeline = Pipeline(lstm_tokens, config(max_chunk=4), TOPIC)
+    result = drive(pipeline, sent, rng, exact_commit_check(sent, lambda s: len(s.steps)))
+    check_outputs(result, lstm_tokens, sent)
+
+
+def test_window_mode_matches_run_windows(window: BundleModel) -> None:
+    rng = random.Random(4)
+    sent = make_traffic(rng, n_keys=50, n_records=250, kind="numeric", spec=WIN_IN, controls=True)
+    pipeline = Pipeline(window, config(), TOPIC)
+    result = drive(pipeline, sent, rng)
+    expected = check_outputs(result, window, sent)
+    assert max(e.step for e in expected.values()) >= 10  # streams ran well past their first window
+
+
+def test_warmup_hold_leaves_out_warmup_predictions(gru: BundleModel) -> None:
+    rng = random.Random(6)
+    sent = make_traffic(rng, n_keys=50, n_records=200, kind="numeric", spec=NUM_IN, controls=True)
+    result = drive(Pipeline(gru, config(warmup="hold"), TOPIC), sent, rng)
+    check_outputs(result, gru, sent, emitted=lambda e: e.step >= gru.spec.warmup_steps)
+    assert result.docs and not any(d["warmup"] for d in result.docs)
+
+
+def test_emit_every_third_step(lstm_tokens: BundleModel) -> None:
+    rng = random.Random(7)
+    sent = make_traffic(rng, n_keys=50, n_records=200, kind="tokens", spec=TOK_IN, controls=True)
+    result = drive(Pipeline(lstm_tokens, config(emit="every:3"), TOPIC), sent, rng)
+    check_outputs(result, lstm_tokens, sent, emitted=lambda e: (e.step + 1) % 3 == 0)
+
+
+def test_emit_end_gives_the_last_prediction_of_each_ended_stream(gru: BundleModel) -> None:
+    rng = random.Random(8)
+    sent = make_traffic(rng, n_keys=50, n_records=200, kind="numeric", spec=NUM_IN, controls=True,
+                        end_every_key=True)
+    result = drive(Pipeline(gru, config(emit="end"), TOPIC), sent, rng)
+    assert result.docs and all(d["ended"] is True for d in result.docs)
+    check_outputs(result, gru, sent, emitted=lambda e: e.last_of_segment and e.ended)
+
+
+@pytest.mark.parametrize(("max_streams", "burst"), [(16, 4), (6, 25)])
+def test_lru_evicted_streams_restart_from_the_initial_state(gru: BundleModel, max_streams: int, burst: int) -> None:
+    """More keys than max_streams: an evicted key's next record starts a fresh stream in a reused slot.
+
+    Its predictions must come from the initial state, not from the state the slot's previous
+    owner left there. Segments are read off the outputs (a key's step count restarting at 0)
+    and each is checked against the bundle run over that segment alone. With bursts larger
+    than max_streams, accept() must refuse ("not now") rather than fail, and lose nothing.
+    """
+    rng = random.Random(10)
+    sent = make_traffic(rng, n_keys=50, n_records=300, kind="numeric", spec=NUM_IN)
+    pipeline = Pipeline(gru, config(max_streams=max_streams, max_chunk=8), TOPIC)
+    result = drive(pipeline, sent, rng, burst=burst)
+    assert (result.refused > 0) == (burst > max_streams)
+    evictions: dict[bytes, int] = defaultdict(int)
+    for ev in pipeline.take_evictions():
+        assert ev.reason == "lru"
+        evictions[ev.key] += 1
+    assert sum(evictions.values()) > 50
+    by_offset = {(s.partition, s.offset): s for s in sent}
+    per_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for d in result.docs:
+        per_key[d["key"]].append(d)
+    assert sum(len(v) for v in per_key.values()) == sum(len(s.steps) for s in sent)
+    assert len({d["id"] for d in result.docs}) == len(result.docs)
+    restarts = 0
+    for key, docs in per_key.items():
+        starts = [i for i, d in enumerate(docs) if d["step"] == 0]
+        assert starts[0] == 0 and len(starts) - 1 <= evictions[key.encode()]
+        restarts += len(starts) - 1
+        for a, b in zip(starts, [*starts[1:], len(docs)], strict=True):
+            seg = docs[a:b]
+            assert [d["step"] for d in seg] == list(range(len(seg)))
+            raw = [by_offset[(d["partition"], d["offset"])].steps[d["index"]] for d in seg]
+            y = gru.run_sequence(normalise(raw, NUM_IN)[None], chunk=len(seg))[0][0]
+            for d, y_t in zip(seg, y, strict=True):
+                check_doc(d, Expected(key.encode(), d["step"], y_t, False, False), gru,
+                          by_offset[(d["partition"], d["offset"])])
+    assert restarts > 20  # evicted keys did come back, into reused slots
+
+
+def test_commit_point_stays_below_an_unprocessed_record(gru: BundleModel) -> None:
+    """Records accepted but not yet run hold the commit point at the first of them."""
+    rng = random.Random(9)
+    sent = make_traffic(rng, n_keys=5, n_records=30, kind="numeric", spec=NUM_IN)
+    pipeline = Pipeline(gru, config(), TOPIC)
+    for s in sent:
+        pipeline.accept(s.key, s.value, s.partition, s.offset, s.timestamp)
+    first = {p: min(s.offset for s in sent if s.partition == p) for p in range(3)}
+    assert pipeline.offsets.commit_points() == first
+    outputs = pipeline.finish(pipeline.execute(pipeline.plan()))  # one round: the first step(s) of each key
+    assert outputs
+    points = pipeline.offsets.commit_points()
+    for p, point in points.items():
+        assert point <= max(s.offset for s in sent if s.partition == p)
+    pipeline.offsets.mark_committed(points)
+    assert pipeline.offsets.commit_points() == {}  # nothing new to commit
+    result = drive(pipeline, sent, rng, already_accepted=len(sent))
+    assert len(outputs) + len(result.docs) == sum(len(s.steps) for s in sent)
+    last = {p: max(s.offset for s in sent if s.partition == p) for p in range(3)}
+    assert pipeline.offsets.commit_points() == {p: o + 1 for p, o in last.items()}
+
+
+# --- offsets on their own ----------------------------------------------------------------------------
+
+
+def _tracked(offsets: Offsets, partition: int, offset: int, steps: int) -> Record | None:
+    if not offsets.accept(partition, offset):
+        return None
+    r = Record(b"k", partition, offset, 0, [0.0] * steps)
+    offsets.track(r)
+    return r
+
+
+def test_offsets_commit_the_first_unfinished_record_per_partition() -> None:
+    offsets = Offsets()
+    a = _tracked(offsets, 0, 10, 2)
+    b = _tracked(offsets, 0, 11, 1)
+    offsets.accept(0, 12)  # a dead letter: accepted, never tracked
+    c = _tracked(offsets, 1, 0, 1)
+    assert a and b and c
+    assert _tracked(offsets, 0, 11, 1) is None  # a re-fetch
+    assert offsets.commit_points() == {0: 10, 1: 0}
+    b.remaining = 0  # a later record of another stream finishes first: no progress past a
+    assert offsets.commit_points() == {0: 10, 1: 0} and offsets.pending(0) == 1
+    a.remaining = 0
+    assert offsets.commit_points() == {0: 13, 1: 0}  # past the dead letter too
+    offsets.mark_committed({0: 13})
+    assert offsets.commit_points() == {1: 0}  # nothing new in partition 0
+    c.remaining = 0
+    offsets.mark_committed({0: 5})  # an older point never moves the mark back
+    assert offsets.commit_points() == {1: 1} and offsets.pending(0) == offsets.pending(1) == 0
+    offsets.forget(1)
+    assert offsets.commit_points() == {} and offsets.pending(1) == 0
+
+
+def test_offsets_start_at_a_committed_position() -> None:
+    offsets = Offsets()
+    offsets.start_at(3, 100)
+    assert offsets.commit_points() == {}
+    assert not offsets.accept(3, 99)  # below the committed position: already processed
+    offsets.accept(3, 100)  # a dead letter
+    assert offsets.commit_points() == {3: 101}
