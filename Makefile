@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/rnnd demo
+	$(BIN)/rnnd demo --duration 30
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -14,11 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rnnd", description="Streaming inference for stateful sequence models on Kafka.")
     parser.add_argument("--version", action="version", version=f"rnnd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from rnnd import demo, tools
     from rnnd.daemon import cli as serve_cmd
     from rnnd.daemon import inspect as inspect_cmd
     from rnnd.export import cli as export_cli
 
     serve_cmd.add_parser(sub)
+    demo.add_parser(sub)
+    tools.add_parsers(sub)
     export_cli.add_parsers(sub)
     inspect_cmd.add_parser(sub)
     return parser

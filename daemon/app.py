@@ -40,7 +40,8 @@ class Daemon:
     def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.model, self.provider = open_bundle(cfg.model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads)
+        self.model, self.provider = open_bundle(cfg.model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
+                                                cfg.ort_spinning)
         spec = self.model.spec
         self.pipeline = Pipeline(self.model, cfg, cfg.input_topic, self.metrics, provider=self.provider.label)
         self.group_id = cfg.group_id or f"rnnd-{spec.model.name}"
@@ -57,12 +58,14 @@ class Daemon:
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnd-infer")
         self._commit_lock = asyncio.Lock()
+        # Held from plan() to finish(): a revocation must not drop streams under a running call.
+        self._call_lock = asyncio.Lock()
         self._report_model(self.provider)
 
     # --- lifecycle ------------------------------------------------------------------------
-    async def run(self) -> int:
+    async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if install_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
         await self.http.start()
@@ -124,15 +127,19 @@ class Daemon:
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """After stop(): the fetch task has ended; let the infer task empty the queues, then commit."""
-        deadline = time.monotonic() + 60
+        started = time.monotonic()
+        deadline = started + 30
         while self.pipeline.busy() and time.monotonic() < deadline:
             self._work.set()
             await asyncio.sleep(0.01)
+        left = self.pipeline.scheduler.inflight
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._send_side_outputs()
         await self.checkpoint(final=True)
+        log.info("drained in %.2fs (%d step(s) left unapplied, to be re-read by the next owner)",
+                 time.monotonic() - started, left)
 
     async def _close(self) -> None:
         await self._close_clients()
@@ -142,16 +149,16 @@ class Daemon:
 
     async def _close_clients(self) -> None:
         if self.consumer is not None:
-            try:
-                await self.consumer.stop()  # leaves the group: partitions move on at once
-            except Exception as e:
-                log.warning("consumer stop: %s", e)
+            try:  # leaves the group: partitions move on at once
+                await asyncio.wait_for(self.consumer.stop(), 15)
+            except (Exception, TimeoutError) as e:
+                log.warning("consumer stop: %r", e)
             self.consumer = None
         if self.producer is not None:
             try:
-                await self.producer.stop()
-            except Exception as e:
-                log.warning("producer stop: %s", e)
+                await asyncio.wait_for(self.producer.stop(), 15)
+            except (Exception, TimeoutError) as e:
+                log.warning("producer stop: %r", e)
             self.producer = None
 
     # --- tasks ----------------------------------------------------------------------------
@@ -178,8 +185,14 @@ class Daemon:
                 if tp not in self.assigned:
                     continue
                 for r in records:
-                    accept(r.key, r.value, tp.partition, r.offset, r.timestamp)
-                n += len(records)
+                    while not accept(r.key, r.value, tp.partition, r.offset, r.timestamp):
+                        # All max_streams slots hold streams with queued steps: let the model work
+                        # some off before a new stream can take (or evict) a slot.
+                        self._work.set()
+                        await asyncio.sleep(0.002)
+                        if self._stopping.is_set():
+                            return
+                    n += 1
             if n:
                 messages.inc(n)
                 self._work.set()
@@ -209,14 +222,14 @@ class Daemon:
             while True:
                 if max_wait and len(pipeline.scheduler.ready) < self.cfg.min_batch:
                     await asyncio.sleep(max_wait)
-                calls = pipeline.plan()
-                if not calls:
-                    outputs = pipeline.finish([])  # controls alone may have produced outputs
-                    await self._publish(outputs, latency, predictions)
-                    break
-                calls = await loop.run_in_executor(self._executor, pipeline.execute, calls)
-                outputs = pipeline.finish(calls)
+                async with self._call_lock:
+                    calls = pipeline.plan()
+                    if calls:
+                        calls = await loop.run_in_executor(self._executor, pipeline.execute, calls)
+                    outputs = pipeline.finish(calls)  # with no calls: outputs of controls alone
                 await self._publish(outputs, latency, predictions)
+                if not calls:
+                    break
                 if self._paused:
                     self._backpressure()
 
@@ -282,7 +295,6 @@ class Daemon:
                 if ev.reason == "lru":
                     log.info("evicted least recently used streams: max_streams=%d reached", self.cfg.max_streams)
                     break
-            self.pipeline.update_gauges()
             self._update_lag()
 
     def _update_lag(self) -> None:
@@ -304,9 +316,10 @@ class Daemon:
         while any(self.pipeline.pending_in(p) for p in mine) and time.monotonic() < deadline:
             self._work.set()
             await asyncio.sleep(0.005)
-        await self._send_side_outputs()
-        await self.checkpoint(partitions=mine)
-        dropped = sum(self.pipeline.revoke(p) for p in mine)
+        async with self._call_lock:
+            await self._send_side_outputs()
+            await self.checkpoint(partitions=mine)
+            dropped = sum(self.pipeline.revoke(p) for p in mine)
         self.assigned -= set(revoked)
         for p in mine:
             with contextlib.suppress(KeyError):

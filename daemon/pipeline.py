@@ -90,21 +90,37 @@ class Pipeline:
         self.outputs: list[Output] = []
         self.evictions: list[Eviction] = []
         self._key_text: dict[bytes, str] = {}
+        if metrics:  # read at scrape time: always current, nothing to update on the hot path
+            metrics.active_streams.set_function(lambda: self.streams.active)
+            metrics.state_bytes.set_function(lambda: self.streams.state_bytes)
+            metrics.inflight.set_function(lambda: self.scheduler.inflight)
 
     # --- accept ---------------------------------------------------------------------------
-    def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> None:
-        if not self.offsets.accept(partition, offset):
-            return
+    def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> bool:
+        """Take one input record. False means 'not now': every stream slot is held by a stream with
+        queued steps, so a new stream must wait until the model has worked some off (call again)."""
+        known = self.offsets.partitions.get(partition)
+        if known is not None and offset <= known.last:
+            return True  # fetched again (after a seek): already taken
         item = self.decoder.decode(key, value, partition, offset, timestamp)
         if isinstance(item, DeadLetter):
+            self.offsets.accept(partition, offset)
             self.dead.append(item)
             if self.metrics:
                 self.metrics.dead_letters.labels(item.reason).inc()
-            return
-        self.offsets.track(item)
+            return True
+        slot = None
         if item.remaining:
             assert key is not None
-            self.scheduler.add(self.streams.slot(partition, key), item)
+            try:
+                slot = self.streams.slot(partition, key)
+            except MemoryError:
+                return False
+        self.offsets.accept(partition, offset)
+        self.offsets.track(item)
+        if slot is not None:
+            self.scheduler.add(slot, item)
+        return True
 
     # --- plan / execute / finish ----------------------------------------------------------
     def plan(self) -> list[Call]:
@@ -258,9 +274,3 @@ class Pipeline:
 
     def pending_in(self, partition: int) -> int:
         return self.offsets.pending(partition)
-
-    def update_gauges(self) -> None:
-        if self.metrics:
-            self.metrics.active_streams.set(self.streams.active)
-            self.metrics.state_bytes.set(self.streams.state_bytes)
-            self.metrics.inflight.set(self.scheduler.inflight)

@@ -24,11 +24,16 @@ class BundleModel:
         model: str | Path | bytes,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 0,
+        spinning: bool = False,
     ) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        # ONNX Runtime's worker threads busy-wait between calls by default: a little less latency,
+        # but an idle daemon then burns its cores (and starves anything sharing them).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         source = "model" if isinstance(model, bytes) else str(model)
         try:
             self.session = ort.InferenceSession(
@@ -158,7 +163,7 @@ def provider_list(requested: str) -> list:
 
 
 def open_bundle(path: str | Path, requested: str = "cpu", fallback: bool = False,
-                intra_op_threads: int = 0) -> tuple[BundleModel, ProviderChoice]:
+                intra_op_threads: int = 0, spinning: bool = False) -> tuple[BundleModel, ProviderChoice]:
     """Load a bundle on the requested device and verify that it really runs there.
 
     ONNX Runtime only warns when a provider is missing and silently runs on CPU; a daemon
@@ -175,7 +180,7 @@ def open_bundle(path: str | Path, requested: str = "cpu", fallback: bool = False
                 "install onnxruntime-gpu with CUDA/cuDNN (the GPU image does), run with --provider cpu, "
                 "or allow --provider-fallback")
         providers = ["CPUExecutionProvider"]
-    model = BundleModel(path, providers=providers, intra_op_threads=intra_op_threads)
+    model = BundleModel(path, providers=providers, intra_op_threads=intra_op_threads, spinning=spinning)
     actual = model.providers[0]
     if actual != want and not fallback:
         raise ProviderError(

