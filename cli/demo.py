@@ -117,17 +117,24 @@ class _Watch:
 
     def on_sent(self, device: str, step: int, temp: float) -> None:
         self.sent += 1
-        self.actual.setdefault(device, deque(maxlen=64)).append((step, temp))
-        pred = self.predicted.pop((device, step), None)
-        if pred is not None and step > 25:
-            self.errors.append(abs(pred - temp))
+        if device in self.shown or step % 50 == 0:
+            self.actual.setdefault(device, deque(maxlen=256)).append((step, temp))
 
     def on_prediction(self, doc: dict) -> None:
+        """The prediction made at step s is the forecast for reading s+1."""
         self.received += 1
-        values = doc["prediction"]["values"]
-        self.predicted[(doc["key"], doc["step"] + 1)] = values["temp"]
-        if len(self.predicted) > 200_000:
-            self.predicted.clear()
+        key, step = doc["key"], doc["step"] + 1
+        temp = doc["prediction"]["values"]["temp"]
+        if key in self.shown:
+            self.predicted[(key, step)] = temp
+        hist = self.actual.get(key)
+        if hist and not doc["warmup"]:
+            for s, actual in reversed(hist):
+                if s == step:
+                    self.errors.append(abs(temp - actual))
+                    break
+                if s < step:
+                    break
 
     def report(self, daemon) -> None:
         elapsed = time.monotonic() - self.started
@@ -141,13 +148,10 @@ class _Watch:
             line += f"  |temp forecast error| {np.mean(self.errors):.3f}"
         print(line)
         for dev in self.shown:
-            hist = self.actual.get(dev)
-            if not hist:
-                continue
-            step, temp = hist[-1]
-            nxt = self.predicted.get((dev, step + 1))
-            nxt_s = f"{nxt:7.2f}" if nxt is not None else "    …  "
-            print(f"    {dev}: temp now {temp:7.2f}   forecast for the next reading {nxt_s}")
+            both = [(s, a, self.predicted[(dev, s)]) for s, a in self.actual.get(dev, ()) if (dev, s) in self.predicted]
+            if both:
+                s, actual, pred = both[-1]
+                print(f"    {dev} reading #{s:<5} temp actual {actual:7.2f}   forecast one step earlier {pred:7.2f}")
 
     def summary(self, daemon) -> None:
         err = f", mean |temp forecast error| {np.mean(self.errors):.3f}" if self.errors else ""

@@ -78,6 +78,14 @@ class ServeConfig:
     generate_strategy: str = opt("greedy", "Generation: greedy or topk (sampled from the top_k tokens).",
                                  choices=("greedy", "topk"))
     generate_seed: int = opt(0, "Seed for topk generation (with the prediction id: reproducible).")
+    # --- durable state ---
+    changelog: bool = opt(True, "Keep every stream's state in a compacted changelog topic, restored on "
+                                "assignment: crashes, restarts and rebalances lose no state.")
+    changelog_topic: str = opt("", "State changelog topic (default: <group_id>.<input_topic>.changelog).")
+    on_state_mismatch: str = opt("refuse", "When the changelog holds state of another state layout (a model whose "
+                                           "state-spec hash differs): refuse to start, reset the streams, or serve "
+                                           "them with previous_model.", choices=("refuse", "reset", "previous"))
+    previous_model: str = opt("", "With on_state_mismatch=previous: the bundle whose state the changelog holds.")
     # --- Kafka client behaviour ---
     fetch_max_records: int = opt(10_000, "Most records taken from Kafka in one fetch.")
     max_inflight_steps: int = opt(200_000, "Decoded steps waiting for the model before fetching pauses.")
