@@ -17,9 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     from rnnd import demo, tools
     from rnnd.daemon import cli as serve_cmd
     from rnnd.daemon import inspect as inspect_cmd
+    from rnnd.daemon import verify as verify_cmd
     from rnnd.export import cli as export_cli
 
     serve_cmd.add_parser(sub)
+    verify_cmd.add_parser(sub)
     demo.add_parser(sub)
     tools.add_parsers(sub)
     export_cli.add_parsers(sub)

@@ -3,7 +3,9 @@
 These exist so that trying a model needs no Kafka tooling beyond rnnd itself: ``produce``
 replays a CSV or JSONL file into the input topic in the message format of
 schemas/input.schema.json, and ``tail`` prints the output topic (schemas/output.schema.json)
-one readable line per prediction. Both are torch-free and use only aiokafka.
+one readable line per prediction. Both are torch-free and use only aiokafka, and connect
+with the same TLS/SASL settings as ``rnnd serve`` (the same flags and RNND_* variables;
+daemon/security.py).
 
 Errors a user can fix (missing file, missing column, a bad row) end the command with exit
 status 2 and one line on stderr, printed here rather than by ``rnnd.cli.main`` so that the
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+
+from rnnd.daemon import security
 
 __all__ = [
     "MessageSource",
@@ -76,6 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
     p.add_argument("--features", type=_names, default=None, metavar="a,b,c",
                    help="CSV: the columns to send as features, in this order (default: every other column)")
+    security.add_arguments(p)
     p.set_defaults(run=produce)
 
     t = sub.add_parser(
@@ -91,6 +96,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="start at the oldest prediction kept (default: only predictions that arrive from now on)")
     t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="exit after N predictions")
     t.add_argument("--json", action="store_true", help="print each record's value as it is (one JSON per line)")
+    security.add_arguments(t)
     t.set_defaults(run=tail)
 
 
@@ -136,6 +142,18 @@ def _quiet_client_logs() -> None:
 def _fail(command: str, e: ToolError) -> int:
     print(f"rnnd {command}: error: {e}", file=sys.stderr)
     return e.exit_code
+
+
+def _kafka_security(args: argparse.Namespace) -> dict[str, Any]:
+    """aiokafka arguments for TLS/SASL from the security flags and RNND_* variables (as `rnnd serve`).
+
+    A namespace without the flags (a caller that built its own) means no security, as before.
+    Settings that cannot work together are a user error (exit 2), reported before connecting.
+    """
+    try:
+        return security.client_kwargs(security.from_args(args))
+    except security.SecurityError as e:
+        raise ToolError(str(e)) from None
 
 
 # --- produce: reading the file ----------------------------------------------------------------
@@ -402,10 +420,11 @@ def produce(args: argparse.Namespace) -> int:
     _quiet_client_logs()
     tally = _Tally()
     try:
+        kafka = _kafka_security(args)
         with MessageSource(args.file, args.key_column, args.format, args.features) as source:
             rows = iter(source)
             first = next(rows, None)  # a bad first row fails before a connection is made
-            asyncio.run(_produce(args, first, rows, tally))
+            asyncio.run(_produce(args, first, rows, tally, kafka))
     except ToolError as e:
         return _fail("produce", e)
     except KeyboardInterrupt:
@@ -418,14 +437,15 @@ def produce(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _produce(args: argparse.Namespace, first: Message | None, rows: Iterator[Message], tally: _Tally) -> None:
+async def _produce(args: argparse.Namespace, first: Message | None, rows: Iterator[Message], tally: _Tally,
+                   kafka: dict[str, Any] | None = None) -> None:
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
 
     # acks=all: a replay is input data; losing some silently would make results misleading.
     # No idempotence: the embedded test broker (Tansu) refuses it with stock aiokafka.
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=5,
-                                client_id="rnnd-produce")
+                                client_id="rnnd-produce", **(kafka or {}))
     try:
         await producer.start()
     except KafkaError as e:
@@ -546,7 +566,7 @@ def tail(args: argparse.Namespace) -> int:
     """Run ``rnnd tail``; returns the exit status (130 after Ctrl-C, like other Unix tools)."""
     _quiet_client_logs()
     try:
-        asyncio.run(_tail(args, sys.stdout))
+        asyncio.run(_tail(args, sys.stdout, _kafka_security(args)))
     except ToolError as e:
         return _fail("tail", e)
     except KeyboardInterrupt:
@@ -559,7 +579,7 @@ def tail(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[int]:
+async def _partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None = None) -> list[int]:
     """The topic's partitions, without creating it.
 
     Asks for the metadata of all topics rather than of this one: Tansu, and Kafka with
@@ -569,7 +589,7 @@ async def _partitions(bootstrap: str, topic: str) -> list[int]:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="rnnd-tail")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="rnnd-tail", **(kafka or {}))
     try:
         await admin.start()
         described = await admin.describe_topics()
@@ -606,17 +626,17 @@ async def _seek_to_end(consumer: Any, tps: list[Any], timeout_s: float = 15.0) -
         consumer.seek(tp, consumer.highwater(tp))
 
 
-async def _tail(args: argparse.Namespace, out: TextIO) -> int:
+async def _tail(args: argparse.Namespace, out: TextIO, kafka: dict[str, Any] | None = None) -> int:
     """Print predictions until ``--limit`` is reached (or forever); returns how many were printed."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
-    partitions = await _partitions(args.bootstrap_servers, args.topic)
+    partitions = await _partitions(args.bootstrap_servers, args.topic, kafka)
     tps = [TopicPartition(args.topic, p) for p in partitions]
     keys = {k.encode() for k in args.key} if args.key else None
     # No group: tail only reads, never commits, and must not join (and so rebalance) anyone's group.
     consumer = AIOKafkaConsumer(bootstrap_servers=args.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", client_id="rnnd-tail")
+                                auto_offset_reset="earliest", client_id="rnnd-tail", **(kafka or {}))
     printed = 0
     try:
         try:

@@ -27,11 +27,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from . import kafka
-from .config import ServeConfig
+from . import changelog, kafka
+from .config import ConfigError, ServeConfig
 from .metrics import HttpServer, Metrics
 from .pipeline import Pipeline
-from .runtime import ProviderChoice, open_bundle
+from .runtime import BundleModel, ProviderChoice, open_bundle
 
 log = logging.getLogger("rnnd.daemon")
 
@@ -42,9 +42,13 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.model, self.provider = open_bundle(cfg.model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
                                                 cfg.ort_spinning)
+        self.model = self._choose_model(self.model)
         spec = self.model.spec
         self.pipeline = Pipeline(self.model, cfg, cfg.input_topic, self.metrics, provider=self.provider.label)
         self.group_id = cfg.group_id or f"rnnd-{spec.model.name}"
+        self.changelog_topic = cfg.changelog_topic or changelog.topic_name(self.group_id, cfg.input_topic)
+        self.restorer: AIOKafkaConsumer | None = None
+        self.exit_code = 0
         self.http = HttpServer(self.metrics, self.is_ready, cfg.http_host, cfg.http_port)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -68,7 +72,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT) if install_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError as e:
+            log.error("cannot serve /metrics on %s:%d (%s): choose another http_port or http_host",
+                      self.cfg.http_host, self.cfg.http_port, e.strerror or e)
+            return 2
         log.info("serving %s on %s (requested %s) | http://%s:%d/metrics | %s → %s", self.model.spec.model.ref,
                  self.provider.actual, self.provider.requested, self.cfg.http_host, self.http.port,
                  self.cfg.input_topic, self.cfg.output_topic)
@@ -86,7 +95,7 @@ class Daemon:
                     log.error("task %s failed: %r", t.get_name(), t.exception())
                     raise t.exception()  # type: ignore[misc]
             await self._drain(tasks)
-            return 0
+            return self.exit_code
         finally:
             await self._close()
 
@@ -105,9 +114,17 @@ class Daemon:
         cfg = self.cfg
         while not self._stopping.is_set():
             try:
-                await kafka.ensure_topics(cfg, cfg.input_topic, [cfg.output_topic, cfg.dlq_topic])
+                outputs = [cfg.output_topic, cfg.dlq_topic] + ([self.changelog_topic] if cfg.changelog else [])
+                await kafka.ensure_topics(cfg, cfg.input_topic, outputs,
+                                          configs={self.changelog_topic: {"cleanup.policy": "compact"}},
+                                          copartitioned=(self.changelog_topic,) if cfg.changelog else ())
                 self.producer = AIOKafkaProducer(**kafka.producer_settings(cfg))
                 await self.producer.start()
+                if cfg.changelog:
+                    self.restorer = AIOKafkaConsumer(**kafka.client_settings(cfg), group_id=None,
+                                                     enable_auto_commit=False, auto_offset_reset="earliest",
+                                                     client_id=f"{cfg.client_id}-restore")
+                    await self.restorer.start()
                 self.consumer = AIOKafkaConsumer(**kafka.consumer_settings(cfg, self.group_id))
                 await self.consumer.start()
                 self.consumer.subscribe([cfg.input_topic], listener=_Rebalance(self))
@@ -148,6 +165,10 @@ class Daemon:
         self.metrics.ready.set(0)
 
     async def _close_clients(self) -> None:
+        if self.restorer is not None:
+            with contextlib.suppress(Exception):
+                await self.restorer.stop()
+            self.restorer = None
         if self.consumer is not None:
             try:  # leaves the group: partitions move on at once
                 await asyncio.wait_for(self.consumer.stop(), 15)
@@ -183,6 +204,9 @@ class Daemon:
             n = 0
             for tp, records in batches.items():
                 if tp not in self.assigned:
+                    # Fetched while the partition's state is still being restored: read it again later.
+                    with contextlib.suppress(Exception):
+                        consumer.seek(tp, records[0].offset)
                     continue
                 for r in records:
                     while not accept(r.key, r.value, tp.partition, r.offset, r.timestamp):
@@ -227,7 +251,9 @@ class Daemon:
                     if calls:
                         calls = await loop.run_in_executor(self._executor, pipeline.execute, calls)
                     outputs = pipeline.finish(calls)  # with no calls: outputs of controls alone
-                await self._publish(outputs, latency, predictions)
+                    # Published under the lock: a checkpoint never sees steps applied whose outputs
+                    # are not yet in the producer.
+                    await self._publish(outputs, latency, predictions)
                 if not calls:
                     break
                 if self._paused:
@@ -256,21 +282,42 @@ class Daemon:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.commit_interval_s)
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except (KafkaError, OSError) as e:  # the broker went away mid-checkpoint: the next one retries
+                self._kafka_error("checkpoint")()
+                log.warning("checkpoint failed (%s: %s); will retry", type(e).__name__, e)
 
     async def checkpoint(self, partitions: set[int] | None = None, final: bool = False) -> None:
-        """Outputs acknowledged → offsets committed, in that order."""
+        """outputs acknowledged → changelog records acknowledged → input offsets committed.
+
+        A crash between any two of these repeats outputs (same ids) and never loses one: the
+        changelog only ever holds state whose outputs are acknowledged, and offsets are only
+        committed for inputs whose state is in the changelog.
+        """
         if self.consumer is None or self.sink is None:
             return
+        # The final checkpoint gives a dead broker 30 s; the inputs are then simply re-read later.
+        give_up = time.monotonic() + 30
+
+        def stopping() -> bool:
+            return final and time.monotonic() > give_up
+
         async with self._commit_lock:
-            points = self.pipeline.offsets.commit_points()
+            async with self._call_lock:  # no step is applied while the snapshot is taken
+                await self._send_side_outputs()
+                points = self.pipeline.offsets.commit_points()
+                if not await self.sink.flush(stopping):
+                    return
+                records = self.pipeline.changelog_records() if self.cfg.changelog else []
+                for partition, key, value in records:
+                    await self.sink.send(self.changelog_topic, key, value, partition=partition)
+            if records:
+                self.metrics.changelog_records.inc(len(records))
+                if not await self.sink.flush(stopping):
+                    return
             if partitions is not None:
                 points = {p: o for p, o in points.items() if p in partitions}
-            # The final checkpoint gives a dead broker 30 s; the inputs are then simply re-read later.
-            give_up = time.monotonic() + 30
-            flushed = await self.sink.flush(stopping=lambda: final and time.monotonic() > give_up)
-            if not flushed:
-                return
             owned = {tp.partition for tp in self.assigned}
             offsets = {TopicPartition(self.cfg.input_topic, p): OffsetAndMetadata(o, "")
                        for p, o in points.items() if p in owned}
@@ -316,9 +363,8 @@ class Daemon:
         while any(self.pipeline.pending_in(p) for p in mine) and time.monotonic() < deadline:
             self._work.set()
             await asyncio.sleep(0.005)
+        await self.checkpoint(partitions=mine)
         async with self._call_lock:
-            await self._send_side_outputs()
-            await self.checkpoint(partitions=mine)
             dropped = sum(self.pipeline.revoke(p) for p in mine)
         self.assigned -= set(revoked)
         for p in mine:
@@ -331,10 +377,65 @@ class Daemon:
         mine = {tp for tp in assigned if tp.topic == self.cfg.input_topic}
         for tp in mine:
             self.pipeline.offsets.forget(tp.partition)
+        if self.cfg.changelog and mine and self.consumer is not None:
+            self.consumer.pause(*mine)  # nothing of a partition is processed before its state is back
+            try:
+                await self._restore(sorted(tp.partition for tp in mine))
+            except changelog.ChangelogError as e:
+                log.error("cannot restore state: %s", e)
+                self.exit_code = 2
+                self.stop()
+                return
         self.assigned |= mine
+        if self.consumer is not None and not self._paused:
+            self.consumer.resume(*mine)
         self._joined = True
         self.metrics.assigned.set(len(self.assigned))
         log.info("partitions %s assigned", sorted(tp.partition for tp in mine))
+
+    async def _restore(self, partitions: list[int]) -> None:
+        """Before newly assigned partitions are processed: their streams' state from the changelog."""
+        assert self.restorer is not None
+        last_log = [time.monotonic()]
+
+        def progress(n: int) -> None:
+            if time.monotonic() - last_log[0] > 2:
+                last_log[0] = time.monotonic()
+                log.info("restoring partitions %s: %d changelog records read", partitions, n)
+
+        result = await changelog.restore_partitions(self.restorer, self.changelog_topic, partitions, self.model.spec,
+                                                    self.cfg.on_state_mismatch, progress)
+        async with self._call_lock:
+            for p, states in result.states.items():
+                self.pipeline.restore(p, states)
+        streams = sum(len(s) for s in result.states.values())
+        self.metrics.restore_seconds.observe(result.seconds)
+        self.metrics.restore_records.inc(result.records)
+        self.metrics.restored_streams.inc(streams)
+        if result.foreign:
+            log.warning("%d changelog record(s) of another state layout ignored (on_state_mismatch=reset): those "
+                        "streams restart from their initial state", result.foreign)
+        log.info("restored %d stream(s) of partitions %s from %d changelog records in %.2fs", streams, partitions,
+                 result.records, result.seconds)
+
+    def _choose_model(self, model: BundleModel) -> BundleModel:
+        """Model upgrade policy 'previous': keep serving the old bundle if the new state layout differs."""
+        cfg = self.cfg
+        if cfg.on_state_mismatch != "previous":
+            return model
+        if not cfg.previous_model:
+            raise ConfigError("on_state_mismatch=previous needs previous_model (the bundle whose state the "
+                              "changelog holds)")
+        previous, _ = open_bundle(cfg.previous_model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
+                                  cfg.ort_spinning)
+        if previous.spec.state_hash == model.spec.state_hash:
+            log.info("%s keeps the state layout of %s: streams continue on the new model", model.spec.model.ref,
+                     previous.spec.model.ref)
+            return model
+        log.warning("%s has another state layout (%s) than %s (%s): KEEP SERVING %s (on_state_mismatch=previous); "
+                    "switch with on_state_mismatch=reset", model.spec.model.ref, model.spec.state_hash,
+                    previous.spec.model.ref, previous.spec.state_hash, previous.spec.model.ref)
+        return previous
 
     # --- helpers --------------------------------------------------------------------------
     def _kafka_error(self, op: str):

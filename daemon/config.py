@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from . import security
+
 ENV_PREFIX = "RNND_"
 
 
@@ -30,8 +32,10 @@ class ConfigError(ValueError):
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False,
         required: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret,
-                                            "required": required})
+    """A setting. ``secret=True``: shown as ``***`` by ``redacted()``, and left out of ``repr``
+    so that logging the config object, or a traceback that shows it, cannot leak it."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "choices": choices, "secret": secret, "required": required})
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,29 @@ class ServeConfig:
     compression: str = opt("none", "Output compression: none, gzip, snappy, lz4, zstd.",
                            choices=("none", "gzip", "snappy", "lz4", "zstd"))
     session_timeout_ms: int = opt(10_000, "Consumer group session timeout.")
+    # --- Kafka security ---
+    security_protocol: str = opt("PLAINTEXT", "How to connect to Kafka: PLAINTEXT, SSL (TLS), SASL_SSL (TLS and a "
+                                              "SASL login) or SASL_PLAINTEXT (a SASL login without encryption; "
+                                              "needs sasl_allow_plaintext).", choices=security.PROTOCOLS)
+    ssl_cafile: str = opt("", "TLS: CA certificates (PEM) that signed the brokers' certificates (default: the "
+                              "system's CAs).")
+    ssl_certfile: str = opt("", "TLS client authentication: this client's certificate (PEM); needs ssl_keyfile.")
+    ssl_keyfile: str = opt("", "TLS client authentication: the private key (PEM) of ssl_certfile.")
+    ssl_password: str = opt("", "Password of an encrypted ssl_keyfile (or ssl_password_file).", secret=True)
+    ssl_password_file: str = opt("", "File holding the password of ssl_keyfile, e.g. a mounted secret (a trailing "
+                                     "newline is ignored).")
+    ssl_check_hostname: bool = opt(True, "TLS: check that a broker's certificate names the host connected to "
+                                         "(the certificate is verified against the CA either way).")
+    sasl_mechanism: str = opt("", "SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with security_protocol SASL_SSL "
+                                  "or SASL_PLAINTEXT).")
+    sasl_username: str = opt("", "SASL user name.")
+    sasl_password: str = opt("", "SASL password; prefer RNND_SASL_PASSWORD from a secret or sasl_password_file "
+                                 "(a flag shows in `ps`).", secret=True)
+    sasl_password_file: str = opt("", "File holding the SASL password, e.g. a mounted secret (a trailing newline "
+                                      "is ignored).")
+    sasl_allow_plaintext: bool = opt(False, "Accept security_protocol SASL_PLAINTEXT: a SASL login on an "
+                                            "unencrypted connection (PLAIN then sends the password in clear text). "
+                                            "Logged as a warning.")
     # --- operations ---
     http_host: str = opt("0.0.0.0", "Bind address of /metrics, /healthz and /readyz.")
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).")
@@ -131,6 +158,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be >= 0")
         if self.commit_interval_s <= 0:
             raise ConfigError("commit_interval_s must be > 0")
+        try:
+            security.check(security.KafkaSecurity.from_settings(self))
+        except security.SecurityError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def redacted(self) -> dict[str, Any]:
@@ -184,7 +215,13 @@ def _coerce(name: str, raw: Any, typ: type, source: str) -> Any:
             raise ValueError(raw)  # nan passes every `< 0` check in validate()
         return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} from {source} must be {typ.__name__}, got {raw!r}") from None
+        shown = "a value not shown here (a secret)" if _is_secret(name) else repr(raw)
+        raise ConfigError(f"{name} from {source} must be {typ.__name__}, got {shown}") from None
+
+
+def _is_secret(name: str) -> bool:
+    """Secrets never appear in an error message, not even a mistyped one (it may be the real one)."""
+    return any(f.name == name and f.metadata.get("secret") for f in fields(ServeConfig))
 
 
 def load(

@@ -23,8 +23,14 @@ log = logging.getLogger("rnnd.kafka")
 
 
 def client_settings(cfg: ServeConfig) -> dict[str, Any]:
-    """Settings shared by consumer, producer and admin client (security lands here)."""
-    return {"bootstrap_servers": cfg.bootstrap_servers}
+    """Settings shared by consumer, producer and admin client: where Kafka is, and how to connect securely.
+
+    The security part (TLS context, SASL login) is built anew for each client, so a client made
+    after a rotated certificate or password file was replaced uses the new one.
+    """
+    from .security import KafkaSecurity, client_kwargs
+
+    return {"bootstrap_servers": cfg.bootstrap_servers, **client_kwargs(KafkaSecurity.from_settings(cfg))}
 
 
 def consumer_settings(cfg: ServeConfig, group_id: str) -> dict[str, Any]:
@@ -57,8 +63,13 @@ def producer_settings(cfg: ServeConfig) -> dict[str, Any]:
 
 
 async def ensure_topics(cfg: ServeConfig, input_topic: str, outputs: list[str],
-                        configs: dict[str, dict[str, str]] | None = None) -> int:
-    """Create missing output topics with the input's partition count; return that count."""
+                        configs: dict[str, dict[str, str]] | None = None,
+                        copartitioned: tuple[str, ...] = ()) -> int:
+    """Create missing output topics with the input's partition count; return that count.
+
+    Topics in ``copartitioned`` (the state changelog) must have exactly the input's partition
+    count: changelog partition p holds the streams of input partition p.
+    """
     admin = AIOKafkaAdminClient(**client_settings(cfg), client_id=f"{cfg.client_id}-admin")
     await admin.start()
     try:
@@ -78,6 +89,14 @@ async def ensure_topics(cfg: ServeConfig, input_topic: str, outputs: list[str],
                 log.info("created topics %s with %d partitions", ", ".join(missing), parts)
             except TopicAlreadyExistsError:
                 pass
+        for topic in copartitioned:
+            if topic in existing:
+                other = len((await admin.describe_topics([topic]))[0].get("partitions") or [])
+                if other != parts:
+                    raise TopicLayoutError(
+                        f"state changelog {topic!r} has {other} partitions but input topic {input_topic!r} has "
+                        f"{parts}: they must be co-partitioned (a changelog partition holds the streams of the same "
+                        "input partition). Recreate the changelog with the input's partition count")
         return parts
     finally:
         await admin.close()
@@ -85,6 +104,12 @@ async def ensure_topics(cfg: ServeConfig, input_topic: str, outputs: list[str],
 
 class MissingTopic(KafkaError):
     """The input topic is not there (retried: it may be created by a deployment job)."""
+
+
+class TopicLayoutError(RuntimeError):
+    """Topics exist but cannot work together; retrying will not help. Exit code 2."""
+
+    exit_code = 2
 
 
 def _single_broker(admin: AIOKafkaAdminClient) -> bool:
@@ -99,42 +124,49 @@ class Sink:
 
     def __init__(self, producer: AIOKafkaProducer, on_error: Callable[[], None] | None = None) -> None:
         self.producer = producer
-        self._sent: list[tuple[asyncio.Future, str, bytes | None, bytes, list | None]] = []
+        self._sent: list[tuple[asyncio.Future, str, bytes | None, bytes | None, list | None, int | None]] = []
         self.on_error = on_error
 
-    async def send(self, topic: str, key: bytes | None, value: bytes,
-                   headers: list[tuple[str, bytes]] | None = None) -> None:
-        fut = await self.producer.send(topic, value=value, key=key, headers=headers)
-        self._sent.append((fut, topic, key, value, headers))
+    async def send(self, topic: str, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+        fut = await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        self._sent.append((fut, topic, key, value, headers, partition))
 
     async def flush(self, stopping: Callable[[], bool] = lambda: False) -> bool:
-        """Wait until every output sent so far is acknowledged, resending failures.
+        """Wait until every output sent before this call is acknowledged, resending failures.
 
         Returns False only if ``stopping()`` became true with outputs still unacknowledged.
+        Sends made while this runs (other tasks keep producing) are left for the next flush.
         """
         backoff = 0.2
+        todo, self._sent = self._sent, []
         while True:
             await self.producer.flush()
-            sent, self._sent = self._sent, []
-            failed = [s for s in sent if s[0].cancelled() or s[0].exception() is not None]
-            if not failed:
+            waiting = [s[0] for s in todo if not s[0].done()]
+            if waiting:
+                await asyncio.wait(waiting, timeout=30)
+            unfinished = [s for s in todo if not s[0].done()]
+            failed = [s for s in todo if s[0].done() and (s[0].cancelled() or s[0].exception() is not None)]
+            if not failed and not unfinished:
                 return True
-            if self.on_error:
-                self.on_error()
-            log.warning("%d output(s) not acknowledged (%s); sending them again", len(failed),
-                        _reason(failed[0][0]))
+            if failed:
+                if self.on_error:
+                    self.on_error()
+                log.warning("%d output(s) not acknowledged (%s); sending them again", len(failed),
+                            _reason(failed[0][0]))
             if stopping():
-                self._sent = failed + self._sent
+                self._sent = failed + unfinished + self._sent
                 return False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
-            for _, topic, key, value, headers in failed:
+            todo = unfinished
+            for _, topic, key, value, headers, partition in failed:
                 try:
-                    fut = await self.producer.send(topic, value=value, key=key, headers=headers)
+                    fut = await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
                 except KafkaError:
                     fut = asyncio.get_running_loop().create_future()
                     fut.set_exception(KafkaError("send failed"))
-                self._sent.append((fut, topic, key, value, headers))
+                todo.append((fut, topic, key, value, headers, partition))
 
     @property
     def unacknowledged(self) -> int:
@@ -146,3 +178,30 @@ def _reason(fut: asyncio.Future) -> str:
         return "cancelled"
     exc = fut.exception()
     return f"{type(exc).__name__}: {exc}" if exc else "?"
+
+
+async def read_to_end(consumer, tps: list, on_batch: Callable[[Any, list], None], idle_s: float = 2.0,
+                      max_records: int = 20_000) -> None:
+    """Read assigned partitions from their beginning to their current end.
+
+    The end is each partition's high watermark as a fetch reports it — not ``end_offsets()``,
+    which some brokers (Tansu) answer wrongly; code written this way is also right on Apache
+    Kafka. A partition that reports no watermark for ``idle_s`` is taken as empty.
+    """
+    import time
+
+    consumer.assign(list(tps))
+    await consumer.seek_to_beginning(*tps)
+    started = time.monotonic()
+    pending = set(tps)
+    while pending:
+        batch = await consumer.getmany(*pending, timeout_ms=200, max_records=max_records)
+        for tp, recs in batch.items():
+            if recs:
+                on_batch(tp, recs)
+        for tp in list(pending):
+            high = consumer.highwater(tp)
+            at_end = high is not None and await consumer.position(tp) >= high
+            silent = high is None and time.monotonic() - started > idle_s
+            if at_end or silent:
+                pending.discard(tp)

@@ -47,6 +47,13 @@ class Metrics:
         self.paused = Gauge("rnnd_fetch_paused", "1 while fetching is paused for backpressure.", registry=r)
         self.commits = Counter("rnnd_commits", "Input offset commits.", registry=r)
         self.kafka_errors = Counter("rnnd_kafka_errors", "Kafka errors seen (retried).", ["op"], registry=r)
+        self.restore_seconds = Histogram("rnnd_restore_seconds", "Time to restore one partition's streams from the "
+                                         "changelog.", registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                                                            30, 60, 120, 300))
+        self.restore_records = Counter("rnnd_restore_records", "Changelog records read while restoring.", registry=r)
+        self.restored_streams = Counter("rnnd_restored_streams", "Streams restored from the changelog.", registry=r)
+        self.changelog_records = Counter("rnnd_changelog_records", "State records written to the changelog "
+                                         "(tombstones included).", registry=r)
         self.ready = Gauge("rnnd_ready", "1 when the daemon is connected and serving.", registry=r)
         self.assigned = Gauge("rnnd_assigned_partitions", "Input partitions assigned to this replica.", registry=r)
         self.model_info = Gauge("rnnd_model_info", "The served model (value 1).",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codec
+from . import changelog, codec
 from .codec import DeadLetter, Record
 from .config import ServeConfig
 from .heads import Forecaster, Generator, Heads
@@ -89,6 +89,9 @@ class Pipeline:
         self.dead: list[DeadLetter] = []
         self.outputs: list[Output] = []
         self.evictions: list[Eviction] = []
+        self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
+        self.durable = cfg.changelog
+        self._layout_hash = spec.state_hash
         self._key_text: dict[bytes, str] = {}
         if metrics:  # read at scrape time: always current, nothing to update on the hot path
             metrics.active_streams.set_function(lambda: self.streams.active)
@@ -112,6 +115,8 @@ class Pipeline:
         slot = None
         if item.remaining:
             assert key is not None
+            self._skip_applied(item)
+        if item.remaining:
             try:
                 slot = self.streams.slot(partition, key)
             except MemoryError:
@@ -121,6 +126,28 @@ class Pipeline:
         if slot is not None:
             self.scheduler.add(slot, item)
         return True
+
+    def _skip_applied(self, record: Record) -> None:
+        """After a restore, replayed inputs whose steps the restored state already holds are skipped.
+
+        The changelog records, per stream, the position (offset, index) of the last step applied.
+        Records before it are dropped whole; the record at it resumes after that step. Outputs
+        of skipped steps were acknowledged before the state was written (checkpoint order).
+        """
+        slot = self.streams.find(record.partition, record.key)
+        if slot is None:
+            return
+        last = int(self.streams.last_offset[slot])
+        if record.offset > last:
+            return
+        index = int(self.streams.last_index[slot])
+        if record.offset < last or index >= len(record.steps):
+            record.remaining = 0  # the whole record, its controls included, is in the state
+            return
+        skipped = index + 1
+        record.cursor = skipped
+        record.remaining -= skipped + int(record.reset)
+        record.reset = False
 
     # --- plan / execute / finish ----------------------------------------------------------
     def plan(self) -> list[Call]:
@@ -248,8 +275,31 @@ class Pipeline:
     def _evicted(self, event: Eviction) -> None:
         self.last_prediction.pop(event.slot, None)
         self.evictions.append(event)
+        if self.durable:
+            self.tombstones.append((event.partition, event.key))
         if self.metrics and event.reason in ("ttl", "lru"):
             self.metrics.evictions.labels(event.reason).inc()
+
+    # --- durable state --------------------------------------------------------------------
+    def changelog_records(self) -> list[tuple[int, bytes, bytes | None]]:
+        """(partition, key, value) for every stream changed since the last call; tombstones first."""
+        out: list[tuple[int, bytes, bytes | None]] = [(p, k, None) for p, k in self.tombstones]
+        self.tombstones = []
+        streams = self.streams
+        for slot in streams.dirty:
+            key = streams.keys[slot]
+            if key is None:
+                continue
+            state = changelog.StreamState(streams.arena.get(slot), int(streams.steps[slot]),
+                                          int(streams.last_offset[slot]), int(streams.last_index[slot]),
+                                          self._layout_hash)
+            out.append((int(streams.partition[slot]), key, changelog.encode(state)))
+        streams.dirty.clear()
+        return out
+
+    def restore(self, partition: int, states: dict[bytes, changelog.StreamState]) -> None:
+        for key, st in states.items():
+            self.streams.restore(partition, key, st.tensors, st.step, st.offset, st.index)
 
     # --- housekeeping ---------------------------------------------------------------------
     def take_dead_letters(self) -> list[DeadLetter]:

@@ -117,8 +117,11 @@ class Scheduler:
         for i, slot in enumerate(group.slots):
             self.streams.steps[slot] += t
             self.streams.busy[slot] -= t
-            for r, _ in group.refs[i * t:(i + 1) * t]:
+            refs = group.refs[i * t:(i + 1) * t]
+            for r, _ in refs:
                 r.remaining -= 1
+            last, index = refs[-1]
+            self.streams.applied(slot, last.offset, index)
             self.inflight -= t
             q = self.queues.get(slot)
             if q:
@@ -139,6 +142,7 @@ class Scheduler:
                 r.reset = False
                 self._done(slot, r)
                 self.streams.reset(slot)
+                self.streams.applied(slot, r.offset, -1)
                 if self.on_reset:
                     self.on_reset(slot, r)
             if r.cursor < len(r.steps):
@@ -151,6 +155,8 @@ class Scheduler:
                 q.popleft()
                 if q:
                     self.streams.reset(slot)  # what follows starts a new stream under the same key
+                    # index past the last step: the record's `end` is applied too (see changelog.py)
+                    self.streams.applied(slot, r.offset, len(r.steps))
                 else:
                     self.streams.release(slot, "end")
                 continue

@@ -120,6 +120,11 @@ class Streams:
         self.last_used = np.zeros(capacity, dtype=np.float64)
         self.busy = np.zeros(capacity, dtype=np.int32)  # unapplied steps/controls: never evicted
         self.in_use = np.zeros(capacity, dtype=bool)
+        # Input position of the last step applied (offset, index within that record): replayed
+        # inputs at or before it are skipped, so a step is never applied twice.
+        self.last_offset = np.full(capacity, -1, dtype=np.int64)
+        self.last_index = np.full(capacity, -1, dtype=np.int64)
+        self.dirty: set[int] = set()  # slots changed since the last checkpoint
         self._free: list[int] = []
         self._next = 0  # slots below this have been handed out at least once
         self.active = 0
@@ -139,6 +144,8 @@ class Streams:
             self.keys[slot] = key
             self.partition[slot] = partition
             self.steps[slot] = 0
+            self.last_offset[slot] = -1
+            self.last_index[slot] = -1
             self.in_use[slot] = True
             self.arena.init(slot)
             self.active += 1
@@ -165,6 +172,23 @@ class Streams:
     def reset(self, slot: int) -> None:
         self.steps[slot] = 0
         self.arena.init(slot)
+        self.dirty.add(slot)
+
+    def applied(self, slot: int, offset: int, index: int) -> None:
+        """Steps up to (offset, index) are in the slot's state now."""
+        self.last_offset[slot] = offset
+        self.last_index[slot] = index
+        self.dirty.add(slot)
+
+    def restore(self, partition: int, key: bytes, tensors: list[np.ndarray], step: int, offset: int,
+                index: int) -> int:
+        """Install a stream's durable state (from the changelog) into a slot."""
+        slot = self.slot(partition, key)
+        self.arena.put(slot, tensors)
+        self.steps[slot] = step
+        self.last_offset[slot] = offset
+        self.last_index[slot] = index
+        return slot
 
     def release(self, slot: int, reason: str = "end") -> None:
         key = self.keys[slot]
@@ -174,6 +198,7 @@ class Streams:
         del self.index[partition][key]
         self.keys[slot] = None
         self.in_use[slot] = False
+        self.dirty.discard(slot)
         self._free.append(slot)
         self.active -= 1
         if reason in self.evicted:
@@ -212,6 +237,7 @@ class Streams:
             self.keys[slot] = None
             self.in_use[slot] = False
             self.busy[slot] = 0
+            self.dirty.discard(slot)
             self._free.append(slot)
         self.active -= len(keys)
         return len(keys)

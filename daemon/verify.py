@@ -1,0 +1,234 @@
+"""`rnnd verify`: recompute every stream offline and compare with what the daemon produced.
+
+Operators run it after incidents; the durability tests use it as their oracle. It reads the
+input and output topics to their ends, splits each stream into segments at its `reset`
+and `end` controls, runs the bundle over each segment in ONE call from the initial state —
+an independent reference: no batching, no chunking, no state carried between processes —
+and checks every expected prediction id against the output topic:
+
+* missing    an expected id that is not in the output topic (exit 1)
+* wrong      an output whose prediction differs from the reference by more than the tolerance (exit 1)
+* duplicated an id seen more than once — allowed (delivery is at-least-once); reported with
+             whether the copies are identical
+* unexpected an id the reference does not produce (exit 1)
+
+It assumes what the reference cannot know did not happen: no TTL/LRU evictions (a stream
+evicted mid-way restarts from its initial state in the daemon) and the same emit/warm-up
+settings as the daemon (pass the daemon's configuration: flags, RNND_* or --config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import config
+from .codec import Decoder, Record
+from .heads import softmax
+from .runtime import BundleModel
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="recompute every stream offline and report missing, duplicated and wrong predictions",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(p)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference in model space (default 1e-4)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Report:
+    inputs: int = 0
+    expected: int = 0
+    received: int = 0
+    missing: list[str] = field(default_factory=list)
+    wrong: list[tuple[str, float]] = field(default_factory=list)
+    duplicated: int = 0
+    duplicated_identical: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    max_error: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong or self.unexpected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "inputs": self.inputs, "expected": self.expected, "received": self.received,
+                "missing": len(self.missing), "wrong": len(self.wrong), "duplicated": self.duplicated,
+                "duplicated_identical": self.duplicated_identical, "unexpected": len(self.unexpected),
+                "max_error": self.max_error, "examples": {"missing": self.missing[:5], "wrong": self.wrong[:5],
+                                                          "unexpected": self.unexpected[:5]}}
+
+    def text(self) -> str:
+        lines = [
+            f"inputs {self.inputs}, expected predictions {self.expected}, received {self.received}",
+            f"missing     {len(self.missing)}" + (f"  e.g. {', '.join(self.missing[:3])}" if self.missing else ""),
+            f"wrong       {len(self.wrong)}" + (f"  e.g. {self.wrong[0][0]} off by {self.wrong[0][1]:.3g}"
+                                                 if self.wrong else "") + f"  (max error {self.max_error:.2e})",
+            f"duplicated  {self.duplicated} ({self.duplicated_identical} identical)",
+            f"unexpected  {len(self.unexpected)}" + (f"  e.g. {', '.join(self.unexpected[:3])}"
+                                                     if self.unexpected else ""),
+            "OK" if self.ok else "FAILED",
+        ]
+        return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config.from_args(args)
+    report = asyncio.run(verify(cfg, args.tolerance, progress=not args.json))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
+async def verify(cfg: config.ServeConfig, tolerance: float = 1e-4, progress: bool = False) -> Report:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from .kafka import client_settings, read_to_end
+
+    model = BundleModel(cfg.model)
+    inputs: dict[int, list] = defaultdict(list)
+    outputs: dict[str, list[bytes]] = defaultdict(list)
+    seen = [0]
+
+    def note(n: int) -> None:
+        seen[0] += n
+        if progress and seen[0] % 20_000 < n:
+            print(f"  read {seen[0]} records", file=sys.stderr)
+
+    consumer = AIOKafkaConsumer(**client_settings(cfg), group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id="rnnd-verify")
+    await consumer.start()
+    try:
+        for topic, into in ((cfg.input_topic, "in"), (cfg.output_topic, "out")):
+            # A group-less consumer only knows the metadata of topics it was asked about: ask for all.
+            cluster = await consumer._client.fetch_all_metadata()  # no public equivalent
+            parts = cluster.partitions_for_topic(topic) or set()
+            if not parts:
+                raise SystemExit(f"rnnd verify: error: topic {topic!r} does not exist")
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+
+            def take(tp, recs: list, into: str = into) -> None:
+                note(len(recs))
+                if into == "in":
+                    inputs[tp.partition].extend((r.key, r.value, r.offset, r.timestamp) for r in recs)
+                else:
+                    for r in recs:
+                        outputs[orjson.loads(r.value)["id"]].append(r.value)
+
+            if tps:
+                await read_to_end(consumer, tps, take)
+    finally:
+        await consumer.stop()
+    return compare(model, cfg, inputs, outputs, tolerance)
+
+
+def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
+                         inputs: dict[int, list]) -> tuple[dict[str, np.ndarray], int]:
+    """id → reference model output row (model space), from each stream's segments in one call each."""
+    spec = model.spec
+    decoder = Decoder(spec, cfg, cfg.input_topic)
+    segments: dict[tuple[int, bytes], list[list[tuple[Record, int]]]] = defaultdict(lambda: [[]])
+    count = 0
+    for partition, recs in inputs.items():
+        for key, value, offset, ts in sorted(recs, key=lambda r: r[2]):
+            count += 1
+            item = decoder.decode(key, value, partition, offset, ts)
+            if not isinstance(item, Record):
+                continue
+            segs = segments[(partition, item.key)]
+            if item.reset and segs[-1]:
+                segs.append([])
+            segs[-1].extend((item, i) for i in range(len(item.steps)))
+            if item.end:
+                segs.append([])
+    mean = np.asarray(spec.input.mean or [0.0] * spec.input.n_features, dtype=np.float32)
+    std = np.asarray(spec.input.std or [1.0] * spec.input.n_features, dtype=np.float32)
+    numeric = spec.input.kind == "numeric"
+    expected: dict[str, np.ndarray] = {}
+    every = cfg.emit_every
+    hold = cfg.warmup == "hold"
+    for segs in segments.values():
+        for seg in segs:
+            if not seg:
+                continue
+            rows = [r.steps[i] for r, i in seg]
+            if numeric:
+                x = ((np.asarray(rows, dtype=np.float32) - mean) / std)[None]
+            else:
+                x = np.asarray(rows, dtype=np.int64)[None]
+            y = model.run_sequence(x, chunk=x.shape[1])[0][0] if spec.mode == "stateful" else model.run_windows(x)[0]
+            n = len(seg)
+            for step, ((r, i), row) in enumerate(zip(seg, y, strict=True)):
+                if hold and step < spec.warmup_steps:
+                    continue
+                if every == 0:
+                    if step != n - 1 or not r.end:
+                        continue
+                elif every > 1 and (step + 1) % every:
+                    continue
+                expected[f"{cfg.input_topic}/{r.partition}/{r.offset}/{i}"] = row
+    return expected, count
+
+
+def _model_space(model: BundleModel, pred: dict[str, Any], ref: np.ndarray) -> np.ndarray:
+    """The output's prediction as numbers comparable with the reference row ``ref``."""
+    out = model.spec.output
+    if out.kind == "regression":
+        vals = np.array([pred["values"][n] if pred["values"][n] is not None else np.nan for n in out.names])
+        mean = np.asarray(out.mean or [0.0] * out.size)
+        std = np.asarray(out.std or [1.0] * out.size)
+        return (vals - mean) / std
+    p = softmax(ref.astype(np.float64)[None])[0]
+    if out.kind == "classification":
+        idx = {lab: i for i, lab in enumerate(out.labels)}
+        got = p.copy()
+        for lab, q in pred["probs"].items():
+            got[idx[lab]] = q
+        return got
+    idx = {tok: i for i, tok in enumerate(out.vocab)}
+    got = p.copy()
+    for item in pred["next"]:
+        got[idx[item["token"]]] = item["p"]
+    return got
+
+
+def compare(model: BundleModel, cfg: config.ServeConfig, inputs: dict[int, list], outputs: dict[str, list[bytes]],
+            tolerance: float) -> Report:
+    expected, count = expected_predictions(model, cfg, inputs)
+    report = Report(inputs=count, expected=len(expected), received=sum(len(v) for v in outputs.values()))
+    kind = model.spec.output.kind
+    for pid, ref in expected.items():
+        copies = outputs.get(pid)
+        if not copies:
+            report.missing.append(pid)
+            continue
+        if len(copies) > 1:
+            report.duplicated += len(copies) - 1
+            report.duplicated_identical += sum(1 for c in copies[1:] if _same(c, copies[0]))
+        ref_cmp = ref if kind == "regression" else softmax(ref.astype(np.float64)[None])[0]
+        for c in copies:
+            got = _model_space(model, orjson.loads(c)["prediction"], ref)
+            err = float(np.max(np.abs(got - ref_cmp))) if np.all(np.isfinite(got)) else float("inf")
+            report.max_error = max(report.max_error, err)
+            if not err <= tolerance:
+                report.wrong.append((pid, err))
+                break
+    report.unexpected = [pid for pid in outputs if pid not in expected]
+    return report
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Identical predictions (the timestamps of two deliveries differ, the prediction must not)."""
+    da, db = orjson.loads(a), orjson.loads(b)
+    return da["prediction"] == db["prediction"] and da["step"] == db["step"]

@@ -1,0 +1,240 @@
+"""Durable state with real daemon processes: kill -9, rebalances, broker restarts, model upgrades.
+
+The oracle is `rnnd verify`: it recomputes every stream offline (one call per stream segment,
+from the initial state) and compares each prediction id in the output topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+from daemon_harness import DaemonProcess, consume, produce
+
+from rnnd.daemon.runtime import BundleModel
+from rnnd.embedded_broker import EmbeddedBroker, create_topics
+
+
+class LiveProducer(threading.Thread):
+    """Writes messages at a fixed rate while the test kills and restarts daemons."""
+
+    def __init__(self, bootstrap: str, topic: str, items: list[tuple[bytes, dict]], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.items, self.rate = bootstrap, topic, items, rate
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:
+            self.error = e
+
+    async def _run(self) -> None:
+        p = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        await p.start()
+        try:
+            start = time.monotonic()
+            for i, (key, value) in enumerate(self.items):
+                await p.send(self.topic, key=key, value=json.dumps(value).encode())
+                self.sent = i + 1
+                ahead = start + (i + 1) / self.rate - time.monotonic()
+                if ahead > 0.01:
+                    await p.flush()
+                    await asyncio.sleep(ahead)
+            await p.flush()
+        finally:
+            await p.stop()
+
+
+def workload(keys: int, messages: int, seed: int) -> tuple[list[tuple[bytes, dict]], int]:
+    rng = np.random.default_rng(seed)
+    items, steps = [], 0
+    for _ in range(messages):
+        key = f"dev-{int(rng.integers(keys))}".encode()
+        n = 3 if rng.random() < 0.1 else 1
+        x = rng.uniform(-1, 1, size=(n, 1)).round(6).tolist()
+        items.append((key, {"x": x if n > 1 else x[0]}))
+        steps += n
+    return items, steps
+
+
+def verify(bundle, bootstrap: str, topic_in: str, topic_out: str, *extra: str) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnd", "verify", "--model", str(bundle), "--bootstrap-servers", bootstrap,
+         "--input-topic", topic_in, "--output-topic", topic_out, "--json", *extra],
+        capture_output=True, text=True, timeout=300)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def wait_complete(bundle, bootstrap: str, topic_in: str, topic_out: str, expected_steps: int,
+                  timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, report = verify(bundle, bootstrap, topic_in, topic_out)
+        if (report["missing"] == 0 and report["expected"] >= expected_steps) or time.monotonic() > deadline:
+            return report
+        time.sleep(2)
+
+
+def test_kill_9_at_random_moments_loses_nothing(bootstrap, topic_factory, recipe_bundle, tmp_path):
+    bundle = recipe_bundle("product")
+    topic_in, topic_out = topic_factory("crash-in", 4), topic_factory("crash-out", 4)
+    items, steps = workload(keys=300, messages=18_000, seed=1)
+    assert steps >= 20_000
+    group = f"g-{topic_in}"
+    producer = LiveProducer(bootstrap, topic_in, items, rate=1500)
+    producer.start()
+    rng = random.Random(4)
+    kills = 0
+    while kills < 5:
+        d = DaemonProcess(bundle, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path)
+        # Mostly while serving (mid-batch, mid-checkpoint); once while still joining or restoring.
+        d.start(wait_ready=kills != 2)
+        time.sleep(rng.uniform(0.3, 3.0))
+        assert d.kill() == -9
+        kills += 1
+    d = DaemonProcess(bundle, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path).start()
+    producer.join(120)
+    assert producer.error is None and producer.sent == len(items)
+    report = wait_complete(bundle, bootstrap, topic_in, topic_out, steps)
+    assert d.stop() == 0
+    assert "restored" in d.log()
+    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    assert report["expected"] == steps
+    assert report["missing"] == 0 and report["wrong"] == 0 and report["unexpected"] == 0, report
+    assert report["max_error"] <= 1e-4
+    assert code == 0
+    print(f"after {kills} kill -9: {report['duplicated']} duplicates ({report['duplicated_identical']} identical)")
+
+
+def test_rebalance_join_leave_and_kill(bootstrap, topic_factory, recipe_bundle, tmp_path):
+    bundle = recipe_bundle("product")
+    topic_in, topic_out = topic_factory("rb-in", 6), topic_factory("rb-out", 6)
+    items, steps = workload(keys=300, messages=12_000, seed=2)
+    group = f"g-{topic_in}"
+    producer = LiveProducer(bootstrap, topic_in, items, rate=1000)
+    producer.start()
+
+    def start(wait: bool = False) -> DaemonProcess:
+        return DaemonProcess(bundle, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path).start(
+            wait_ready=wait)
+
+    a, b = start(), start()
+    a.wait_ready()
+    b.wait_ready()
+    time.sleep(2)
+    c = start(wait=True)  # joins mid-stream
+    time.sleep(3)
+    assert a.stop() == 0  # leaves gracefully: its partitions move after a checkpoint
+    time.sleep(4)
+    assert b.kill() == -9  # crashes: its partitions move after the session timeout
+    producer.join(120)
+    assert producer.error is None
+    report = wait_complete(bundle, bootstrap, topic_in, topic_out, steps)
+    assert c.stop() == 0
+    # c joining took partitions from a and b (revoked after a checkpoint); c restored their streams
+    assert "revoked" in a.log() + b.log() and "restored" in c.log()
+    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    assert report["expected"] == steps
+    assert report["missing"] == 0 and report["wrong"] == 0 and report["unexpected"] == 0, report
+    assert code == 0
+
+
+def test_broker_restart_while_serving(recipe_bundle, tmp_path):
+    """Memory storage loses the broker's data on restart: only the daemon's behaviour is checked."""
+    bundle = recipe_bundle("product")
+    with EmbeddedBroker(log_dir=tmp_path) as broker:
+        bs = broker.bootstrap_servers
+        asyncio.run(create_topics(bs, {"in": 2, "out": 2}))
+        produce(bs, "in", [(b"k", {"x": [0.1]})] * 5)
+        with DaemonProcess(bundle, bs, "in", "out", log_dir=tmp_path) as d:
+            d.start()
+            assert len(consume(bs, "out", 5, timeout=30)) == 5
+            broker.stop()
+            time.sleep(4)
+            assert d.proc.poll() is None, d.log()
+            assert d.http("/healthz")[0] == 200
+            broker.start()
+            asyncio.run(create_topics(bs, {"in": 2, "out": 2}))
+            deadline = time.monotonic() + 90
+            got = []
+            while time.monotonic() < deadline and not got:
+                produce(bs, "in", [(b"after", {"x": [0.2]})])
+                got = [o for o in consume(bs, "out", 1, timeout=5) if o.key == b"after"]
+            assert got, d.log()[-3000:]
+            assert d.proc.poll() is None
+            assert d.stop() == 0
+            assert "Traceback" not in d.log()
+
+
+@pytest.fixture(scope="module")
+def upgrade_bundles(tmp_path_factory, recipe_bundle):
+    """v1 (the product recipe), v2 retrained with another seed (same state layout), v3 wider (another layout)."""
+    import torch
+
+    from rnnd.export import zoo
+    from rnnd.export.exporter import ExportOptions, export_bundle
+    from rnnd.export.recipes import run_recipe
+
+    folder = tmp_path_factory.mktemp("upgrade")
+    v1 = recipe_bundle("product")
+    v2 = run_recipe("product", folder / "v2", seed=1, progress=False).bundle
+    spec = BundleModel(v1).spec
+    torch.manual_seed(0)
+    v3 = folder / "v3.onnx"
+    export_bundle(zoo.build(cell="gru", n_features=1, hidden=16, out_size=1),
+                  ExportOptions(name="product", version="3", input=spec.input, output=spec.output), v3)
+    return v1, v2, v3
+
+
+def test_model_upgrade_policies(bootstrap, topic_factory, upgrade_bundles, tmp_path):
+    v1, v2, v3 = upgrade_bundles
+    m1, m2, m3 = BundleModel(v1), BundleModel(v2), BundleModel(v3)
+    assert m1.spec.state_hash == m2.spec.state_hash != m3.spec.state_hash
+    rng = np.random.default_rng(9)
+    xs = rng.uniform(-1, 1, size=(6, 1)).astype(np.float32)
+    topic_in, topic_out = topic_factory("up-in", 1), topic_factory("up-out", 1)
+    group = f"g-{topic_in}"
+
+    def run(bundle, first: int, last: int, *extra: str) -> list[dict]:
+        produce(bootstrap, topic_in, [(b"s", {"x": xs[i].tolist()}) for i in range(first, last)])
+        with DaemonProcess(bundle, bootstrap, topic_in, topic_out, *extra, group=group, log_dir=tmp_path) as d:
+            d.start()
+            outs = [o.value for o in consume(bootstrap, topic_out, last, timeout=30, settle=0.5)]
+            assert d.stop() == 0
+        return sorted(outs, key=lambda v: v["offset"])[first:last]
+
+    def y(model: BundleModel, x: np.ndarray, state=None):
+        out, state = model.run_sequence(x[None], chunk=1, states=state)
+        return out[0, :, 0], state
+
+    out1 = run(v1, 0, 2)
+    _, state_after_v1 = y(m1, xs[:2])
+    # Compatible upgrade: the stream continues — its step count and its state.
+    out2 = run(v2, 2, 4)
+    assert [v["step"] for v in out2] == [2, 3] and {v["model"] for v in out2} == {m2.spec.model.ref}
+    ref2, _ = y(m2, xs[2:4], state_after_v1)
+    assert np.max(np.abs(np.array([v["prediction"]["values"]["x_prev_times_x"] for v in out2]) - ref2)) <= 1e-4
+    assert [v["step"] for v in out1] == [0, 1]
+    # Incompatible: refused by default, with the way out in the message.
+    d = DaemonProcess(v3, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path).start(wait_ready=False)
+    assert d.wait(60) == 2
+    assert "on_state_mismatch" in d.log()
+    # ... served by the previous model when the operator says so,
+    prev = run(v3, 4, 5, "--on-state-mismatch", "previous", "--previous-model", str(v2))
+    assert prev[0]["model"] == m2.spec.model.ref and prev[0]["step"] == 4
+    # ... or the streams restart from their initial state on the new model.
+    reset = run(v3, 5, 6, "--on-state-mismatch", "reset")
+    assert reset[0]["model"] == m3.spec.model.ref and reset[0]["step"] == 0
+    ref3, _ = y(m3, xs[5:6])
+    assert abs(reset[0]["prediction"]["values"]["x_prev_times_x"] - ref3[0]) <= 1e-4
