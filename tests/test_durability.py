@@ -80,7 +80,7 @@ def wait_complete(bundle, bootstrap: str, topic_in: str, topic_out: str, expecte
                   timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        code, report = verify(bundle, bootstrap, topic_in, topic_out)
+        _, report = verify(bundle, bootstrap, topic_in, topic_out)
         if (report["missing"] == 0 and report["expected"] >= expected_steps) or time.monotonic() > deadline:
             return report
         time.sleep(2)
