@@ -85,7 +85,8 @@ def main() -> None:
         run_recipe("sensors", args.model.parent, progress=False)
     r = asyncio.run(_run(args.streams, args.partitions, args.model))
     print()
-    print("| streams | partitions | state B/stream | changelog MB | read+decode s | install s | restore s | streams/s |")
+    print("| streams | partitions | state B/stream | changelog MB | read+decode s | install s | restore s "
+          "| streams/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['streams']:,} | {r['partitions']} | {r['state_bytes']} | {r['changelog_mb']:.0f} | "
           f"{r['read_decode_s']:.2f} | {r['install_s']:.2f} | {r['restore_s']:.2f} | {r['streams_per_s']:,.0f} |")
