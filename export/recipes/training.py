@@ -52,7 +52,21 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | No
 
 
 def train(model: nn.Module, data: Data, output_kind: str, cfg: TrainConfig, progress: bool = True) -> list[float]:
-    """Train in place; returns the loss curve (one value per iteration)."""
+    """Train in place; returns the loss curve (one value per iteration).
+
+    One intra-op thread: these models are small, so a second thread buys little, and OpenMP
+    threads that spin-wait collapse (orders of magnitude slower) when another busy process
+    shares the two cores — as the daemons and brokers of the tests do.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, data, output_kind, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, data: Data, output_kind: str, cfg: TrainConfig, progress: bool) -> list[float]:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     decls = protocol.derive_state(model)
