@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[export,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[export,test,bench]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rnnd", description="Streaming inference for stateful sequence models on Kafka.")
     parser.add_argument("--version", action="version", version=f"rnnd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from rnnd import demo, tools
+    from rnnd import bench_cmd, demo, tools
     from rnnd.daemon import cli as serve_cmd
     from rnnd.daemon import inspect as inspect_cmd
     from rnnd.daemon import verify as verify_cmd
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_parsers(sub)
     export_cli.add_parsers(sub)
     inspect_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""Measurements without Kafka, each in a fresh process so that nothing else shares its memory or cores.
+
+``python -m bench.ceilings compute --model M --batches 1,64,512,1024``
+    The compute ceiling: the bundle alone in ONNX Runtime, with the daemon's session options
+    (``rnnd.daemon.runtime.BundleModel``), one step (T=1) for B streams per call, state fed
+    back. Steps/s at each B: what no serving loop on this machine can exceed.
+
+``python -m bench.ceilings memory --model M --streams N``
+    Memory per stream: RSS growth of a process that holds the daemon's ``Streams`` with N
+    streams allocated and touched (``slot()`` for N keys, then one scatter of new state over
+    all of them), against the raw state bytes (``StateSpec.nbytes`` summed over the states).
+
+Both print one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def compute(model: str, batches: list[int], seconds: float) -> dict[str, Any]:
+    from rnnd.daemon.runtime import BundleModel
+
+    m = BundleModel(model)
+    spec = m.spec
+    rng = np.random.default_rng(0)
+    out = []
+    for b in batches:
+        if spec.input.kind == "numeric":
+            x = rng.standard_normal((b, 1, spec.input.n_features)).astype(np.float32)
+        else:
+            x = rng.integers(2, spec.input.vocab_size, size=(b, 1)).astype(np.int64)
+        state = m.initial_state(b)
+        for _ in range(3):  # warm-up: first calls at a new shape allocate
+            _, state = m.run(x, state)
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            _, state = m.run(x, state)
+            calls += 1
+            took = time.perf_counter() - t0
+            if took >= seconds and calls >= 5:
+                break
+        out.append({"batch": b, "us_per_call": took / calls * 1e6, "steps_per_s": b * calls / took})
+    return {"model": spec.model.ref, "results": out}
+
+
+def _rss() -> int:
+    import os
+
+    from bench.harness import proc_cpu_rss
+
+    return proc_cpu_rss(os.getpid())[1]
+
+
+def _trim() -> None:
+    """Collect garbage and hand freed heap pages back (glibc ``malloc_trim``): memory freed
+    before the baseline (loading the bundle) would otherwise be reused unseen by the arena."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _take(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+    return a[(slice(None),) * axis + (slice(0, n),)]
+
+
+def memory(model: str, streams: int) -> dict[str, Any]:
+    import onnx
+
+    from rnnd.daemon.bundle import spec_from_metadata
+    from rnnd.daemon.state import StateArena, Streams
+
+    m = onnx.load(model, load_external_data=False)
+    spec = spec_from_metadata({p.key: p.value for p in m.metadata_props}, model)
+    del m
+    gc.collect()
+    raw = sum(s.nbytes for s in spec.states)
+    # One chunk of new state, made before the baseline and reused: temporaries as large as the
+    # arena would stay in the allocator's heap and be counted as if the streams held them.
+    chunk = 1024
+    new = [np.random.default_rng(0).standard_normal(s.graph_shape(chunk)).astype(s.dtype) for s in spec.states]
+    _trim()
+    before = _rss()
+    t0 = time.perf_counter()
+    st = Streams(spec, capacity=streams, ttl_s=3600.0)
+    for i in range(streams):  # keys are made here and held only by Streams, as in the daemon
+        st.slot(i % 4, b"dev-%09d" % i)
+    alloc_s = time.perf_counter() - t0
+    arena = st.arena
+    assert isinstance(arena, StateArena)
+    for lo in range(0, streams, chunk):
+        slots = np.arange(lo, min(streams, lo + chunk), dtype=np.int64)
+        arena.scatter(slots, [_take(a, len(slots), s.batch_axis) for a, s in zip(new, spec.states, strict=True)])
+    _trim()
+    after = _rss()
+    growth = after - before
+    return {"model": spec.model.ref, "streams": streams, "raw_bytes_per_stream": raw,
+            "rss_growth_bytes": growth, "rss_bytes_per_stream": growth / streams,
+            "ratio_to_raw": growth / (raw * streams), "target_bytes_per_stream": 1.5 * raw + 256,
+            "slot_alloc_us": alloc_s / streams * 1e6, "active": st.active}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("compute")
+    c.add_argument("--model", required=True)
+    c.add_argument("--batches", default="1,64,512,1024")
+    c.add_argument("--seconds", type=float, default=0.5)
+    m = sub.add_parser("memory")
+    m.add_argument("--model", required=True)
+    m.add_argument("--streams", type=int, required=True)
+    args = p.parse_args(argv)
+    if args.what == "compute":
+        doc = compute(args.model, [int(b) for b in args.batches.split(",")], args.seconds)
+    else:
+        doc = memory(args.model, args.streams)
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Results → the printed table, the targets of issue 6 with measured ratios, JSON, plots, docs.
+
+Ratios are always taken between runs of the same invocation (one machine state, one broker):
+on a shared 2-core machine, absolute numbers drift by 10-20% between invocations, ratios much
+less.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.workloads import REPO
+
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs"
+IMG = DOCS / "img"
+# Hand-written reading of the numbers (why a target is missed, what the profile says), kept in
+# its own file so that regenerating docs/benchmarks.md does not lose it; placed after the data.
+ANALYSIS = REPO / "bench" / "analysis.md"
+
+LABELS = {
+    "passthrough-json": "pass-through, stdlib json (no model)",
+    "passthrough-orjson": "pass-through, orjson (no model)",
+    "naive-onnx": "naive ONNX (one run per message)",
+    "naive-torch": "naive PyTorch eager",
+    "quix-store": "Quix Streams, state in its store",
+    "quix-dict": "Quix Streams, state in a dict",
+    "batched": "simple batched consumer",
+    "rnnd": "rnnd",
+    "rnnd-changelog": "rnnd, changelog on",
+    "passthrough-fw50": "pass-through, orjson, fetch_max_wait_ms=50",
+}
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(results), indent=1))
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_jsonable(r) for r in results.get("runs", [])]
+
+
+def merged(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (workload, mode, contender): the median run by steps/s when repeated."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in runs(results):
+        groups.setdefault((r["workload"], r["mode"], r["contender"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        ok = [r for r in rs if r["ok"]]
+        if not ok:
+            out.append(rs[0])
+            continue
+        ok.sort(key=lambda r: r["steps_per_s"])
+        med = dict(ok[len(ok) // 2])
+        if len(ok) > 1:
+            med["note"] = f"median of {len(ok)}: " + ", ".join(f"{r['messages_per_s']:,.0f}" for r in ok) + " msg/s"
+        out.append(med)
+    return out
+
+
+def find(rows: Iterable[dict[str, Any]], workload: str, contender: str, mode: str = "backlog") -> dict | None:
+    for r in rows:
+        if r["workload"] == workload and r["contender"] == contender and r["mode"] == mode and r["ok"]:
+            return r
+    return None
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = merged(results)
+    out = []
+    for r in rows:
+        rnnd = find(rows, r["workload"], "rnnd", "backlog")
+        if not r["ok"]:
+            out.append([r["workload"], r["mode"], LABELS.get(r["contender"], r["contender"]), "failed", "", "", "", "",
+                        "", "", "", r["error"][:80]])
+            continue
+        ratio = (f"{rnnd['steps_per_s'] / r['steps_per_s']:.2f}×"
+                 if rnnd and r["mode"] == "backlog" and r["steps_per_s"] else "")
+        lat = r.get("latency_ms") or {}
+        out.append([
+            r["workload"], r["mode"], LABELS.get(r["contender"], r["contender"]),
+            f"{r['messages_per_s']:,.0f}", f"{r['steps_per_s']:,.0f}", ratio, f"{r['cpu_s_per_m_steps']:.1f}",
+            f"{r['broker_cpu_s'] / max(1, r['outputs']) * 1e6:.1f}",
+            f"{lat['p50']:.1f}" if lat else "", f"{lat['p99']:.1f}" if lat else "", f"{r['peak_rss_mb']:.0f}",
+            (f"{r['rate']:,.0f} msg/s offered" if r["mode"] == "live" else r.get("note", "")),
+        ])
+    return out
+
+
+HEADER = ["workload", "mode", "program", "messages/s", "steps/s", "rnnd ÷ this", "CPU s / M steps",
+          "broker CPU s / M", "p50 ms", "p99 ms", "peak RSS MB", "note"]
+
+
+def table(results: dict[str, Any]) -> str:
+    """The plain-text table printed at the end of a run."""
+    rows = [HEADER, *table_rows(results)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.rjust(w) if 3 <= i <= 10 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["", *compute_lines(results), *memory_lines(results)]
+    return "\n".join(lines)
+
+
+def compute_lines(results: dict[str, Any]) -> list[str]:
+    out = []
+    for doc in results.get("compute", {}).values():
+        parts = ", ".join(f"B={r['batch']}: {r['steps_per_s']:,.0f}" for r in doc["results"])
+        out.append(f"compute ceiling {doc['model']} (ONNX Runtime alone, T=1, steps/s): {parts}")
+    return out
+
+
+def memory_lines(results: dict[str, Any]) -> list[str]:
+    return [f"memory {m['streams']:>9,} streams: {m['rss_bytes_per_stream']:,.0f} B/stream RSS growth, raw state "
+            f"{m['raw_bytes_per_stream']} B ({m['ratio_to_raw']:.2f}×)" for m in results.get("memory", [])]
+
+
+def md_table(header: list[str], rows: list[list[str]], right: Iterable[int] = ()) -> str:
+    right = set(right)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with what was measured and whether it is met (ratios from this run)."""
+    rows = merged(results)
+    out: list[dict[str, Any]] = []
+
+    def ratio_target(name: str, a: dict | None, b: dict | None, need: float, what: str = "messages_per_s") -> None:
+        if not a or not b:
+            out.append({"target": name, "measured": "not measured", "met": None})
+            return
+        x = a[what] / b[what] if b[what] else 0.0
+        out.append({"target": name, "value": x, "need": need, "met": x >= need,
+                    "measured": f"{x:.2f}× ({a[what]:,.0f} vs {b[what]:,.0f} {what.split('_')[0]}/s)",
+                    "gap": "" if x >= need else f"missed by {(1 - x / need) * 100:.0f}% (needs {need / x:.2f}× more)"})
+
+    io = [r for r in (find(rows, "wide", "passthrough-orjson"), find(rows, "wide", "passthrough-json")) if r]
+    best_io = max(io, key=lambda r: r["messages_per_s"]) if io else None
+    rnnd = find(rows, "wide", "rnnd")
+    ratio_target("wide backlog: rnnd ≥ 0.9× the fastest pass-through", rnnd, best_io, 0.9)
+    ratio_target("wide backlog: rnnd ≥ 5× the naive ONNX consumer", rnnd, find(rows, "wide", "naive-onnx"), 5.0)
+    quix = [r for r in (find(rows, "wide", "quix-store"), find(rows, "wide", "quix-dict")) if r]
+    ratio_target("wide backlog: rnnd ≥ 7× the Quix Streams app (its faster variant)", rnnd,
+                 max(quix, key=lambda r: r["messages_per_s"]) if quix else None, 7.0)
+    ratio_target("wide backlog, changelog on: rnnd ≥ 0.75× the fastest pass-through",
+                 find(rows, "wide", "rnnd-changelog"), best_io, 0.75)
+    live = find(rows, "wide", "rnnd", "live")
+    if live:
+        p99 = live["latency_ms"]["p99"]
+        out.append({"target": "wide live at 50% of rnnd's max: p99 end to end ≤ 25 ms", "value": p99, "need": 25.0,
+                    "met": p99 <= 25.0,
+                    "measured": f"p99 {p99:.1f} ms, p50 {live['latency_ms']['p50']:.1f} ms "
+                                f"at {live['rate']:,.0f} msg/s",
+                    "gap": "" if p99 <= 25.0 else f"missed by {p99 - 25:.1f} ms ({p99 / 25:.1f}× the limit)"})
+    else:
+        out.append({"target": "wide live at 50% of rnnd's max: p99 end to end ≤ 25 ms", "measured": "not measured",
+                    "met": None})
+    ratio_target("deep: rnnd ≥ 10× the naive ONNX consumer in tokens/s", find(rows, "deep", "rnnd"),
+                 find(rows, "deep", "naive-onnx"), 10.0, "steps_per_s")
+    mem = [m for m in results.get("memory", []) if m["streams"] == 1_000_000]
+    if mem:
+        m = mem[0]
+        limit = m["target_bytes_per_stream"]
+        got = m["rss_bytes_per_stream"]
+        out.append({"target": "memory at 1,000,000 streams: RSS growth ≤ 1.5 × raw state + 256 B per stream",
+                    "value": got, "need": limit, "met": got <= limit,
+                    "measured": f"{got:,.0f} B/stream vs limit {limit:,.0f} B ({m['ratio_to_raw']:.2f}× raw "
+                                f"{m['raw_bytes_per_stream']} B)",
+                    "gap": "" if got <= limit else f"missed by {got - limit:,.0f} B/stream"})
+    else:
+        out.append({"target": "memory at 1,000,000 streams: RSS growth ≤ 1.5 × raw state + 256 B per stream",
+                    "measured": "not measured", "met": None})
+    return out
+
+
+def _verdict(t: dict[str, Any]) -> str:
+    return "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+
+
+def targets_text(results: dict[str, Any]) -> str:
+    lines = ["", "targets (issue 6), ratios from this run:"]
+    for t in targets(results):
+        gap = f" — {t['gap']}" if t.get("gap") else ""
+        lines.append(f"  [{_verdict(t):>12}] {t['target']}: {t['measured']}{gap}")
+    return "\n".join(lines)
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    rows = merged(results)
+
+    # 1. throughput by contender, one panel per workload
+    wls = [w for w in ("wide", "deep", "large") if any(r["workload"] == w and r["ok"] and r["mode"] == "backlog"
+                                                       for r in rows)]
+    if wls:
+        fig, axes = plt.subplots(1, len(wls), figsize=(5.2 * len(wls), 4.2), squeeze=False)
+        for ax, w in zip(axes[0], wls, strict=True):
+            rs = [r for r in rows if r["workload"] == w and r["mode"] == "backlog" and r["ok"]]
+            rs.sort(key=lambda r: r["steps_per_s"])
+            names = [LABELS.get(r["contender"], r["contender"]) for r in rs]
+            vals = [r["steps_per_s"] for r in rs]
+            colors = ["tab:red" if r["contender"].startswith("rnnd") else
+                      "tab:gray" if r["contender"].startswith("passthrough") else "tab:blue" for r in rs]
+            ax.barh(names, vals, color=colors)
+            for i, v in enumerate(vals):
+                ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+            ax.set_title(f"{w}: steps/s (backlog)")
+            ax.set_xlim(0, max(vals) * 1.35)
+            ax.tick_params(axis="y", labelsize=8)
+        fig.tight_layout()
+        p = folder / "bench-throughput.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    # 2. latency CDF of live runs
+    live = [r for r in rows if r["mode"] == "live" and r["ok"] and r.get("latency_cdf")]
+    if live:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in live:
+            xs = [a for a, _ in r["latency_cdf"]]
+            ys = [b for _, b in r["latency_cdf"]]
+            ax.plot(xs, ys, label=f"{LABELS.get(r['contender'], r['contender'])} (p99 {r['latency_ms']['p99']:.1f} ms)")
+        ax.axvline(25, color="k", ls=":", lw=1, label="target p99 ≤ 25 ms")
+        ax.axhline(0.99, color="gray", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("end-to-end latency, ms (output record time − input record time)")
+        ax.set_ylabel("fraction of steps")
+        ax.set_title(f"wide, live at {live[0]['rate']:,.0f} messages/s")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = folder / "bench-latency-cdf.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    # 3. memory per stream by stream count
+    mem = results.get("memory", [])
+    if mem:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        xs = [m["streams"] for m in mem]
+        ax.plot(xs, [m["rss_bytes_per_stream"] for m in mem], "o-", label="RSS growth per stream (Streams)")
+        ax.plot(xs, [m["raw_bytes_per_stream"] for m in mem], "--", label="raw state bytes (StateSpec.nbytes)")
+        ax.plot(xs, [m["target_bytes_per_stream"] for m in mem], ":", label="target: 1.5 × raw + 256 B")
+        ax.set_xscale("log")
+        ax.set_ylim(0, max(max(m["rss_bytes_per_stream"] for m in mem), mem[0]["target_bytes_per_stream"]) * 1.2)
+        ax.set_xlabel("streams")
+        ax.set_ylabel("bytes per stream")
+        ax.set_title(f"memory per stream ({mem[0]['model']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = folder / "bench-memory.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    # 4. the profile's hot spots
+    prof = results.get("profile") or {}
+    if prof.get("self"):
+        top = prof["self"][:15][::-1]
+        fig, ax = plt.subplots(figsize=(9, 5))
+        ax.barh([_short(n) for n, _ in top], [p for _, p in top], color="tab:orange")
+        ax.set_xlabel("% of samples (self time)")
+        ax.set_title("rnnd, wide backlog: where the time goes (py-spy)")
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        p = folder / "bench-profile.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def _short(name: str, n: int = 70) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+# --- docs --------------------------------------------------------------------------------------
+
+def write_docs(results: dict[str, Any]) -> list[Path]:
+    imgs = plots(results)
+    doc = markdown(results, imgs)
+    path = DOCS / "benchmarks.md"
+    path.write_text(doc)
+    return [*imgs, path]
+
+
+def markdown(results: dict[str, Any], imgs: list[Path]) -> str:
+    m = results["machine"]
+    v = m["versions"]
+    rows = merged(results)
+    parts = [
+        "# Benchmarks",
+        "",
+        "rnnd side by side with what users would run instead and with the ceilings (issue 6). "
+        "Generated by `python -m bench` (this file, `bench/results/latest.json` and `docs/img/bench-*.png` are "
+        "rewritten by every full run); the method is below the numbers.",
+        "",
+        "## Machine and versions",
+        "",
+        f"* {m['nproc']} cores ({m['cpu']}), {m['memory_gb']} GiB; shared and noisy: ratios are from one run",
+        f"* Python {m['python']}, {m['platform']}",
+        "* " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "* broker: Tansu 0.6.0 (embedded, memory storage), one broker, 4 partitions per topic",
+        f"* rnnd at git {m['git']}, run on {m['date']}; whole run {results.get('seconds', 0):.0f} s",
+        "",
+        "Commands:",
+        "",
+        "    pip install -c constraints.txt -e '.[export,test,bench]'",
+        f"    {results.get('command', 'python -m bench')}      # this run ({results['mode']} mode)",
+        "    python -m bench --quick         # ≤ 60 s, smaller workloads, writes bench/results/quick.json only",
+        "    rnnd bench [--quick]            # the same through the rnnd command",
+        "",
+        "## Targets (issue 6)",
+        "",
+        md_table(["target", "measured (this run)", "verdict"],
+                 [[t["target"], t["measured"], _verdict(t) + (f": {t['gap']}" if t.get("gap") else "")]
+                  for t in targets(results)]),
+        "",
+        "## Results",
+        "",
+        "Workloads:",
+        "",
+        *[f"* **{k}**: {w['description']}" for k, w in results.get("workloads", {}).items()],
+        "",
+        md_table(HEADER, table_rows(results), right=range(3, 11)),
+        "",
+        "`rnnd ÷ this` is rnnd's steps/s over this program's on the same workload. A message carries one step in "
+        "`wide` and `large` and 32 tokens in `deep`. Live rows: the offered rate is fixed, so their throughput "
+        "columns only show that the program kept up; the latency columns are what they measure.",
+        "",
+    ]
+    if results.get("compute"):
+        parts += ["### Compute ceiling: the bundle alone in ONNX Runtime (no Kafka)", "",
+                  md_table(["model", "B", "µs per call", "steps/s"],
+                           [[d["model"], str(r["batch"]), f"{r['us_per_call']:,.0f}", f"{r['steps_per_s']:,.0f}"]
+                            for d in results["compute"].values() for r in d["results"]], right=(1, 2, 3)),
+                  "", "One step (T=1) for B streams per call, state fed back, the daemon's session options "
+                  "(default threads, no spinning).", ""]
+    if results.get("memory"):
+        parts += ["### Memory per stream", "",
+                  md_table(["streams", "RSS growth / stream", "raw state / stream", "ratio", "target / stream",
+                            "slot() µs"],
+                           [[f"{x['streams']:,}", f"{x['rss_bytes_per_stream']:,.0f} B",
+                             f"{x['raw_bytes_per_stream']} B", f"{x['ratio_to_raw']:.2f}×",
+                             f"{x['target_bytes_per_stream']:,.0f} B", f"{x['slot_alloc_us']:.1f}"]
+                            for x in results["memory"]], right=range(6)),
+                  "", "RSS growth of a fresh process that holds `rnnd.daemon.state.Streams` (capacity N) with N "
+                  "streams allocated (`slot()` per key) and their state written once (`StateArena.scatter`), "
+                  "heap trimmed before and after; raw = `StateSpec.nbytes` summed over the model's states "
+                  "(sensors: h and c, 2×64 float32 each).", ""]
+    scale = [r for r in rows if r["workload"].startswith("scale-") and r["ok"]]
+    wide_rnnd = find(rows, "wide", "rnnd")
+    if scale or wide_rnnd:
+        pts = sorted(([r["keys"], r] for r in [*scale, *([wide_rnnd] if wide_rnnd else [])]), key=lambda x: x[0])
+        parts += ["### rnnd throughput by stream count", "",
+                  md_table(["keys", "messages", "messages/s", "CPU s / M steps"],
+                           [[f"{k:,}", f"{r['messages']:,}", f"{r['messages_per_s']:,.0f}",
+                             f"{r['cpu_s_per_m_steps']:.1f}"] for k, r in pts], right=range(4)), ""]
+    for p in imgs:
+        parts += [f"![{p.stem}](img/{p.name})", ""]
+    prof = results.get("profile") or {}
+    if prof.get("self"):
+        run = prof.get("run", {})
+        parts += ["## Where rnnd's time goes (py-spy, wide backlog)", "",
+                  f"`py-spy record --rate 200 --threads --nonblocking --format raw --pid PID` attached to "
+                  f"`rnnd serve` for the whole wide backlog run ({prof['samples']:,} samples; that run reached "
+                  f"{run.get('messages_per_s', 0):,.0f} msg/s under the sampler). Percentages are of all samples of "
+                  "busy threads; native time (ONNX Runtime, orjson, sockets) is charged to the Python frame that "
+                  "called it.", "",
+                  "Threads: " + ", ".join(f"{n} {p:.0f}%" for n, p in prof["threads"]), "",
+                  md_table(["self %", "function (file)"], [[f"{p:.1f}", f"`{n}`"] for n, p in prof["self"][:20]],
+                           right=(0,)), "",
+                  "Inclusive (the function and everything it calls):", "",
+                  md_table(["total %", "function (file)"], [[f"{p:.1f}", f"`{n}`"] for n, p in prof["total"][:20]],
+                           right=(0,)), ""]
+    elif prof.get("error"):
+        parts += ["## Profile", "", f"py-spy could not profile rnnd: `{prof['error'][:300]}`", ""]
+    analysis = ANALYSIS.read_text().strip() if ANALYSIS.exists() else ""
+    if analysis:
+        parts += [analysis, ""]
+    parts += [METHOD]
+    return "\n".join(parts) + "\n"
+
+
+METHOD = """## Method
+
+**Contenders.** Each is a real program, started by the harness as its own process, reading the
+same pre-filled input topic (4 partitions) in its own consumer group and writing its own
+output topic on the same embedded Tansu broker, with the same model. The hand-written ones
+(`bench/contenders/`) share the daemon's client settings (aiokafka; 4 MiB per partition fetch,
+acks=all, linger 5 ms), its output document (`Pipeline._doc`, field for field, predictions from
+the daemon's own `Heads`), the daemon's ONNX Runtime session options, and orjson unless the
+codec is what is compared:
+
+* **pass-through** (I/O ceiling): consume, decode, build the output documents (the prediction
+  echoes the inputs), encode, produce; no model. With stdlib `json` and with `orjson`.
+* **naive ONNX**: a dict of per-key numpy states, one `session.run` per message.
+* **naive PyTorch**: the same with the recipe checkpoint in eager mode (`rnnd.export.loader`,
+  `torch.set_num_threads(1)`, `inference_mode`).
+* **Quix Streams** 3.28.1: a `StreamingDataFrame.apply` per message with the state in Quix's
+  state store (RocksDB + changelog topic; numpy arrays as base64 of their bytes), or in a
+  plain dict; Quix's JSON serialisers. The input topic is created with an explicit
+  `retention.ms`, which Quix's changelog set-up reads.
+* **simple batched consumer** (~50 lines of logic): rounds in which every key with a pending
+  message contributes its next message, one `session.run` per round, states gathered from and
+  scattered to one slot array per state tensor.
+* **rnnd**: `python -m rnnd serve` with default settings (`--no-changelog` where that flag
+  exists; `rnnd, changelog on` is the daemon's default durable state).
+
+**One rule for every contender.** Start = the moment its consumer was assigned its partitions
+(reported by the program; rnnd's `partitions [...] assigned` log line; Quix's assignment
+callback); process start-up, model loading and the group join (a fixed ~3 s pause on Tansu)
+are excluded. End = the latest CreateTime among its output records (set by its producer at
+send; Quix is told to stamp outputs with the processing time instead of copying the input's).
+Throughput = steps (or messages) / (end − start). CPU = the contender process's user+system
+time (all threads; /proc/PID/stat, sampled every 50 ms, interpolated at start and end),
+per million steps. Correctness: exactly one output per input step, with distinct ids; the
+tests (`tests/test_bench.py`) also check every numeric contender's predictions against the
+bundle's full-sequence reference within 1e-4.
+
+**Live mode.** A separate producer process (librdkafka, linger 5 ms) offers the `wide` data
+(10,000 keys) at a fixed rate of 50% of rnnd's measured wide backlog maximum. Latency per step
+= output record timestamp − input record timestamp (the output carries `input_ts`); the first
+second of traffic is left out as warm-up.
+
+**Caveats.** Two cores are shared by the broker, the program measured and (in live mode) the
+producer: every program is bounded by what the broker leaves it. The hand-written consumers
+validate less than the daemon does and commit offsets without waiting for their outputs'
+acknowledgements; rnnd's numbers include its validation, metrics and at-least-once delivery.
+"""

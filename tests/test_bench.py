@@ -1,0 +1,202 @@
+"""The benchmark's contenders are right before they are fast (bench/, docs/benchmarks.md).
+
+Every contender runs as the benchmark runs it — its own process, through ``bench.harness`` —
+on a tiny workload against the session's broker, and must produce exactly one output per
+input step; every contender with a model must reproduce the bundle's full-sequence reference
+(``BundleModel.run_sequence``) within 1e-4 in model space. So a naive contender cannot be
+accidentally slow (doing more than its job) or wrong (doing less), and the numbers in
+docs/benchmarks.md compare programs that do the same work. Not timed: the contenders run
+side by side to keep the test short.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is a top-level folder of the checkout, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from bench import harness, kafkaio  # noqa: E402
+from bench.common import ModelInfo  # noqa: E402
+from bench.workloads import Data, Model  # noqa: E402
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+HAS_QUIX = _importable("quixstreams")
+QUIX_SKIP = "quixstreams is not installed (the `bench` extra: pip install -e '.[bench]')"
+MODEL_FREE = {"passthrough-json", "passthrough-orjson"}
+TOL = 1e-4
+
+
+def _model(recipe_bundle, name: str) -> Model:
+    bundle = recipe_bundle(name)
+    return Model(name, bundle, bundle.with_suffix(".pt"))  # run_recipe writes both side by side
+
+
+def _fill(bootstrap: str, model: Model, data: Data) -> tuple[str, list[tuple[bytes, bytes]]]:
+    topic = harness.create_topic(bootstrap, f"bench-test-in-{uuid.uuid4().hex[:8]}", configs=harness.INPUT_CONFIGS)
+    items = list(data.items(ModelInfo.load(model.bundle).spec))
+    kafkaio.produce(bootstrap, topic, items)
+    return topic, items
+
+
+def _extra(name: str) -> tuple[str, ...]:
+    """A shorter group session: Tansu's join pause is about half of it (3 s instead of 5 s)."""
+    return ("--session-timeout-ms", "6000") if name in ("rnnd", "quix-store", "quix-dict") else ()
+
+
+def _reference(model: Model, items: list[tuple[bytes, bytes]]) -> dict[bytes, np.ndarray]:
+    """Each key's outputs over its whole sequence, in one call: y[T, O] in model space."""
+    from rnnd.daemon.runtime import BundleModel
+
+    bm = BundleModel(model.bundle)
+    info = ModelInfo.load(model.bundle)
+    seqs: dict[bytes, list] = defaultdict(list)
+    for key, value in items:
+        doc = orjson.loads(value)
+        if info.numeric:
+            x = doc["x"]
+            seqs[key].extend(x if isinstance(x[0], list) else [x])
+        else:
+            seqs[key].extend(doc["tokens"])
+    return {k: bm.run_sequence(info.model_input(rows)[None])[0][0] for k, rows in seqs.items()}
+
+
+def _by_key(outputs: list[kafkaio.Output]) -> dict[bytes, list[dict]]:
+    out: dict[bytes, list[dict]] = defaultdict(list)
+    for o in outputs:
+        out[o.key].append(o.doc)
+    return {k: sorted(v, key=lambda d: d["step"]) for k, v in out.items()}
+
+
+def _names(exclude: tuple[str, ...] = ()) -> list[str]:
+    return [n for n in harness.CONTENDERS if (HAS_QUIX or not n.startswith("quix")) and n not in exclude]
+
+
+def _params(exclude: tuple[str, ...] = ()) -> list:
+    """One test per contender; Quix's are skipped (with the reason) only when it is not importable."""
+    return [pytest.param(n, marks=pytest.mark.skipif(not HAS_QUIX, reason=QUIX_SKIP)) if n.startswith("quix") else n
+            for n in harness.CONTENDERS if n not in exclude]
+
+
+TOKEN_EXCLUDE = ("passthrough-json", "quix-store")  # the token path of each program is covered by its siblings
+
+
+def _check_counts(name: str, r: harness.RunResult, data: Data, items: list[tuple[bytes, bytes]], by_key: dict) -> None:
+    assert r.ok, f"{name}: {r.error}"
+    assert r.outputs == data.steps and r.distinct_ids == data.steps, name
+    per_key: dict[bytes, int] = defaultdict(int)
+    for key, value in items:
+        doc = orjson.loads(value)
+        per_key[key] += len(doc["tokens"]) if "tokens" in doc else 1
+    assert {k: len(v) for k, v in by_key.items()} == dict(per_key), name
+    for docs in by_key.values():  # steps 0..n-1, each exactly once, with the daemon's output fields
+        assert [d["step"] for d in docs] == list(range(len(docs))), name
+        assert {"key", "id", "topic", "partition", "offset", "index", "prediction", "warmup", "model",
+                "input_ts", "output_ts"} <= set(docs[0]), name
+
+
+@pytest.fixture(scope="module")
+def runs(bootstrap, recipe_bundle, tmp_path_factory) -> dict[str, tuple]:
+    """Both tiny workloads through their contenders, all side by side (the test is not timed):
+
+    * numeric: 50 keys × 4 one-step messages, sensors (regression), every contender;
+    * tokens: 5 keys × 3 messages of 8 tokens (one output per token), charlm (language model).
+    """
+    plans = {
+        "numeric": (_model(recipe_bundle, "sensors"), Data("numeric", 50, 200, 1, seed=5, key_prefix="t-"), _names()),
+        "tokens": (_model(recipe_bundle, "charlm"), Data("tokens", 5, 15, 8, seed=6, key_prefix="d-"),
+                   _names(TOKEN_EXCLUDE)),
+    }
+    filled = {w: _fill(bootstrap, model, data) for w, (model, data, _) in plans.items()}
+    runner = harness.Runner(bootstrap, None, tmp_path_factory.mktemp("bench"), timeout=90)
+
+    def one(job: tuple[str, str]) -> tuple[str, str, harness.RunResult, list[kafkaio.Output]]:
+        w, name = job
+        model, data, _ = plans[w]
+        out: list[kafkaio.Output] = []
+        r = runner.run(harness.CONTENDERS[name], model, filled[w][0], workload=w, keys=data.keys,
+                       messages=data.messages, steps=data.steps, extra=_extra(name), collect=out)
+        return w, name, r, out
+
+    jobs = [(w, n) for w, (_, _, names) in plans.items() for n in names]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        done = list(pool.map(one, jobs))
+    out = {}
+    for w, (model, data, _) in plans.items():
+        items = filled[w][1]
+        out[w] = (model, data, items, {n: (r, o) for ww, n, r, o in done if ww == w}, _reference(model, items))
+    return out
+
+
+@pytest.mark.parametrize("name", _params())
+def test_numeric_contender(runs, name: str) -> None:
+    model, data, items, results, ref = runs["numeric"]
+    r, outputs = results[name]
+    by_key = _by_key(outputs)
+    _check_counts(name, r, data, items, by_key)
+    if name in MODEL_FREE:
+        return
+    out = ModelInfo.load(model.bundle).spec.output
+    mean, std = np.asarray(out.mean, dtype=np.float64), np.asarray(out.std, dtype=np.float64)
+    for key, docs in by_key.items():
+        got = np.array([[d["prediction"]["values"][n] for n in out.names] for d in docs])
+        err = np.abs((got - mean) / std - ref[key]).max()
+        assert err <= TOL, f"{name}: {key!r} differs from the full-sequence reference by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", _params(TOKEN_EXCLUDE))
+def test_token_contender(runs, name: str) -> None:
+    model, data, items, results, ref = runs["tokens"]
+    r, outputs = results[name]
+    by_key = _by_key(outputs)
+    _check_counts(name, r, data, items, by_key)
+    if name in MODEL_FREE:
+        return
+    vocab = {t: i for i, t in enumerate(ModelInfo.load(model.bundle).spec.output.vocab)}
+    for key, docs in by_key.items():
+        z = ref[key] - ref[key].max(axis=-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+        for t, d in enumerate(docs):
+            nxt = d["prediction"]["next"]
+            assert len(nxt) == 5, name
+            for e in nxt:
+                assert abs(e["p"] - probs[t, vocab[e["token"]]]) <= TOL, (name, key, t, e)
+
+
+def test_bench_quick_plan_and_report() -> None:
+    """The report's targets and table work on a results document without running anything."""
+    from bench import report
+
+    results = {"mode": "quick", "runs": [
+        harness.RunResult("wide", "passthrough-orjson", "backlog", 10, 10, 10, outputs=10, distinct_ids=10,
+                          steps_per_s=100.0, messages_per_s=100.0),
+        harness.RunResult("wide", "rnnd", "backlog", 10, 10, 10, outputs=10, distinct_ids=10, steps_per_s=95.0,
+                          messages_per_s=95.0),
+        harness.RunResult("wide", "naive-onnx", "backlog", 10, 10, 10, ok=False, error="boom")],
+        "memory": [{"streams": 1_000_000, "rss_bytes_per_stream": 1100.0, "raw_bytes_per_stream": 1024,
+                    "ratio_to_raw": 1.07, "target_bytes_per_stream": 1792.0, "slot_alloc_us": 1.0,
+                    "model": "m@1", "rss_growth_bytes": 1, "active": 1}],
+        "compute": {}, "workloads": {}}
+    text = report.table(results) + report.targets_text(results)
+    assert "0.95×" in text and "failed" in text
+    verdicts = {t["target"]: t["met"] for t in report.targets(results)}
+    assert verdicts["wide backlog: rnnd ≥ 0.9× the fastest pass-through"] is True
+    assert verdicts["wide backlog: rnnd ≥ 5× the naive ONNX consumer"] is None
+    assert any("1,000,000 streams" in k and v is True for k, v in verdicts.items())
