@@ -92,6 +92,8 @@ class ServeConfig:
     previous_model: str = opt("", "With on_state_mismatch=previous: the bundle whose state the changelog holds.")
     # --- Kafka client behaviour ---
     fetch_max_records: int = opt(10_000, "Most records taken from Kafka in one fetch.")
+    fetch_max_wait_ms: int = opt(20, "How long the broker may hold a fetch waiting for data. Low keeps live "
+                                     "latency low (aiokafka's 500 ms default dominated p99 in docs/benchmarks.md).")
     max_inflight_steps: int = opt(200_000, "Decoded steps waiting for the model before fetching pauses.")
     commit_interval_s: float = opt(1.0, "How often outputs are flushed and input offsets committed.")
     linger_ms: int = opt(5, "Producer linger: time to fill a batch of outputs.")
@@ -152,7 +154,7 @@ class ServeConfig:
                      "min_batch", "max_text_tokens", "max_steps_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        for name in ("max_wait_ms", "stream_ttl_s", "forecast_horizon", "generate_tokens", "top_k",
+        for name in ("fetch_max_wait_ms", "max_wait_ms", "stream_ttl_s", "forecast_horizon", "generate_tokens", "top_k",
                      "intra_op_threads", "http_port"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")

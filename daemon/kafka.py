@@ -43,6 +43,7 @@ def consumer_settings(cfg: ServeConfig, group_id: str) -> dict[str, Any]:
         # offsets for "latest"; see docs/architecture.md.)
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
         "fetch_max_bytes": 32 * 1024 * 1024,
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": max(1000, cfg.session_timeout_ms // 3),
