@@ -484,8 +484,7 @@ def test_dashboard_changelog_metrics_are_exported(scrape: Scrape, family: str) -
     queries = {**dashboard_queries(), **alert_queries()}
     assert any(family_of(n) == family for e in queries.values() for n in promql_metrics(e)), \
         f"no panel or alert uses {family}"
-    if family not in scrape.families:
-        pytest.skip(f"the daemon does not export {family} yet (durable state, issue 4, adds it)")
+    assert family in scrape.families, f"the daemon does not export {family}"
     problems = _check({w: e for w, e in queries.items() if any(family_of(n) == family for n in promql_metrics(e))},
                       scrape, changelog=True)
     assert not problems
