@@ -128,6 +128,9 @@ class ServeConfig:
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).")
     log_format: str = opt("text", "Log lines as text or json.", choices=("text", "json"))
     log_level: str = opt("info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error"))
+    gc_threshold: int = opt(50_000, "Allocations between Python's young-generation garbage collections (Python's "
+                                    "default is 700: at that rate collections cost ~4 µs per message, see "
+                                    "docs/benchmarks.md; 0 keeps Python's setting).")
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -155,7 +158,7 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         for name in ("fetch_max_wait_ms", "max_wait_ms", "stream_ttl_s", "forecast_horizon", "generate_tokens", "top_k",
-                     "intra_op_threads", "http_port"):
+                     "intra_op_threads", "http_port", "gc_threshold"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if self.commit_interval_s <= 0:

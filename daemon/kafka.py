@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from .config import ServeConfig
 
@@ -120,25 +122,125 @@ def _single_broker(admin: AIOKafkaAdminClient) -> bool:
         return True
 
 
+Headers = list[tuple[str, bytes]]
+
+
 class Sink:
-    """The producer, plus the bookkeeping that makes ``flush`` mean 'everything acknowledged'."""
+    """The producer, plus the bookkeeping that makes ``flush`` mean 'everything acknowledged'.
+
+    Records go to the producer as whole record batches, one per partition per ``send_many``
+    (aiokafka's ``create_batch``/``send_batch``), not one ``send()`` per record: per record,
+    ``send()`` costs a partition-set lookup, a pure-Python murmur2 hash, a future and an
+    accumulator append — together more than the model's share of a step (docs/benchmarks.md).
+    Partitions follow Kafka's default partitioner (murmur2 of the key), cached per key, so a
+    stream's predictions land where any Kafka client would have put them.
+    """
 
     def __init__(self, producer: AIOKafkaProducer, on_error: Callable[[], None] | None = None) -> None:
         self.producer = producer
-        self._sent: list[tuple[asyncio.Future, str, bytes | None, bytes | None, list | None, int | None]] = []
         self.on_error = on_error
+        # One entry per batch handed to the producer: its future, and what to send again if it fails.
+        self._sent: list[tuple[asyncio.Future, str, int, list[tuple], list[Headers] | None]] = []
+        self._partitions: dict[str, int] = {}  # topic → partition count
+        self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
 
-    async def send(self, topic: str, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
-        fut = await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-        self._sent.append((fut, topic, key, value, headers, partition))
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None,
+                   partition: int | None = None) -> None:
+        await self.send_many(topic, [(key, value)], None if partition is None else [partition],
+                             None if headers is None else [headers])
+
+    async def send_many(self, topic: str, items: Sequence[tuple], partitions: Sequence[int] | None = None,
+                        headers: Sequence[Headers] | None = None) -> None:
+        """Hand ``items`` to the producer, in order per partition.
+
+        ``items`` are tuples whose first two elements are key and value (more are ignored: the
+        pipeline's outputs pass as they are). ``partitions`` (one per item) overrides the key's
+        partition: the changelog's partitions mirror the input's. ``headers``: one list per item.
+        """
+        if not items:
+            return
+        by_partition: dict[int, list[int]] = {}
+        if partitions is None:
+            n = await self._partition_count(topic)
+            cache = self._key_partition[topic]
+            partitions = []
+            for item in items:
+                key = item[0]
+                p = cache.get(key) if key is not None else random.randrange(n)
+                if p is None:
+                    p = (murmur2(key) & 0x7FFFFFFF) % n
+                    if len(cache) >= 1_000_000:
+                        cache.clear()
+                    cache[key] = p
+                partitions.append(p)
+        if len(set(partitions)) == 1:  # one partition: no regrouping
+            await self._send_partition(topic, partitions[0], list(items), None if headers is None else list(headers))
+            return
+        for i, p in enumerate(partitions):
+            idx = by_partition.get(p)
+            if idx is None:
+                idx = by_partition[p] = []
+            idx.append(i)
+        for p, idx in by_partition.items():
+            await self._send_partition(topic, p, [items[i] for i in idx],
+                                       None if headers is None else [headers[i] for i in idx])
+
+    async def _send_partition(self, topic: str, partition: int, items: list[tuple],
+                              headers: list[Headers] | None) -> None:
+        producer = self.producer
+        i, n = 0, len(items)
+        while i < n:
+            start = i
+            try:
+                batch = producer.create_batch()
+                append = batch.append
+                while i < n:
+                    item = items[i]
+                    h = headers[i] if headers is not None else _NO_HEADERS
+                    if append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                        break  # full: the rest goes in the next batch
+                    i += 1
+                if i == start:  # one record larger than a batch: the producer's own path sizes (or refuses) it
+                    item = items[i]
+                    i += 1
+                    fut = await producer.send(topic, value=item[1], key=item[0],
+                                              headers=headers[start] if headers is not None else None,
+                                              partition=partition)
+                else:
+                    batch.close()  # complete: sent at once, no linger
+                    fut = await producer.send_batch(batch, topic, partition=partition)
+            except KafkaError as e:  # accumulator full past request_timeout_ms, or producer closed: flush resends
+                i = max(i, start + 1)
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(e)
+            self._sent.append((fut, topic, partition, items[start:i], None if headers is None else headers[start:i]))
+
+    async def _partition_count(self, topic: str) -> int:
+        n = self._partitions.get(topic)
+        if n is None:
+            n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
+            self._key_partition[topic] = {}
+        return n
+
+    def _refresh_partitions(self) -> None:
+        """Partitions can be added to a topic: keys then hash anew, as in every Kafka producer."""
+        for topic, n in list(self._partitions.items()):
+            try:
+                now = len(self.producer.client.cluster.partitions_for_topic(topic) or ())
+            except Exception:
+                continue
+            if now and now != n:
+                log.info("topic %s now has %d partitions (was %d)", topic, now, n)
+                self._partitions[topic] = now
+                self._key_partition[topic] = {}
 
     async def flush(self, stopping: Callable[[], bool] = lambda: False) -> bool:
-        """Wait until every output sent before this call is acknowledged, resending failures.
+        """Wait until every record sent before this call is acknowledged, resending failures.
 
-        Returns False only if ``stopping()`` became true with outputs still unacknowledged.
+        Returns False only if ``stopping()`` became true with records still unacknowledged.
         Sends made while this runs (other tasks keep producing) are left for the next flush.
         """
+        self._refresh_partitions()
         backoff = 0.2
         todo, self._sent = self._sent, []
         while True:
@@ -153,25 +255,25 @@ class Sink:
             if failed:
                 if self.on_error:
                     self.on_error()
-                log.warning("%d output(s) not acknowledged (%s); sending them again", len(failed),
+                log.warning("%d record(s) not acknowledged (%s); sending them again", sum(len(s[3]) for s in failed),
                             _reason(failed[0][0]))
             if stopping():
                 self._sent = failed + unfinished + self._sent
                 return False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
-            todo = unfinished
-            for _, topic, key, value, headers, partition in failed:
-                try:
-                    fut = await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-                except KafkaError:
-                    fut = asyncio.get_running_loop().create_future()
-                    fut.set_exception(KafkaError("send failed"))
-                todo.append((fut, topic, key, value, headers, partition))
+            resend, self._sent = self._sent, []
+            for _, topic, partition, items, headers in failed:
+                await self._send_partition(topic, partition, items, headers)
+            todo = unfinished + self._sent
+            self._sent = resend
 
     @property
     def unacknowledged(self) -> int:
-        return sum(1 for s in self._sent if not s[0].done())
+        return sum(len(s[3]) for s in self._sent if not s[0].done())
+
+
+_NO_HEADERS: Headers = []  # never mutated: aiokafka only iterates it
 
 
 def _reason(fut: asyncio.Future) -> str:

@@ -47,6 +47,12 @@ class Offsets:
         p.last = offset
         return True
 
+    def partition(self, partition: int) -> PartitionOffsets:
+        p = self.partitions.get(partition)
+        if p is None:
+            p = self.partitions[partition] = PartitionOffsets()
+        return p
+
     def track(self, record: Record) -> None:
         if record.remaining > 0:
             self.partitions[record.partition].records.append(record)

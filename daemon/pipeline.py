@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,9 +29,8 @@ from .scheduler import Group, Scheduler, as_array
 from .state import Eviction, StateArena, Streams, WindowArena
 
 
-@dataclass
-class Output:
-    """One record for the output topic."""
+class Output(NamedTuple):
+    """One record for the output topic. The hot path builds these as plain tuples (same layout)."""
 
     key: bytes
     value: bytes
@@ -87,7 +86,7 @@ class Pipeline:
         self.warmup = spec.warmup_steps
         self.last_prediction: dict[int, dict[str, Any]] = {}  # emit=end: per slot
         self.dead: list[DeadLetter] = []
-        self.outputs: list[Output] = []
+        self.outputs: list[tuple[bytes, bytes, int]] = []  # Output layout
         self.evictions: list[Eviction] = []
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
@@ -102,44 +101,42 @@ class Pipeline:
     def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> bool:
         """Take one input record. False means 'not now': every stream slot is held by a stream with
         queued steps, so a new stream must wait until the model has worked some off (call again)."""
-        known = self.offsets.partitions.get(partition)
-        if known is not None and offset <= known.last:
+        po = self.offsets.partitions.get(partition)
+        if po is None:
+            po = self.offsets.partition(partition)
+        elif offset <= po.last:
             return True  # fetched again (after a seek): already taken
         item = self.decoder.decode(key, value, partition, offset, timestamp)
-        if isinstance(item, DeadLetter):
-            self.offsets.accept(partition, offset)
-            self.dead.append(item)
+        if item.__class__ is DeadLetter:
+            po.last = offset
+            self.dead.append(item)  # type: ignore[arg-type]
             if self.metrics:
-                self.metrics.dead_letters.labels(item.reason).inc()
+                self.metrics.dead_letters.labels(item.reason).inc()  # type: ignore[union-attr]
             return True
-        slot = None
+        assert isinstance(item, Record) and key is not None
+        streams = self.streams
+        slot = streams.find(partition, key)
+        if slot is not None and streams.last_offset[slot] >= offset:
+            self._skip_applied(item, slot)  # a replay after a restore
         if item.remaining:
-            assert key is not None
-            self._skip_applied(item)
-        if item.remaining:
-            try:
-                slot = self.streams.slot(partition, key)
-            except MemoryError:
-                return False
-        self.offsets.accept(partition, offset)
-        self.offsets.track(item)
-        if slot is not None:
+            if slot is None:
+                try:
+                    slot = streams.slot(partition, key)
+                except MemoryError:
+                    return False
             self.scheduler.add(slot, item)
+            po.records.append(item)
+        po.last = offset
         return True
 
-    def _skip_applied(self, record: Record) -> None:
+    def _skip_applied(self, record: Record, slot: int) -> None:
         """After a restore, replayed inputs whose steps the restored state already holds are skipped.
 
         The changelog records, per stream, the position (offset, index) of the last step applied.
         Records before it are dropped whole; the record at it resumes after that step. Outputs
         of skipped steps were acknowledged before the state was written (checkpoint order).
         """
-        slot = self.streams.find(record.partition, record.key)
-        if slot is None:
-            return
         last = int(self.streams.last_offset[slot])
-        if record.offset > last:
-            return
         index = int(self.streams.last_index[slot])
         if record.offset < last or index >= len(record.steps):
             record.remaining = 0  # the whole record, its controls included, is in the state
@@ -198,50 +195,52 @@ class Pipeline:
                 self._attach_forecast(preds, c.forecast)
             if c.generated is not None:
                 self._attach_generated(preds, c.generated)
-            t = g.t
-            for i, slot in enumerate(g.slots):
-                first = g.first_step[i]
-                for j in range(t):
-                    record, index = g.refs[i * t + j]
-                    step = first + j
-                    pred = preds[i * t + j]
-                    self._emit(slot, record, index, step, pred, now_ms)
+            self._emit(g, preds, now_ms)
             self.scheduler.complete(g)
             if m:
                 m.batch_size.observe(len(g.slots))
-                m.chunk_steps.observe(t)
+                m.chunk_steps.observe(g.t)
                 m.inference_seconds.observe(c.seconds)
-                m.steps.inc(len(g.slots) * t)
+                m.steps.inc(len(g.slots) * g.t)
         return self._take_outputs()
 
-    def _emit(self, slot: int, record: Record, index: int, step: int, pred: dict[str, Any], now_ms: int) -> None:
-        warm = step < self.warmup
-        doc = self._doc(record, index, step, pred, warm, now_ms)
-        if self.emit_every == 0:
-            self.last_prediction[slot] = doc
-            return
-        if warm and self.hold_warmup:
-            return
-        if self.emit_every > 1 and (step + 1) % self.emit_every:
-            return
-        self.outputs.append(Output(record.key, codec.encode(doc), record.timestamp))
+    def _emit(self, g: Group, preds: list[dict[str, Any]], now_ms: int) -> None:
+        """One output document per step of the group, in the group's row order.
 
-    def _doc(self, record: Record, index: int, step: int, pred: dict[str, Any], warm: bool,
-             now_ms: int) -> dict[str, Any]:
-        key = self._key_text.get(record.key)
-        if key is None:
-            key = codec.key_text(record.key)
-            if len(self._key_text) < 1_000_000:
-                self._key_text[record.key] = key
-        doc = {
-            "key": key, "id": f"{self.topic}/{record.partition}/{record.offset}/{index}",
-            "topic": self.topic, "partition": record.partition, "offset": record.offset, "index": index,
-            "step": step, "prediction": pred, "warmup": warm, "model": self.model_ref,
-            "input_ts": record.timestamp, "output_ts": now_ms,
-        }
-        if record.echo:
-            doc.update(record.echo)
-        return doc
+        The loop runs once per step of every stream, so it is written flat: the document is a
+        literal, the key's text is cached, and outputs are plain (key, value, timestamp) tuples.
+        """
+        t = g.t
+        steps = g.first_step if t == 1 else [f + j for f in g.first_step for j in range(t)]
+        slots = g.slots if t == 1 else [s for s in g.slots for _ in range(t)]
+        topic, model, warmup, dumps = self.topic, self.model_ref, self.warmup, codec.encode
+        every, hold = self.emit_every, self.hold_warmup
+        plain = every == 1 and not hold
+        key_texts = self._key_text
+        append = self.outputs.append
+        for (record, index), step, pred, slot in zip(g.refs, steps, preds, slots, strict=True):
+            rkey = record.key
+            key = key_texts.get(rkey)
+            if key is None:
+                key = codec.key_text(rkey)
+                if len(key_texts) < 1_000_000:
+                    key_texts[rkey] = key
+            offset = record.offset
+            warm = step < warmup
+            doc = {
+                "key": key, "id": f"{topic}/{record.partition}/{offset}/{index}",
+                "topic": topic, "partition": record.partition, "offset": offset, "index": index,
+                "step": step, "prediction": pred, "warmup": warm, "model": model,
+                "input_ts": record.timestamp, "output_ts": now_ms,
+            }
+            if record.echo:
+                doc.update(record.echo)
+            if plain:
+                append((rkey, dumps(doc), record.timestamp))
+            elif every == 0:
+                self.last_prediction[slot] = doc  # emitted when the stream ends
+            elif not (warm and hold) and (step + 1) % every == 0:
+                append((rkey, dumps(doc), record.timestamp))
 
     def _attach_forecast(self, preds: list[dict[str, Any]], forecast: np.ndarray) -> None:
         names = self.heads.names
@@ -256,7 +255,7 @@ class Pipeline:
             pred["generated"] = tok.join(tokens) if tok else tokens
             pred["generated_ids"] = row
 
-    def _take_outputs(self) -> list[Output]:
+    def _take_outputs(self) -> list[Output]:  # tuples of Output's layout
         out, self.outputs = self.outputs, []
         return out
 
@@ -268,7 +267,7 @@ class Pipeline:
         doc = self.last_prediction.pop(slot, None)
         if doc is not None:
             doc["ended"] = True
-            self.outputs.append(Output(record.key, codec.encode(doc), record.timestamp))
+            self.outputs.append((record.key, codec.encode(doc), record.timestamp))
         if self.metrics:
             self.metrics.stream_ends.inc()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 
@@ -68,28 +69,33 @@ class Scheduler:
         """Take work for the next round: groups keyed by chunk length T."""
         groups: dict[int, Group] = {}
         taken = 0
-        for slot in list(self.ready):
-            if taken >= self.max_batch:
-                break
-            del self.ready[slot]
-            q = self.queues[slot]
-            self._apply_controls(slot, q)
-            if not q:
-                del self.queues[slot]
-                continue
-            t = self._take(slot, q, groups)
-            if t:
-                taken += 1
+        ready, queues = self.ready, self.queues
+        while taken < self.max_batch and ready:
+            # Oldest first, no more than the batch can hold: the rest stay ready for the next round.
+            for slot in list(islice(ready, self.max_batch - taken)):
+                del ready[slot]
+                q = queues[slot]
+                self._apply_controls(slot, q)
+                if not q:
+                    del queues[slot]
+                    continue
+                if self._take(slot, q, groups):
+                    taken += 1
+        steps = self.streams.steps
+        for g in groups.values():
+            g.first_step = steps[g.slots].tolist()
         return list(groups.values())
 
     def _take(self, slot: int, q: deque[Record], groups: dict[int, Group]) -> int:
-        available = 0
-        for i, r in enumerate(q):
-            if i and r.reset:
-                break  # a reset cuts the chunk: the steps after it start from the initial state
-            available += len(r.steps) - r.cursor
-            if available >= self.max_chunk or r.end:
-                break  # an `end` control cuts the chunk: the steps after it belong to a new stream
+        head = q[0]
+        available = len(head.steps) - head.cursor
+        if len(q) > 1 and available < self.max_chunk and not head.end:
+            for r in islice(q, 1, None):
+                if r.reset:
+                    break  # a reset cuts the chunk: the steps after it start from the initial state
+                available += len(r.steps) - r.cursor
+                if available >= self.max_chunk or r.end:
+                    break  # an `end` control cuts the chunk: the steps after it belong to a new stream
         t = min(available, self.max_chunk)
         if t == 0:
             return 0
@@ -98,13 +104,22 @@ class Scheduler:
         if g is None:
             g = groups[t] = Group(t)
         g.slots.append(slot)
-        g.first_step.append(int(self.streams.steps[slot]))
+        c = head.cursor
+        if len(head.steps) - c >= t:  # the common case: the head record alone fills the chunk
+            if t == 1:
+                g.rows.append(head.steps[c])
+                g.refs.append((head, c))
+            else:
+                g.rows.extend(head.steps[c:c + t])
+                g.refs.extend([(head, i) for i in range(c, c + t)])
+            head.cursor = c + t
+            return t
         need = t
         for r in q:
             n = min(need, len(r.steps) - r.cursor)
             if n:
                 g.rows.extend(r.steps[r.cursor:r.cursor + n])
-                g.refs.extend((r, i) for i in range(r.cursor, r.cursor + n))
+                g.refs.extend([(r, i) for i in range(r.cursor, r.cursor + n)])
                 r.cursor += n
                 need -= n
             if need == 0:
@@ -112,27 +127,36 @@ class Scheduler:
         return t
 
     def complete(self, group: Group) -> None:
-        """The call for ``group`` ran and its state was scattered: account and re-queue."""
+        """The call for ``group`` ran and its state was scattered: account and re-queue.
+
+        Vectorised over the group's streams: per step, only the record's countdown is touched.
+        """
         t = group.t
-        for i, slot in enumerate(group.slots):
-            self.streams.steps[slot] += t
-            self.streams.busy[slot] -= t
-            refs = group.refs[i * t:(i + 1) * t]
-            for r, _ in refs:
-                r.remaining -= 1
-            last, index = refs[-1]
-            self.streams.applied(slot, last.offset, index)
-            self.inflight -= t
-            q = self.queues.get(slot)
+        streams = self.streams
+        slots = np.asarray(group.slots, dtype=np.int64)
+        refs = group.refs
+        for r, _ in refs:
+            r.remaining -= 1
+        last = refs if t == 1 else refs[t - 1::t]  # each stream's last step in this call
+        streams.steps[slots] += t
+        streams.busy[slots] -= t
+        streams.last_offset[slots] = [r.offset for r, _ in last]
+        streams.last_index[slots] = [i for _, i in last]
+        streams.last_used[slots] = streams.clock()
+        streams.dirty.update(group.slots)
+        self.inflight -= t * len(group.slots)
+        queues, ready = self.queues, self.ready
+        for slot in group.slots:
+            q = queues.get(slot)
             if q:
                 # A record is done once its steps ran and no control of it is pending: a control-only
                 # reset behind a backlog has no steps but must still be applied by _apply_controls.
                 while q and q[0].cursor == len(q[0].steps) and not (q[0].end or q[0].reset):
                     q.popleft()
                 if q:
-                    self.ready[slot] = None
+                    ready[slot] = None
                 else:
-                    del self.queues[slot]
+                    del queues[slot]
 
     def _apply_controls(self, slot: int, q: deque[Record]) -> None:
         """Controls at the head of the queue take effect now, in order with the steps."""

@@ -28,7 +28,7 @@ from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
 from rnnd.daemon.codec import Record
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.offsets import Offsets
-from rnnd.daemon.pipeline import Pipeline
+from rnnd.daemon.pipeline import Output, Pipeline
 from rnnd.daemon.runtime import BundleModel
 from rnnd.export import zoo
 from rnnd.export.exporter import ExportOptions, export_bundle
@@ -219,7 +219,7 @@ def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
         calls = pipeline.plan()
         accept(rng.randint(0, 3))
         outputs = pipeline.finish(pipeline.execute(calls))
-        for o in outputs:
+        for o in map(Output._make, outputs):  # the pipeline hands plain tuples of Output's layout
             doc = orjson.loads(o.value)
             assert o.key == doc["key"].encode()
             assert doc["input_ts"] == by_offset[(doc["partition"], doc["offset"])].timestamp

@@ -24,6 +24,7 @@ from rnnd.daemon.codec import DeadLetter, Decoder, Record
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.heads import Heads
 from rnnd.daemon.pipeline import Pipeline
+from rnnd.daemon.scheduler import Group
 from rnnd.daemon.tokenizer import Tokenizer
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
@@ -218,15 +219,18 @@ def _documents(spec: BundleSpec, y: np.ndarray, *, forecast: np.ndarray | None =
     heads = Heads(spec, top_k=3)
     tok = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
     stub: Any = types.SimpleNamespace(heads=heads, decoder=types.SimpleNamespace(tokenizer=tok), topic="in",
-                                      model_ref=spec.model.ref, _key_text={})
+                                      model_ref=spec.model.ref, _key_text={}, warmup=6, emit_every=1,
+                                      hold_warmup=False, outputs=[], last_prediction={})
     preds = heads.predictions(y)
     if forecast is not None:
         Pipeline._attach_forecast(stub, preds, forecast)
     if generated is not None:
         Pipeline._attach_generated(stub, preds, generated)
     record = Record(b"\xff-binary-key", 1, 40, 1_700_000_000_000, [], echo=echo)
-    docs = [Pipeline._doc(stub, record, i, 5 + i, p, i == 0, 1_700_000_000_009) for i, p in enumerate(preds)]
-    return [orjson.loads(codec.encode(d)) for d in docs]
+    # one stream, len(preds) steps from step 5; warm-up ends after step 5
+    group = Group(len(preds), slots=[0], refs=[(record, i) for i in range(len(preds))], first_step=[5])
+    Pipeline._emit(stub, group, preds, 1_700_000_000_009)
+    return [orjson.loads(value) for _, value, _ in stub.outputs]
 
 
 def test_pipeline_documents_validate() -> None:
