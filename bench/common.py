@@ -214,9 +214,44 @@ class Ctx:
     report: Report
     input_topic: str
 
+    pending: list[tuple[bytes, bytes]] = field(default_factory=list)  # --produce batch: this round's outputs
+    partitions: int = 0  # --produce batch: of the output topic
+    key_partition: dict[bytes, int] = field(default_factory=dict)
+
     async def emit(self, key: bytes, doc: dict[str, Any]) -> None:
-        await self.producer.send(self.args.output_topic, value=self.dumps(doc), key=key)
+        if self.args.produce == "batch":
+            self.pending.append((key, self.dumps(doc)))
+        else:
+            await self.producer.send(self.args.output_topic, value=self.dumps(doc), key=key)
         self.report.outputs += 1
+
+    async def send_pending(self) -> None:
+        """``--produce batch``: one record batch per partition for the round's outputs, partitioned as
+        Kafka's default partitioner does (murmur2 of the key, cached per key): what the daemon does."""
+        if not self.pending:
+            return
+        from aiokafka.partitioner import murmur2
+
+        if not self.partitions:
+            self.partitions = len(await self.producer.partitions_for(self.args.output_topic))
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        cache, n = self.key_partition, self.partitions
+        for key, value in self.pending:
+            p = cache.get(key)
+            if p is None:
+                p = cache[key] = (murmur2(key) & 0x7FFFFFFF) % n
+            by_partition.setdefault(p, []).append((key, value))
+        self.pending = []
+        for p, items in by_partition.items():
+            batch = self.producer.create_batch()
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    batch.close()
+                    await self.producer.send_batch(batch, self.args.output_topic, partition=p)
+                    batch = self.producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            batch.close()
+            await self.producer.send_batch(batch, self.args.output_topic, partition=p)
 
 
 Handler = Callable[[Ctx, list[tuple[int, Any]]], Awaitable[None]]  # (partition, ConsumerRecord) pairs
@@ -234,6 +269,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--group", default="")
     p.add_argument("--report", default="", help="write the JSON report here")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop")
+    p.add_argument("--produce", choices=("send", "batch"), default="send",
+                   help="one producer.send() per output (what hand-written consumers do), or one record batch "
+                        "per partition per round of outputs (create_batch/send_batch, as the daemon does)")
     p.add_argument("--fetch-max-wait-ms", type=int, default=500,
                    help="how long the broker may hold a fetch for data (aiokafka's default, which the daemon uses)")
     return p
@@ -274,6 +313,7 @@ async def serve(args: argparse.Namespace, name: str, handle: Handler, idle: Idle
                 report.messages += len(records)
                 await handle(ctx, [(tp.partition, r) for r in records])
             busy = await idle(ctx) if idle is not None else False
+            await ctx.send_pending()
             report.last_send_ms = now_ms()
         await producer.flush()
         report.done_ms = now_ms()
@@ -304,6 +344,12 @@ def main(argv: Sequence[str] | None, name: str, description: str,
         extra_args(p)
     args = p.parse_args(argv)
     handle, idle = setup(args)
-    report = asyncio.run(serve(args, name, handle, idle))
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        report = runner.run(serve(args, name, handle, idle))
     report.write(args.report)
     return 0 if report.outputs >= args.expect else 1

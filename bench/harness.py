@@ -86,7 +86,7 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("rnnd", "rnnd serve", kind="rnnd"),
 ]}
 # Variants the suite runs under their own names (bench.suite._contender): not separate programs.
-VARIANTS = ("rnnd-changelog", "passthrough-fw50")
+VARIANTS = ("rnnd-changelog", "rnnd-asyncio", "passthrough-uvloop", "passthrough-batch", "passthrough-fw50")
 
 
 @dataclass
@@ -114,6 +114,7 @@ class RunResult:
     ok: bool = True
     error: str = ""
     note: str = ""
+    batching: str = ""  # rnnd: model calls and their mean size, from its metrics
 
     def summary(self) -> str:
         if not self.ok:
@@ -121,7 +122,8 @@ class RunResult:
         lat = (f" p50 {self.latency_ms.get('p50', 0):.1f} ms p99 {self.latency_ms.get('p99', 0):.1f} ms"
                if self.latency_ms else "")
         return (f"{self.workload:6s} {self.mode:7s} {self.contender:20s} {self.messages_per_s:>10,.0f} msg/s "
-                f"{self.steps_per_s:>10,.0f} steps/s  cpu {self.cpu_s_per_m_steps:6.1f} s/M steps{lat}")
+                f"{self.steps_per_s:>10,.0f} steps/s  cpu {self.cpu_s_per_m_steps:6.1f} s/M steps{lat}"
+                + (f"  [{self.batching}]" if self.batching else ""))
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -220,17 +222,29 @@ def _rnnd_assigned_ms(log: Path) -> int:
     return 0
 
 
-def _rnnd_predictions(port: int) -> float:
+def _rnnd_metrics(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
+            return r.read().decode()
     except (OSError, ValueError):
-        return -1.0
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("rnnd_predictions_total"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        return ""
+
+
+def _metric(text: str, name: str) -> float:
+    """The sum of a metric's samples (without labels, or over all of them); -1 if absent."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
+    return sum(values) if values else -1.0
+
+
+def rnnd_batching(metrics: str) -> str:
+    """How rnnd batched, from its own metrics: mean streams per model call and steps per stream."""
+    calls = _metric(metrics, "rnnd_batch_size_count")
+    if calls <= 0:
+        return ""
+    streams = _metric(metrics, "rnnd_batch_size_sum")
+    steps = _metric(metrics, "rnnd_steps_total")
+    return f"{calls:.0f} model calls, {streams / calls:.0f} streams × {steps / max(1.0, streams):.1f} steps each"
 
 
 @dataclass
@@ -321,6 +335,8 @@ class Runner:
         kafkaio.delete_topics(self.bootstrap, [out_topic])
         res.wall_s = time.monotonic() - t_wall
         self._measure(res, outputs, assigned, sampler, live)
+        if contender.kind == "rnnd" and logf.with_suffix(".metrics").exists():
+            res.batching = rnnd_batching(logf.with_suffix(".metrics").read_text())
         if not res.ok and not res.error.endswith(_tail(logf)):
             res.error += f" | log: {_tail(logf)}"
         return res
@@ -359,7 +375,9 @@ class Runner:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"rnnd exited with {proc.returncode}: {_tail(logf)}")
-            if _rnnd_predictions(port) >= steps:
+            metrics = _rnnd_metrics(port)
+            if _metric(metrics, "rnnd_predictions_total") >= steps:
+                logf.with_suffix(".metrics").write_text(metrics)  # the last scrape: batching, latency
                 return
             time.sleep(0.1)
         raise TimeoutError(f"rnnd not done after {self.timeout:.0f} s")

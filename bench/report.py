@@ -32,6 +32,9 @@ LABELS = {
     "rnnd": "rnnd",
     "rnnd-changelog": "rnnd, changelog on",
     "passthrough-fw50": "pass-through, orjson, fetch_max_wait_ms=50",
+    "passthrough-uvloop": "pass-through, orjson, uvloop (no model)",
+    "passthrough-batch": "pass-through, orjson, uvloop, batched produce",
+    "rnnd-asyncio": "rnnd on the standard asyncio loop",
 }
 
 
@@ -163,7 +166,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{x:.2f}× ({a[what]:,.0f} vs {b[what]:,.0f} {what.split('_')[0]}/s)",
                     "gap": "" if x >= need else f"missed by {(1 - x / need) * 100:.0f}% (needs {need / x:.2f}× more)"})
 
-    io = [r for r in (find(rows, "wide", "passthrough-orjson"), find(rows, "wide", "passthrough-json")) if r]
+    # The issue's ceiling: a pass-through as users write it (one send() per output), with the best codec
+    # (and event loop). The one that batches its produce calls like the daemon is reported beside it.
+    io = [r for r in (find(rows, "wide", n) for n in ("passthrough-orjson", "passthrough-json", "passthrough-uvloop"))
+          if r]
     best_io = max(io, key=lambda r: r["messages_per_s"]) if io else None
     rnnd = find(rows, "wide", "rnnd")
     ratio_target("wide backlog: rnnd ≥ 0.9× the fastest pass-through", rnnd, best_io, 0.9)
@@ -173,6 +179,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                  max(quix, key=lambda r: r["messages_per_s"]) if quix else None, 7.0)
     ratio_target("wide backlog, changelog on: rnnd ≥ 0.75× the fastest pass-through",
                  find(rows, "wide", "rnnd-changelog"), best_io, 0.75)
+    batch_io = find(rows, "wide", "passthrough-batch")
+    if rnnd and batch_io:  # not a target of the issue: how close rnnd comes to its own produce path without a model
+        x = rnnd["messages_per_s"] / batch_io["messages_per_s"]
+        out.append({"target": "(for reference) wide backlog: rnnd ÷ the pass-through that batches its produce calls",
+                    "value": x, "met": None, "info": True,
+                    "measured": f"{x:.2f}× ({rnnd['messages_per_s']:,.0f} vs {batch_io['messages_per_s']:,.0f} "
+                                "messages/s)"})
     live = find(rows, "wide", "rnnd", "live")
     if live:
         p99 = live["latency_ms"]["p99"]
@@ -203,6 +216,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _verdict(t: dict[str, Any]) -> str:
+    if t.get("info"):
+        return "info"
     return "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
 
 

@@ -22,6 +22,7 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -190,7 +191,7 @@ class Daemon:
         consumer = self.consumer
         cfg = self.cfg
         messages = self.metrics.messages.labels(cfg.input_topic)
-        accept = self.pipeline.accept
+        accept = self.pipeline.accept_many
         while not self._stopping.is_set():
             self._backpressure()
             try:
@@ -210,15 +211,16 @@ class Daemon:
                     with contextlib.suppress(Exception):
                         consumer.seek(tp, records[0].offset)
                     continue
-                for r in records:
-                    while not accept(r.key, r.value, tp.partition, r.offset, r.timestamp):
-                        # All max_streams slots hold streams with queued steps: let the model work
-                        # some off before a new stream can take (or evict) a slot.
-                        self._work.set()
-                        await asyncio.sleep(0.002)
-                        if self._stopping.is_set():
-                            return
-                    n += 1
+                taken = accept(tp.partition, records)
+                while taken < len(records):
+                    # All max_streams slots hold streams with queued steps: let the model work
+                    # some off before a new stream can take (or evict) a slot.
+                    self._work.set()
+                    await asyncio.sleep(0.002)
+                    if self._stopping.is_set():
+                        return
+                    taken += accept(tp.partition, records[taken:])
+                n += taken
             if n:
                 messages.inc(n)
                 self._work.set()
@@ -471,7 +473,25 @@ def serve(cfg: ServeConfig) -> int:
         # generations keep re-scanning the queued records. Process-wide, hence here and not in Daemon.
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(cfg.gc_threshold, gen1, gen2)
-    return asyncio.run(_serve(cfg))
+    loop_factory = _loop_factory(cfg.event_loop)
+    log.info("event loop: %s", "uvloop" if loop_factory else "asyncio")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(cfg))
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop runs the same asyncio code with its loop, sockets and timers in C: fewer microseconds per
+    message on the fetch/produce path (docs/benchmarks.md). None: the standard loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("event_loop=uvloop but uvloop is not installed: pip install uvloop, or use "
+                              "event_loop=asyncio") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(cfg: ServeConfig) -> int:

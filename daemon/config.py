@@ -128,6 +128,9 @@ class ServeConfig:
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).")
     log_format: str = opt("text", "Log lines as text or json.", choices=("text", "json"))
     log_level: str = opt("info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error"))
+    event_loop: str = opt("auto", "asyncio's event loop: uvloop (libuv, faster per message), asyncio (the standard "
+                                  "one), or auto (uvloop where it is installed).",
+                          choices=("auto", "uvloop", "asyncio"))
     gc_threshold: int = opt(50_000, "Allocations between Python's young-generation garbage collections (Python's "
                                     "default is 700: at that rate collections cost ~4 µs per message, see "
                                     "docs/benchmarks.md; 0 keeps Python's setting).")

@@ -12,7 +12,7 @@ and the benchmarks drive exactly the same code with plain lists of records.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -21,12 +21,21 @@ import numpy as np
 from . import changelog, codec
 from .codec import DeadLetter, Record
 from .config import ServeConfig
-from .heads import Forecaster, Generator, Heads
+from .heads import Forecaster, Generator, Heads, shortest
 from .metrics import Metrics
 from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
 from .state import Eviction, StateArena, Streams, WindowArena
+
+
+class Incoming(NamedTuple):
+    """An input record as ``accept`` needs it; aiokafka's ConsumerRecord has the same attributes."""
+
+    key: bytes | None
+    value: bytes | None
+    offset: int
+    timestamp: int
 
 
 class Output(NamedTuple):
@@ -84,14 +93,14 @@ class Pipeline:
         self.emit_every = cfg.emit_every
         self.hold_warmup = cfg.warmup == "hold"
         self.warmup = spec.warmup_steps
-        self.last_prediction: dict[int, dict[str, Any]] = {}  # emit=end: per slot
+        self.last_prediction: dict[int, bytes] = {}  # emit=end: per slot, the last output document
         self.dead: list[DeadLetter] = []
         self.outputs: list[tuple[bytes, bytes, int]] = []  # Output layout
         self.evictions: list[Eviction] = []
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
         self._layout_hash = spec.state_hash
-        self._key_text: dict[bytes, str] = {}
+        self.encoder = codec.Encoder(topic, self.model_ref, self.warmup)
         if metrics:  # read at scrape time: always current, nothing to update on the hot path
             metrics.active_streams.set_function(lambda: self.streams.active)
             metrics.state_bytes.set_function(lambda: self.streams.state_bytes)
@@ -101,33 +110,52 @@ class Pipeline:
     def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> bool:
         """Take one input record. False means 'not now': every stream slot is held by a stream with
         queued steps, so a new stream must wait until the model has worked some off (call again)."""
-        po = self.offsets.partitions.get(partition)
-        if po is None:
-            po = self.offsets.partition(partition)
-        elif offset <= po.last:
-            return True  # fetched again (after a seek): already taken
-        item = self.decoder.decode(key, value, partition, offset, timestamp)
-        if item.__class__ is DeadLetter:
-            po.last = offset
-            self.dead.append(item)  # type: ignore[arg-type]
-            if self.metrics:
-                self.metrics.dead_letters.labels(item.reason).inc()  # type: ignore[union-attr]
-            return True
-        assert isinstance(item, Record) and key is not None
+        return self.accept_many(partition, (Incoming(key, value, offset, timestamp),)) == 1
+
+    def accept_many(self, partition: int, records: Sequence[Incoming]) -> int:
+        """Take a fetch's records of one partition, in offset order; returns how many were taken.
+
+        Fewer than ``len(records)`` means 'not now' for the next one (see ``accept``): call again
+        with the rest. The loop body runs once per input record, so it is written flat.
+        """
+        po = self.offsets.partition(partition)
+        decode = self.decoder.decode
         streams = self.streams
-        slot = streams.find(partition, key)
-        if slot is not None and streams.last_offset[slot] >= offset:
-            self._skip_applied(item, slot)  # a replay after a restore
-        if item.remaining:
-            if slot is None:
-                try:
-                    slot = streams.slot(partition, key)
-                except MemoryError:
-                    return False
-            self.scheduler.add(slot, item)
-            po.records.append(item)
-        po.last = offset
-        return True
+        index = streams.index.get(partition)
+        add = self.scheduler.add
+        track = po.records.append
+        last_offset = streams.last_offset
+        n = 0
+        for r in records:
+            offset = r.offset
+            if offset <= po.last:
+                n += 1
+                continue  # fetched again (after a seek): already taken
+            key = r.key
+            item = decode(key, r.value, partition, offset, r.timestamp)
+            if item.__class__ is DeadLetter:
+                self._dead_letter(item)  # type: ignore[arg-type]
+            else:
+                slot = index.get(key) if index is not None else None
+                if slot is not None and last_offset[slot] >= offset:
+                    self._skip_applied(item, slot)  # type: ignore[arg-type]  # a replay after a restore
+                if item.remaining:  # type: ignore[union-attr]
+                    if slot is None:
+                        try:
+                            slot = streams.slot(partition, key)  # type: ignore[arg-type]
+                        except MemoryError:
+                            return n
+                        index = streams.index[partition]
+                    add(slot, item)  # type: ignore[arg-type]
+                    track(item)  # type: ignore[arg-type]
+            po.last = offset
+            n += 1
+        return n
+
+    def _dead_letter(self, dead: DeadLetter) -> None:
+        self.dead.append(dead)
+        if self.metrics:
+            self.metrics.dead_letters.labels(dead.reason).inc()
 
     def _skip_applied(self, record: Record, slot: int) -> None:
         """After a restore, replayed inputs whose steps the restored state already holds are skipped.
@@ -190,11 +218,15 @@ class Pipeline:
                 assert isinstance(arena, StateArena)
                 arena.scatter(c.slots, c.new_states)
             y = c.y.reshape(-1, c.y.shape[-1])  # [B*T, O], row-major (stream, step) like g.refs
-            preds = self.heads.predictions(y)
-            if c.forecast is not None:
-                self._attach_forecast(preds, c.forecast)
-            if c.generated is not None:
-                self._attach_generated(preds, c.generated)
+            if c.forecast is None and c.generated is None:
+                preds = self.heads.encoded(y)
+            else:
+                docs = self.heads.predictions(y)
+                if c.forecast is not None:
+                    self._attach_forecast(docs, c.forecast)
+                if c.generated is not None:
+                    self._attach_generated(docs, c.generated)
+                preds = [codec.encode(d) for d in docs]
             self._emit(g, preds, now_ms)
             self.scheduler.complete(g)
             if m:
@@ -204,47 +236,25 @@ class Pipeline:
                 m.steps.inc(len(g.slots) * g.t)
         return self._take_outputs()
 
-    def _emit(self, g: Group, preds: list[dict[str, Any]], now_ms: int) -> None:
-        """One output document per step of the group, in the group's row order.
-
-        The loop runs once per step of every stream, so it is written flat: the document is a
-        literal, the key's text is cached, and outputs are plain (key, value, timestamp) tuples.
-        """
+    def _emit(self, g: Group, preds: list[bytes], now_ms: int) -> None:
+        """The group's output documents, routed by the emit and warm-up settings."""
         t = g.t
         steps = g.first_step if t == 1 else [f + j for f in g.first_step for j in range(t)]
+        docs = self.encoder.documents(g.refs, steps, preds, now_ms)
+        every = self.emit_every
+        if every == 1 and not self.hold_warmup:  # the default: every step, as it comes
+            self.outputs.extend([(r.key, doc, r.timestamp) for (r, _), doc in zip(g.refs, docs, strict=True)])
+            return
         slots = g.slots if t == 1 else [s for s in g.slots for _ in range(t)]
-        topic, model, warmup, dumps = self.topic, self.model_ref, self.warmup, codec.encode
-        every, hold = self.emit_every, self.hold_warmup
-        plain = every == 1 and not hold
-        key_texts = self._key_text
-        append = self.outputs.append
-        for (record, index), step, pred, slot in zip(g.refs, steps, preds, slots, strict=True):
-            rkey = record.key
-            key = key_texts.get(rkey)
-            if key is None:
-                key = codec.key_text(rkey)
-                if len(key_texts) < 1_000_000:
-                    key_texts[rkey] = key
-            offset = record.offset
-            warm = step < warmup
-            doc = {
-                "key": key, "id": f"{topic}/{record.partition}/{offset}/{index}",
-                "topic": topic, "partition": record.partition, "offset": offset, "index": index,
-                "step": step, "prediction": pred, "warmup": warm, "model": model,
-                "input_ts": record.timestamp, "output_ts": now_ms,
-            }
-            if record.echo:
-                doc.update(record.echo)
-            if plain:
-                append((rkey, dumps(doc), record.timestamp))
-            elif every == 0:
+        for (record, _), step, doc, slot in zip(g.refs, steps, docs, slots, strict=True):
+            if every == 0:
                 self.last_prediction[slot] = doc  # emitted when the stream ends
-            elif not (warm and hold) and (step + 1) % every == 0:
-                append((rkey, dumps(doc), record.timestamp))
+            elif not (step < self.warmup and self.hold_warmup) and (step + 1) % every == 0:
+                self.outputs.append((record.key, doc, record.timestamp))
 
     def _attach_forecast(self, preds: list[dict[str, Any]], forecast: np.ndarray) -> None:
         names = self.heads.names
-        for pred, rows in zip(preds, self.heads.values(forecast).tolist(), strict=True):
+        for pred, rows in zip(preds, shortest(self.heads.values(forecast)), strict=True):
             pred["forecast"] = [dict(zip(names, r, strict=True)) for r in rows]
 
     def _attach_generated(self, preds: list[dict[str, Any]], ids: np.ndarray) -> None:
@@ -266,8 +276,7 @@ class Pipeline:
     def _on_end(self, slot: int, record: Record) -> None:
         doc = self.last_prediction.pop(slot, None)
         if doc is not None:
-            doc["ended"] = True
-            self.outputs.append((record.key, codec.encode(doc), record.timestamp))
+            self.outputs.append((record.key, codec.with_fields(doc, {"ended": True}), record.timestamp))
         if self.metrics:
             self.metrics.stream_ends.inc()
 

@@ -115,12 +115,20 @@ class Scheduler:
             head.cursor = c + t
             return t
         need = t
+        rows, refs = g.rows, g.refs
         for r in q:
-            n = min(need, len(r.steps) - r.cursor)
-            if n:
-                g.rows.extend(r.steps[r.cursor:r.cursor + n])
-                g.refs.extend([(r, i) for i in range(r.cursor, r.cursor + n)])
-                r.cursor += n
+            c = r.cursor
+            n = len(r.steps) - c
+            if n == 1:  # a backlog of one-step messages: the common chunk
+                rows.append(r.steps[c])
+                refs.append((r, c))
+                r.cursor = c + 1
+                need -= 1
+            elif n:
+                n = min(need, n)
+                rows.extend(r.steps[c:c + n])
+                refs.extend([(r, i) for i in range(c, c + n)])
+                r.cursor = c + n
                 need -= n
             if need == 0:
                 break

@@ -40,9 +40,12 @@ class StateArena:
         for t, ax, new in zip(self.tensors, self._axes, states, strict=True):
             t[(slice(None),) * ax + (slots,)] = new
 
-    def init(self, slot: int) -> None:
+    def init(self, slot: int, fresh: bool = False) -> None:
+        """The initial state into ``slot``. A ``fresh`` slot (never used) already holds zeros: its
+        zero-initialised tensors are left untouched, which also leaves their pages unmapped."""
         for t, ax, value in zip(self.tensors, self._axes, self.initial, strict=True):
-            t[(slice(None),) * ax + (slot,)] = 0.0 if value is None else value
+            if value is not None or not fresh:
+                t[(slice(None),) * ax + (slot,)] = 0.0 if value is None else value
 
     def get(self, slot: int) -> list[np.ndarray]:
         """One stream's state, per-stream shapes (for the changelog)."""
@@ -81,8 +84,9 @@ class WindowArena:
         order = (pos[:, None] + 1 + self._arange[None, :]) % self.w
         return self.ring[slots[:, None], order]
 
-    def init(self, slot: int) -> None:
-        self.ring[slot] = self.fill
+    def init(self, slot: int, fresh: bool = False) -> None:
+        if not fresh:  # a fresh slot holds the fill value since allocation
+            self.ring[slot] = self.fill
 
     def get(self, slot: int) -> list[np.ndarray]:
         return [self.ring[slot].copy()]
@@ -139,6 +143,7 @@ class Streams:
             keys = self.index[partition] = {}
         slot = keys.get(key)
         if slot is None:
+            fresh = not self._free and self._next < self.capacity  # never used: still as allocated
             slot = self._allocate()
             keys[key] = slot
             self.keys[slot] = key
@@ -147,7 +152,7 @@ class Streams:
             self.last_offset[slot] = -1
             self.last_index[slot] = -1
             self.in_use[slot] = True
-            self.arena.init(slot)
+            self.arena.init(slot, fresh)
             self.active += 1
         self.last_used[slot] = self.clock()
         return slot

@@ -24,7 +24,6 @@ from rnnd.daemon.codec import DeadLetter, Decoder, Record
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.heads import Heads
 from rnnd.daemon.pipeline import Pipeline
-from rnnd.daemon.scheduler import Group
 from rnnd.daemon.tokenizer import Tokenizer
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
@@ -213,24 +212,28 @@ def _documents(spec: BundleSpec, y: np.ndarray, *, forecast: np.ndarray | None =
                generated: np.ndarray | None = None, echo: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Predictions as ``Pipeline.finish`` builds them, without an ONNX model.
 
-    Calls the pipeline's own document builders on a stand-in ``self`` that holds only the
-    attributes they read, so a change to the output format shows up here as a schema failure.
+    Runs the pipeline's own code — heads, the forecast/generation attachments (on a stand-in
+    ``self`` that holds only what they read), the output encoder — so a change to the output
+    format shows up here as a schema failure.
     """
     heads = Heads(spec, top_k=3)
     tok = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
-    stub: Any = types.SimpleNamespace(heads=heads, decoder=types.SimpleNamespace(tokenizer=tok), topic="in",
-                                      model_ref=spec.model.ref, _key_text={}, warmup=6, emit_every=1,
-                                      hold_warmup=False, outputs=[], last_prediction={})
-    preds = heads.predictions(y)
-    if forecast is not None:
-        Pipeline._attach_forecast(stub, preds, forecast)
-    if generated is not None:
-        Pipeline._attach_generated(stub, preds, generated)
+    stub: Any = types.SimpleNamespace(heads=heads, decoder=types.SimpleNamespace(tokenizer=tok))
+    if forecast is None and generated is None:
+        preds = heads.encoded(y)
+    else:
+        dicts = heads.predictions(y)
+        if forecast is not None:
+            Pipeline._attach_forecast(stub, dicts, forecast)
+        if generated is not None:
+            Pipeline._attach_generated(stub, dicts, generated)
+        preds = [codec.encode(d) for d in dicts]
     record = Record(b"\xff-binary-key", 1, 40, 1_700_000_000_000, [], echo=echo)
     # one stream, len(preds) steps from step 5; warm-up ends after step 5
-    group = Group(len(preds), slots=[0], refs=[(record, i) for i in range(len(preds))], first_step=[5])
-    Pipeline._emit(stub, group, preds, 1_700_000_000_009)
-    return [orjson.loads(value) for _, value, _ in stub.outputs]
+    encoder = codec.Encoder("in", spec.model.ref, warmup_steps=6)
+    docs = encoder.documents([(record, i) for i in range(len(preds))], [5 + i for i in range(len(preds))], preds,
+                             1_700_000_000_009)
+    return [orjson.loads(d) for d in docs]
 
 
 def test_pipeline_documents_validate() -> None:
@@ -242,7 +245,8 @@ def test_pipeline_documents_validate() -> None:
     lm_y = rng.standard_normal((2, len(VOCAB))).astype(np.float32)
     docs += _documents(tokens_spec(), lm_y)
     docs += _documents(tokens_spec(), lm_y, generated=rng.integers(0, len(VOCAB), (2, 4)))
-    ended = dict(docs[0], ended=True)  # what Pipeline._on_end adds
+    ended = orjson.loads(codec.with_fields(orjson.dumps(docs[0]), {"ended": True}))  # what Pipeline._on_end adds
+    assert ended == {**docs[0], "ended": True}
     for doc in [*docs, ended]:
         assert errors("output", doc) == [], doc
     assert docs[0]["id"] == "in/1/40/0" and docs[1]["id"] == "in/1/40/1"
@@ -267,3 +271,22 @@ def test_output_schema_rejects_drift(change: Any, where: str) -> None:
     change(doc)
     found = errors("output", doc)
     assert found and any(e.startswith(f"{where}:") for e in found), found
+
+
+def test_encoded_documents_escape_keys_and_copy_inputs() -> None:
+    """The output encoder fills a bytes template: keys that need JSON escaping, binary keys and
+    copied input fields must still give exactly the document a JSON serialiser would."""
+    enc = codec.Encoder("in.readings", "m@2", warmup_steps=1)
+    keys = ['quote"back\\slash', "ünïcode ✓", "tab\tnewline\n"]
+    records = [Record(k.encode(), 2, 7 + i, 1_700_000_000_000 + i, [[0.0]]) for i, k in enumerate(keys)]
+    records.append(Record(b"\xff\xfe", 0, 1, 5, [[0.0]], echo={"event_time": "2026-01-01T00:00:00Z", "client_id": 3}))
+    preds = [b'{"values":{"y":1.5}}'] * len(records)
+    docs = [orjson.loads(d) for d in enc.documents([(r, 0) for r in records], [0, 1, 2, 3], preds, 99)]
+    for doc, r, step in zip(docs, records, [0, 1, 2, 3], strict=True):
+        expect = {"key": codec.key_text(r.key), "id": f"in.readings/{r.partition}/{r.offset}/0",
+                  "topic": "in.readings", "partition": r.partition, "offset": r.offset, "index": 0, "step": step,
+                  "prediction": {"values": {"y": 1.5}}, "warmup": step < 1, "model": "m@2",
+                  "input_ts": r.timestamp, "output_ts": 99, **(r.echo or {})}
+        assert doc == expect
+        assert errors("output", doc) == []
+    assert docs[3]["key"] == "//4="  # not UTF-8: base64, as documented
