@@ -38,6 +38,12 @@ LABELS = {
 }
 
 
+def label(contender: str) -> str:
+    """The table's name for a contender; ``NAME@25%`` is NAME in a live run at 25% of rnnd's maximum."""
+    name, _, at = contender.partition("@")
+    return LABELS.get(name, name) + (f", at {at} of max" if at else "")
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(results), indent=1))
@@ -95,14 +101,14 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     for r in rows:
         rnnd = find(rows, r["workload"], "rnnd", "backlog")
         if not r["ok"]:
-            out.append([r["workload"], r["mode"], LABELS.get(r["contender"], r["contender"]), "failed", "", "", "", "",
+            out.append([r["workload"], r["mode"], label(r["contender"]), "failed", "", "", "", "",
                         "", "", "", r["error"][:80]])
             continue
         ratio = (f"{rnnd['steps_per_s'] / r['steps_per_s']:.2f}×"
                  if rnnd and r["mode"] == "backlog" and r["steps_per_s"] else "")
         lat = r.get("latency_ms") or {}
         out.append([
-            r["workload"], r["mode"], LABELS.get(r["contender"], r["contender"]),
+            r["workload"], r["mode"], label(r["contender"]),
             f"{r['messages_per_s']:,.0f}", f"{r['steps_per_s']:,.0f}", ratio, f"{r['cpu_s_per_m_steps']:.1f}",
             f"{r['broker_cpu_s'] / max(1, r['outputs']) * 1e6:.1f}",
             f"{lat['p50']:.1f}" if lat else "", f"{lat['p99']:.1f}" if lat else "", f"{r['peak_rss_mb']:.0f}",
@@ -249,7 +255,7 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
         for ax, w in zip(axes[0], wls, strict=True):
             rs = [r for r in rows if r["workload"] == w and r["mode"] == "backlog" and r["ok"]]
             rs.sort(key=lambda r: r["steps_per_s"])
-            names = [LABELS.get(r["contender"], r["contender"]) for r in rs]
+            names = [label(r["contender"]) for r in rs]
             vals = [r["steps_per_s"] for r in rs]
             colors = ["tab:red" if r["contender"].startswith("rnnd") else
                       "tab:gray" if r["contender"].startswith("passthrough") else "tab:blue" for r in rs]
@@ -272,7 +278,7 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
         for r in live:
             xs = [a for a, _ in r["latency_cdf"]]
             ys = [b for _, b in r["latency_cdf"]]
-            ax.plot(xs, ys, label=f"{LABELS.get(r['contender'], r['contender'])} (p99 {r['latency_ms']['p99']:.1f} ms)")
+            ax.plot(xs, ys, label=f"{label(r['contender'])} (p99 {r['latency_ms']['p99']:.1f} ms)")
         ax.axvline(25, color="k", ls=":", lw=1, label="target p99 ≤ 25 ms")
         ax.axhline(0.99, color="gray", ls=":", lw=0.8)
         ax.set_xscale("log")

@@ -172,8 +172,8 @@ def workloads(quick: bool) -> dict[str, Workload]:
     return {
         "wide": Workload("wide", "sensors", Data("numeric", 10_000, wide_msgs, 1, seed=1, key_prefix="dev-"),
                          f"10,000 keys, {wide_msgs:,} messages of one step, sensors (2-layer LSTM H=64)"),
-        "deep": Workload("deep", "charlm", Data("tokens", 50, 200 if quick else 2_000, 32, seed=2, key_prefix="doc-"),
-                         f"50 keys, {200 if quick else 2_000:,} messages of 32 tokens, charlm (LSTM H=96)"),
+        "deep": Workload("deep", "charlm", Data("tokens", 50, 200 if quick else 6_000, 32, seed=2, key_prefix="doc-"),
+                         f"50 keys, {200 if quick else 6_000:,} messages of 32 tokens, charlm (LSTM H=96)"),
         "large": Workload("large", "large", Data("numeric", 5_000 if quick else 10_000, 5_000 if quick else 20_000,
                                                  1, seed=3, key_prefix="dev-"),
                           f"{5_000 if quick else 10_000:,} keys, {5_000 if quick else 20_000:,} messages of one step, "

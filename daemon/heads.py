@@ -24,6 +24,13 @@ def shortest(a: np.ndarray) -> list:
     return orjson.loads(orjson.dumps(a.astype(np.float32, copy=False), option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+def _json_rows(a: np.ndarray) -> list[list[bytes]]:
+    """A 2-D float array as JSON numbers, row by row: one orjson call for the whole array, cut
+    apart (numbers hold no brackets or commas). Same numbers as ``shortest``."""
+    body = orjson.dumps(a.astype(np.float32, copy=False), option=orjson.OPT_SERIALIZE_NUMPY)  # [[v,...],[...]]
+    return [row.split(b",") for row in body[2:-2].split(b"],[")]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -41,8 +48,12 @@ class Heads:
         self.mean = np.asarray(out.mean or [0.0] * out.size, dtype=np.float32)
         self.std = np.asarray(out.std or [1.0] * out.size, dtype=np.float32)
 
-        # {"values":{"temp":%b,...}}: a regression prediction, its numbers filled in as JSON bytes
+        # Each kind's prediction with its numbers (and, for the top k, their names) left open.
         self._values_json = b'{"values":{' + b",".join(orjson.dumps(n) + b":%b" for n in self.names) + b"}}"
+        self._label_json = [orjson.dumps(x) for x in self.labels]
+        self._vocab_json = [orjson.dumps(x) for x in self.vocab]
+        self._probs_json = b'{"label":%b,"probs":{' + b",".join([b"%b:%b"] * self.top_k) + b"}}"
+        self._next_json = b'{"next":[' + b",".join([b'{"token":%b,"p":%b}'] * self.top_k) + b"]}"
 
     def values(self, y: np.ndarray) -> np.ndarray:
         """Regression outputs in the units the model was trained on (de-normalised)."""
@@ -54,23 +65,39 @@ class Heads:
         Regression rows (the common case, one output per step of every stream) are encoded in
         one orjson call over the whole array and cut apart: numbers hold no brackets or commas.
         """
-        if self.kind != "regression":
-            return [orjson.dumps(p) for p in self.predictions(y)]
         if not len(y):
             return []
-        body = orjson.dumps(self.values(y), option=orjson.OPT_SERIALIZE_NUMPY)  # b"[[v,v,...],[...]]"
-        tmpl = self._values_json
-        return [tmpl % tuple(row.split(b",")) for row in body[2:-2].split(b"],[")]
+        if self.kind == "regression":
+            tmpl = self._values_json
+            return [tmpl % tuple(row) for row in _json_rows(self.values(y))]
+        top, top_p = self._top(y)
+        classify = self.kind == "classification"
+        names = self._label_json if classify else self._vocab_json
+        tmpl = self._probs_json if classify else self._next_json
+        k = self.top_k
+        args: list[bytes] = [b""] * (2 * k + classify)  # (the label,) then name, p, name, p, ...
+        out = []
+        for idx, ps in zip(top.tolist(), _json_rows(top_p), strict=True):
+            if classify:
+                args[0] = names[idx[0]]
+            args[classify::2] = [names[i] for i in idx]
+            args[classify + 1::2] = ps
+            out.append(tmpl % tuple(args))
+        return out
+
+    def _top(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k likeliest classes of each row, likeliest first (ties: lower index first), and their p."""
+        p = softmax(y.astype(np.float32))
+        top = np.argsort(-p, axis=-1, kind="stable")[:, : self.top_k]
+        return top, np.take_along_axis(p, top, axis=-1)
 
     def predictions(self, y: np.ndarray) -> list[dict[str, Any]]:
         """``y[N, O]`` → one prediction dict per row."""
         if self.kind == "regression":
             names = self.names
             return [{"values": dict(zip(names, row, strict=True))} for row in shortest(self.values(y))]
-        p = softmax(y.astype(np.float32))
-        k = self.top_k
-        top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
-        top_p = shortest(np.take_along_axis(p, top, axis=-1))
+        top, p = self._top(y)
+        top_p = shortest(p)
         if self.kind == "classification":
             labels = self.labels
             return [{"label": labels[idx[0]], "probs": {labels[i]: q for i, q in zip(idx, ps, strict=True)}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,6 +144,8 @@ class Sink:
         self._sent: list[tuple[asyncio.Future, str, int, list[tuple], list[Headers] | None]] = []
         self._partitions: dict[str, int] = {}  # topic → partition count
         self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
+        self._tails: dict[tuple[str, int], asyncio.Task] = {}  # the last hand-over per partition
+        self._handing: deque[asyncio.Task] = deque()  # hand-overs, oldest first
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None,
                    partition: int | None = None) -> None:
@@ -191,29 +194,63 @@ class Sink:
         i, n = 0, len(items)
         while i < n:
             start = i
-            try:
-                batch = producer.create_batch()
-                append = batch.append
-                while i < n:
-                    item = items[i]
-                    h = headers[i] if headers is not None else _NO_HEADERS
-                    if append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
-                        break  # full: the rest goes in the next batch
-                    i += 1
-                if i == start:  # one record larger than a batch: the producer's own path sizes (or refuses) it
-                    item = items[i]
-                    i += 1
-                    fut = await producer.send(topic, value=item[1], key=item[0],
-                                              headers=headers[start] if headers is not None else None,
-                                              partition=partition)
-                else:
-                    batch.close()  # complete: sent at once, no linger
-                    fut = await producer.send_batch(batch, topic, partition=partition)
-            except KafkaError as e:  # accumulator full past request_timeout_ms, or producer closed: flush resends
-                i = max(i, start + 1)
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_exception(e)
-            self._sent.append((fut, topic, partition, items[start:i], None if headers is None else headers[start:i]))
+            batch = producer.create_batch()
+            append = batch.append
+            while i < n:
+                item = items[i]
+                h = headers[i] if headers is not None else _NO_HEADERS
+                if append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                    break  # full: the rest goes in the next batch
+                i += 1
+            if i == start:  # one record larger than a batch: the producer's own path sizes (or refuses) it
+                i += 1
+                batch = None
+            else:
+                batch.close()  # complete: sent at once, no linger
+            chunk = items[start:i]
+            hs = None if headers is None else headers[start:i]
+            self._sent.append((self._hand_over(topic, partition, batch, chunk, hs), topic, partition, chunk, hs))
+        while len(self._handing) > _MAX_HANDING:  # the producer is behind: wait here, not in memory
+            await asyncio.wait([self._handing[0]])
+            self._drop_handed()
+
+    def _hand_over(self, topic: str, partition: int, batch: Any, items: list[tuple],
+                   headers: list[Headers] | None) -> asyncio.Future:
+        """Give a batch to the producer in the background; the returned future is its delivery.
+
+        ``send_batch`` waits until the partition's previous batch has left for the broker. Awaited
+        in line, that wait (a produce round trip) would hold up the next model call; in the
+        background, batches of one partition still go out in order, chained one behind the other.
+        """
+        loop = asyncio.get_running_loop()
+        delivery = loop.create_future()
+        tp = (topic, partition)
+        task = loop.create_task(self._submit(self._tails.get(tp), topic, partition, batch, items, headers, delivery))
+        self._tails[tp] = task
+        self._handing.append(task)
+        self._drop_handed()
+        return delivery
+
+    async def _submit(self, previous: asyncio.Task | None, topic: str, partition: int, batch: Any,
+                      items: list[tuple], headers: list[Headers] | None, delivery: asyncio.Future) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # the partition's order
+        try:
+            if batch is not None:
+                fut = await self.producer.send_batch(batch, topic, partition=partition)
+            else:
+                fut = await self.producer.send(topic, value=items[0][1], key=items[0][0],
+                                               headers=headers[0] if headers else None, partition=partition)
+        except Exception as e:  # accumulator full past request_timeout_ms, producer closed: flush resends
+            if not delivery.done():
+                delivery.set_exception(e if isinstance(e, KafkaError) else KafkaError(repr(e)))
+            return
+        fut.add_done_callback(lambda f: _settle(delivery, f))
+
+    def _drop_handed(self) -> None:
+        handing = self._handing
+        while handing and handing[0].done():
+            handing.popleft()
 
     async def _partition_count(self, topic: str) -> int:
         n = self._partitions.get(topic)
@@ -274,6 +311,18 @@ class Sink:
 
 
 _NO_HEADERS: Headers = []  # never mutated: aiokafka only iterates it
+_MAX_HANDING = 256  # batches given to the background before send_many waits
+
+
+def _settle(delivery: asyncio.Future, fut: asyncio.Future) -> None:
+    if delivery.done():
+        return
+    if fut.cancelled():
+        delivery.set_exception(KafkaError("delivery cancelled"))
+    elif fut.exception() is not None:
+        delivery.set_exception(fut.exception())
+    else:
+        delivery.set_result(fut.result())
 
 
 def _reason(fut: asyncio.Future) -> str:

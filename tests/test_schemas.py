@@ -290,3 +290,17 @@ def test_encoded_documents_escape_keys_and_copy_inputs() -> None:
         assert doc == expect
         assert errors("output", doc) == []
     assert docs[3]["key"] == "//4="  # not UTF-8: base64, as documented
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+@pytest.mark.parametrize("make", [numeric_spec, classifier_spec, tokens_spec], ids=["regression", "classes", "lm"])
+def test_encoded_predictions_are_the_dict_predictions(make: Any, top_k: int) -> None:
+    """The hot path encodes predictions in bulk (``Heads.encoded``); forecasts and generation
+    start from the dict form (``Heads.predictions``). Both must say the same, number for number."""
+    spec = make()
+    heads = Heads(spec, top_k=top_k)
+    y = np.random.default_rng(top_k).standard_normal((9, spec.output.size)).astype(np.float32) * 4
+    y[2, 0] = np.nan if spec.output.kind == "regression" else y[2, 0]
+    encoded = [orjson.loads(b) for b in heads.encoded(y)]
+    assert encoded == heads.predictions(y)
+    assert len(encoded) == 9 and heads.encoded(y[:0]) == []
