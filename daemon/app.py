@@ -72,6 +72,7 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
+        self.metrics.watch_gc()
         for sig in (signal.SIGTERM, signal.SIGINT) if install_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
@@ -162,6 +163,7 @@ class Daemon:
                  time.monotonic() - started, left)
 
     async def _close(self) -> None:
+        self.metrics.unwatch_gc()
         await self._close_clients()
         await self.http.stop()
         self._executor.shutdown(wait=True)

@@ -131,9 +131,10 @@ class ServeConfig:
     event_loop: str = opt("auto", "asyncio's event loop: uvloop (libuv, faster per message), asyncio (the standard "
                                   "one), or auto (uvloop where it is installed).",
                           choices=("auto", "uvloop", "asyncio"))
-    gc_threshold: int = opt(50_000, "Allocations between Python's young-generation garbage collections (Python's "
-                                    "default is 700: at that rate collections cost ~4 µs per message, see "
-                                    "docs/benchmarks.md; 0 keeps Python's setting).")
+    gc_threshold: int = opt(10_000, "Allocations between Python's young-generation garbage collections. Python's "
+                                    "default, 700, costs ~4 µs per message; 50,000 is a little faster but pauses "
+                                    "10-25 ms per collection (rnnd_gc_pause_seconds; docs/benchmarks.md). 0 keeps "
+                                    "Python's setting.")
 
     # --- derived ---------------------------------------------------------------------------
     @property

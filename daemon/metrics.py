@@ -8,7 +8,10 @@ also answer the health probes from the daemon's own state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -62,8 +65,27 @@ class Metrics:
         self.model_info = Gauge("rnnd_model_info", "The served model (value 1).",
                                 ["model", "version", "provider", "requested_provider", "fallback", "state_hash"],
                                 registry=r)
+        self.gc_pause = BulkHistogram("rnnd_gc_pause_seconds", "Python garbage-collection pauses (every generation): "
+                                      "they stop the event loop, so they show in latency (see gc_threshold).",
+                                      registry=r, buckets=_TIME_BUCKETS)
         for reason in ("ttl", "lru"):
             self.evictions.labels(reason)
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time Python's collections from now on (until ``unwatch_gc``)."""
+        if self._gc_callback not in gc.callbacks:
+            gc.callbacks.append(self._gc_callback)
+
+    def unwatch_gc(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._gc_callback)
+
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.gc_pause.observe(time.perf_counter() - self._gc_started)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
