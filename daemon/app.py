@@ -227,6 +227,10 @@ class Daemon:
                 messages.inc(n)
                 self._work.set()
                 await self._send_side_outputs()
+                # Let the infer task start a model call on what was just accepted. getmany returns
+                # without suspending while fetched data is buffered, so without this yield a backlog
+                # is accepted whole before the first call (and live steps wait behind the fetches).
+                await asyncio.sleep(0)
 
     def _backpressure(self) -> None:
         assert self.consumer is not None

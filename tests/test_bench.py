@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is a top-level folder of the checkout, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import harness, kafkaio  # noqa: E402
+from bench import harness, kafkaio, suite  # noqa: E402
 from bench.common import ModelInfo  # noqa: E402
 from bench.workloads import Data, Model  # noqa: E402
 
@@ -40,7 +40,10 @@ def _importable(name: str) -> bool:
 
 HAS_QUIX = _importable("quixstreams")
 QUIX_SKIP = "quixstreams is not installed (the `bench` extra: pip install -e '.[bench]')"
-MODEL_FREE = {"passthrough-json", "passthrough-orjson"}
+MODEL_FREE = {"passthrough-json", "passthrough-orjson", "passthrough-uvloop", "passthrough-batch"}
+# Variants the suite runs under their own names (other flags of the same programs): the numeric run covers
+# those that change how outputs are produced or how the program runs.
+VARIANTS = ("passthrough-uvloop", "passthrough-batch", "rnnd-asyncio")
 TOL = 1e-4
 
 
@@ -120,7 +123,8 @@ def runs(bootstrap, recipe_bundle, tmp_path_factory) -> dict[str, tuple]:
     * tokens: 5 keys × 3 messages of 8 tokens (one output per token), charlm (language model).
     """
     plans = {
-        "numeric": (_model(recipe_bundle, "sensors"), Data("numeric", 50, 200, 1, seed=5, key_prefix="t-"), _names()),
+        "numeric": (_model(recipe_bundle, "sensors"), Data("numeric", 50, 200, 1, seed=5, key_prefix="t-"),
+                    [*_names(), *VARIANTS]),
         "tokens": (_model(recipe_bundle, "charlm"), Data("tokens", 5, 15, 8, seed=6, key_prefix="d-"),
                    _names(TOKEN_EXCLUDE)),
     }
@@ -131,8 +135,9 @@ def runs(bootstrap, recipe_bundle, tmp_path_factory) -> dict[str, tuple]:
         w, name = job
         model, data, _ = plans[w]
         out: list[kafkaio.Output] = []
-        r = runner.run(harness.CONTENDERS[name], model, filled[w][0], workload=w, keys=data.keys,
-                       messages=data.messages, steps=data.steps, extra=_extra(name), collect=out)
+        contender, flags = suite._contender(name)
+        r = runner.run(contender, model, filled[w][0], workload=w, keys=data.keys, messages=data.messages,
+                       steps=data.steps, extra=(*flags, *_extra(contender.name)), collect=out)
         return w, name, r, out
 
     jobs = [(w, n) for w, (_, _, names) in plans.items() for n in names]
@@ -145,7 +150,7 @@ def runs(bootstrap, recipe_bundle, tmp_path_factory) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", [*_params(), *VARIANTS])
 def test_numeric_contender(runs, name: str) -> None:
     model, data, items, results, ref = runs["numeric"]
     r, outputs = results[name]
