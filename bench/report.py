@@ -33,8 +33,8 @@ LABELS = {
     "rnnd-changelog": "rnnd, changelog on",
     "passthrough-fw50": "pass-through, orjson, fetch_max_wait_ms=50",
     "passthrough-uvloop": "pass-through, orjson, uvloop (no model)",
-    "passthrough-batch": "pass-through, orjson, uvloop, batched produce",
-    "rnnd-asyncio": "rnnd on the standard asyncio loop",
+    "passthrough-batch": "pass-through, orjson, batched produce",
+    "rnnd-uvloop": "rnnd on uvloop",
 }
 
 
@@ -484,10 +484,10 @@ timestamp − input record timestamp (the output carries `input_ts`); the first 
 is left out as warm-up.
 
 **Variants.** `pass-through, orjson, uvloop` is the orjson pass-through on uvloop's event loop;
-`… batched produce` also produces one record batch per partition per round
+`pass-through, orjson, batched produce` produces one record batch per partition per round
 (`create_batch`/`send_batch`, Kafka's murmur2 partitioning), the produce path rnnd uses — it is
 not the issue's yardstick (a pass-through as users write it) but shows what is left of rnnd's
-own cost without a model. `rnnd on the standard asyncio loop` is `--event-loop asyncio`.
+own cost without a model. `rnnd on uvloop` is `--event-loop uvloop`.
 
 **Caveats.** Two cores are shared by the broker, the program measured and (in live mode) the
 producer: every program is bounded by what the broker leaves it. The hand-written consumers

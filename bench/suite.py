@@ -61,7 +61,7 @@ class Options:
 # the others keep to what their targets compare, to stay within the time budget.
 PLAN_FULL = {
     "wide": ("passthrough-json", "passthrough-orjson", "passthrough-uvloop", "passthrough-batch", "naive-onnx",
-             "naive-torch", "quix-store", "quix-dict", "batched", "rnnd", "rnnd-changelog", "rnnd-asyncio"),
+             "naive-torch", "quix-store", "quix-dict", "batched", "rnnd", "rnnd-changelog", "rnnd-uvloop"),
     "deep": ("passthrough-orjson", "naive-onnx", "naive-torch", "batched", "rnnd"),
     "large": ("naive-onnx", "naive-torch", "batched", "rnnd"),
 }
@@ -122,9 +122,9 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
     """Aliases for variants: ``rnnd-changelog`` is rnnd with durable state on (the daemon's default,
     where it exists); ``passthrough-fw50`` is the orjson pass-through with ``fetch_max_wait_ms=50``
     instead of aiokafka's 500 (live mode: what the client setting alone does to latency on Tansu);
-    ``passthrough-uvloop`` the same on uvloop; ``passthrough-batch`` on uvloop and producing one record
-    batch per partition per round (create_batch/send_batch), the produce path the daemon uses;
-    ``rnnd-asyncio`` is rnnd on the standard event loop instead of uvloop."""
+    ``passthrough-uvloop`` the same on uvloop; ``passthrough-batch`` produces one record batch per
+    partition per round (create_batch/send_batch), the produce path the daemon uses;
+    ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop."""
     if name == "rnnd-changelog":
         return CONTENDERS["rnnd"], ("--changelog",)
     if name == "passthrough-fw50":
@@ -132,9 +132,9 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
     if name == "passthrough-uvloop":
         return CONTENDERS["passthrough-orjson"], ("--loop", "uvloop")
     if name == "passthrough-batch":
-        return CONTENDERS["passthrough-orjson"], ("--loop", "uvloop", "--produce", "batch")
-    if name == "rnnd-asyncio":
-        return CONTENDERS["rnnd"], ("--event-loop", "asyncio")
+        return CONTENDERS["passthrough-orjson"], ("--produce", "batch")
+    if name == "rnnd-uvloop":
+        return CONTENDERS["rnnd"], ("--event-loop", "uvloop")
     return CONTENDERS[name], ()
 
 

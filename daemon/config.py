@@ -128,9 +128,9 @@ class ServeConfig:
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).")
     log_format: str = opt("text", "Log lines as text or json.", choices=("text", "json"))
     log_level: str = opt("info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error"))
-    event_loop: str = opt("auto", "asyncio's event loop: uvloop (libuv, faster per message), asyncio (the standard "
-                                  "one), or auto (uvloop where it is installed).",
-                          choices=("auto", "uvloop", "asyncio"))
+    event_loop: str = opt("asyncio", "asyncio's event loop: asyncio (the standard one) or uvloop (libuv; pip install "
+                                     "'rnnd[uvloop]'). No difference beyond noise on docs/benchmarks.md.",
+                          choices=("asyncio", "uvloop"))
     gc_threshold: int = opt(10_000, "Allocations between Python's young-generation garbage collections. Python's "
                                     "default, 700, costs ~4 µs per message; 50,000 is a little faster but pauses "
                                     "10-25 ms per collection (rnnd_gc_pause_seconds; docs/benchmarks.md). 0 keeps "

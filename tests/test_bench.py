@@ -43,7 +43,7 @@ QUIX_SKIP = "quixstreams is not installed (the `bench` extra: pip install -e '.[
 MODEL_FREE = {"passthrough-json", "passthrough-orjson", "passthrough-uvloop", "passthrough-batch"}
 # Variants the suite runs under their own names (other flags of the same programs): the numeric run covers
 # those that change how outputs are produced or how the program runs.
-VARIANTS = ("passthrough-uvloop", "passthrough-batch", "rnnd-asyncio")
+VARIANTS = ("passthrough-uvloop", "passthrough-batch", "rnnd-uvloop")
 TOL = 1e-4
 
 

@@ -237,3 +237,18 @@ def test_docs_configuration_md_holds_exactly_the_generated_table() -> None:
 def test_print_config_docs_needs_no_other_settings(rnnd) -> None:
     result = rnnd("serve", "--print-config-docs")
     assert result.code == 0 and result.out.strip() == config.docs_table()
+
+
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard loop by default; uvloop when asked; a clear refusal (exit 2) when it is asked for but absent."""
+    import sys
+
+    from rnnd.daemon.app import _loop_factory
+
+    assert _loop_factory(ServeConfig().event_loop) is None
+    uvloop = pytest.importorskip("uvloop")
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` fail, as when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'rnnd\[uvloop\]'") as e:
+        _loop_factory("uvloop")
+    assert e.value.exit_code == 2
