@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -201,13 +202,43 @@ def test_files_must_exist_and_be_readable(tmp_path: Path, ca: CA) -> None:
         client_kwargs(KafkaSecurity(security_protocol="SSL", ssl_cafile=str(not_pem)))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file_names_the_user(tmp_path: Path) -> None:
-    path = secret_file(tmp_path, SECRET)
-    path.chmod(0)
-    with pytest.raises(SecurityError, match=rf"sasl_password_file {path}: not readable by this user \(uid \d+\)"):
-        client_kwargs(KafkaSecurity(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
-                                    sasl_password_file=str(path)))
+def test_unreadable_file_names_the_user() -> None:
+    """A secret the daemon's user cannot read: the error names the file and the uid.
+
+    Root reads files whatever their mode, so as root the check runs in a forked child that has
+    switched to an unprivileged user (as the container's non-root user would be).
+    """
+
+    def check(path: Path) -> str:
+        try:
+            client_kwargs(KafkaSecurity(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
+                                        sasl_password_file=str(path)))
+        except SecurityError as e:
+            return str(e)
+        return "no error"
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        os.chmod(folder, 0o755)  # reachable by the unprivileged user; the file itself is not readable
+        path = secret_file(Path(folder), SECRET)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            got, uid = check(path), os.getuid()
+        else:
+            uid = 65534  # nobody
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: drop privileges, check, report, exit without pytest's clean-up
+                try:
+                    os.setgid(uid)
+                    os.setuid(uid)
+                    os.write(write_end, check(path).encode())
+                finally:
+                    os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as r:
+                got = r.read().decode()
+            os.waitpid(pid, 0)
+    assert got == f"sasl_password_file {path}: not readable by this user (uid {uid})"
 
 
 def test_key_problems_are_explained_not_prompted_for(ca: CA, tmp_path: Path) -> None:
