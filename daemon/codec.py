@@ -347,7 +347,7 @@ def encode(doc: dict[str, Any]) -> bytes:
     # The copy is deliberate. orjson writes into an oversized buffer and shrinks it in place;
     # kept by the thousand (a model call's outputs, until the producer takes them) such buffers
     # cost about 2 µs each in the allocator, where a right-sized copy, with the original freed
-    # at once, costs 0.1 µs (docs/benchmarks.md, "Allocator").
+    # at once, costs 0.1 µs (docs/benchmarks.md, "Reading the numbers").
     return bytes(memoryview(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)))
 
 

@@ -124,6 +124,9 @@ def _single_broker(admin: AIOKafkaAdminClient) -> bool:
 
 
 Headers = list[tuple[str, bytes]]
+# A batch handed to the producer: its delivery future, and what to send again if it fails
+# (topic, partition, the records, their headers).
+_Sent = tuple[asyncio.Future, str, int, list[tuple], "list[Headers] | None"]
 
 
 class Sink:
@@ -141,7 +144,7 @@ class Sink:
         self.producer = producer
         self.on_error = on_error
         # One entry per batch handed to the producer: its future, and what to send again if it fails.
-        self._sent: list[tuple[asyncio.Future, str, int, list[tuple], list[Headers] | None]] = []
+        self._sent: list[_Sent] = []
         self._partitions: dict[str, int] = {}  # topic → partition count
         self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
         self._tails: dict[tuple[str, int], asyncio.Task] = {}  # the last hand-over per partition
@@ -162,7 +165,6 @@ class Sink:
         """
         if not items:
             return
-        by_partition: dict[int, list[int]] = {}
         if partitions is None:
             n = await self._partition_count(topic)
             cache = self._key_partition[topic]
@@ -177,20 +179,27 @@ class Sink:
                     cache[key] = p
                 partitions.append(p)
         if len(set(partitions)) == 1:  # one partition: no regrouping
-            await self._send_partition(topic, partitions[0], list(items), None if headers is None else list(headers))
-            return
-        for i, p in enumerate(partitions):
-            idx = by_partition.get(p)
-            if idx is None:
-                idx = by_partition[p] = []
-            idx.append(i)
-        for p, idx in by_partition.items():
-            await self._send_partition(topic, p, [items[i] for i in idx],
-                                       None if headers is None else [headers[i] for i in idx])
+            self._sent += self._send_partition(topic, partitions[0], list(items),
+                                               None if headers is None else list(headers))
+        else:
+            by_partition: dict[int, list[int]] = {}
+            for i, p in enumerate(partitions):
+                idx = by_partition.get(p)
+                if idx is None:
+                    idx = by_partition[p] = []
+                idx.append(i)
+            for p, idx in by_partition.items():
+                self._sent += self._send_partition(topic, p, [items[i] for i in idx],
+                                                   None if headers is None else [headers[i] for i in idx])
+        while len(self._handing) > _MAX_HANDING:  # the producer is behind: wait here, not in memory
+            await asyncio.wait([self._handing[0]])
+            self._drop_handed()
 
-    async def _send_partition(self, topic: str, partition: int, items: list[tuple],
-                              headers: list[Headers] | None) -> None:
+    def _send_partition(self, topic: str, partition: int, items: list[tuple],
+                        headers: list[Headers] | None) -> list[_Sent]:
+        """Cut ``items`` into record batches and hand each to the producer; what to track for each."""
         producer = self.producer
+        handed: list[_Sent] = []
         i, n = 0, len(items)
         while i < n:
             start = i
@@ -209,10 +218,8 @@ class Sink:
                 batch.close()  # complete: sent at once, no linger
             chunk = items[start:i]
             hs = None if headers is None else headers[start:i]
-            self._sent.append((self._hand_over(topic, partition, batch, chunk, hs), topic, partition, chunk, hs))
-        while len(self._handing) > _MAX_HANDING:  # the producer is behind: wait here, not in memory
-            await asyncio.wait([self._handing[0]])
-            self._drop_handed()
+            handed.append((self._hand_over(topic, partition, batch, chunk, hs), topic, partition, chunk, hs))
+        return handed
 
     def _hand_over(self, topic: str, partition: int, batch: Any, items: list[tuple],
                    headers: list[Headers] | None) -> asyncio.Future:
@@ -299,11 +306,9 @@ class Sink:
                 return False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
-            resend, self._sent = self._sent, []
+            todo = unfinished
             for _, topic, partition, items, headers in failed:
-                await self._send_partition(topic, partition, items, headers)
-            todo = unfinished + self._sent
-            self._sent = resend
+                todo += self._send_partition(topic, partition, items, headers)
 
     @property
     def unacknowledged(self) -> int:

@@ -39,9 +39,7 @@ class Offsets:
 
     def accept(self, partition: int, offset: int) -> bool:
         """False for an offset at or below one already accepted (a re-fetch): skip it."""
-        p = self.partitions.get(partition)
-        if p is None:
-            p = self.partitions[partition] = PartitionOffsets()
+        p = self.partition(partition)
         if offset <= p.last:
             return False
         p.last = offset

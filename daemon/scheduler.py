@@ -104,32 +104,19 @@ class Scheduler:
         if g is None:
             g = groups[t] = Group(t)
         g.slots.append(slot)
-        c = head.cursor
-        if len(head.steps) - c >= t:  # the common case: the head record alone fills the chunk
-            if t == 1:
-                g.rows.append(head.steps[c])
-                g.refs.append((head, c))
-            else:
-                g.rows.extend(head.steps[c:c + t])
-                g.refs.extend([(head, i) for i in range(c, c + t)])
-            head.cursor = c + t
-            return t
         need = t
         rows, refs = g.rows, g.refs
         for r in q:
             c = r.cursor
-            n = len(r.steps) - c
-            if n == 1:  # a backlog of one-step messages: the common chunk
+            n = min(need, len(r.steps) - c)
+            if n == 1:  # one step (T=1, or a backlog of one-step messages): the common case
                 rows.append(r.steps[c])
                 refs.append((r, c))
-                r.cursor = c + 1
-                need -= 1
             elif n:
-                n = min(need, n)
                 rows.extend(r.steps[c:c + n])
                 refs.extend([(r, i) for i in range(c, c + n)])
-                r.cursor = c + n
-                need -= n
+            r.cursor = c + n
+            need -= n
             if need == 0:
                 break
         return t
