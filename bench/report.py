@@ -244,8 +244,14 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     rows = merged(results)
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(folder / name)
 
     # 1. throughput by contender, one panel per workload
     wls = [w for w in ("wide", "deep", "large") if any(r["workload"] == w and r["ok"] and r["mode"] == "backlog"
@@ -265,11 +271,7 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
             ax.set_title(f"{w}: steps/s (backlog)")
             ax.set_xlim(0, max(vals) * 1.35)
             ax.tick_params(axis="y", labelsize=8)
-        fig.tight_layout()
-        p = folder / "bench-throughput.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, "bench-throughput.png")
 
     # 2. latency CDF of live runs
     live = [r for r in rows if r["mode"] == "live" and r["ok"] and r.get("latency_cdf")]
@@ -278,19 +280,16 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
         for r in live:
             xs = [a for a, _ in r["latency_cdf"]]
             ys = [b for _, b in r["latency_cdf"]]
-            ax.plot(xs, ys, label=f"{label(r['contender'])} (p99 {r['latency_ms']['p99']:.1f} ms)")
+            p99 = r["latency_ms"]["p99"]
+            ax.plot(xs, ys, label=f"{label(r['contender'])}: {r['rate']:,.0f} msg/s, p99 {p99:.1f} ms")
         ax.axvline(25, color="k", ls=":", lw=1, label="target p99 ≤ 25 ms")
         ax.axhline(0.99, color="gray", ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("end-to-end latency, ms (output record time − input record time)")
         ax.set_ylabel("fraction of steps")
-        ax.set_title(f"wide, live at {live[0]['rate']:,.0f} messages/s")
+        ax.set_title("wide, live traffic at fixed rates")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = folder / "bench-latency-cdf.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, "bench-latency-cdf.png")
 
     # 3. memory per stream by stream count
     mem = results.get("memory", [])
@@ -306,11 +305,7 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
         ax.set_ylabel("bytes per stream")
         ax.set_title(f"memory per stream ({mem[0]['model']})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = folder / "bench-memory.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, "bench-memory.png")
 
     # 4. the profile's hot spots
     prof = results.get("profile") or {}
@@ -321,11 +316,7 @@ def plots(results: dict[str, Any], folder: Path = IMG) -> list[Path]:
         ax.set_xlabel("% of samples (self time)")
         ax.set_title("rnnd, wide backlog: where the time goes (py-spy)")
         ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        p = folder / "bench-profile.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, "bench-profile.png")
     return written
 
 
