@@ -28,7 +28,7 @@ RUN python -m venv /opt/rnnd
 WORKDIR /src
 COPY requirements/runtime.txt requirements/runtime.txt
 RUN /opt/rnnd/bin/pip install -r requirements/runtime.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY cli cli
 COPY daemon daemon
 COPY export export
@@ -55,11 +55,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/rnnd/bin:$PATH PYTHONUNBUFFERED=1
 RUN python -m venv /opt/rnnd
 WORKDIR /src
-COPY constraints.txt pyproject.toml README.md ./
+COPY requirements/dev.txt requirements/dev.txt
+COPY pyproject.toml README.md LICENSE ./
 COPY cli cli
 COPY daemon daemon
 COPY export export
-RUN pip install --extra-index-url "$TORCH_INDEX_URL" -c constraints.txt '.[export]'
+# The development lock as constraints: torch and everything else at the versions the tests ran
+# (the CPU index's 2.13.0+cpu satisfies the lock's torch==2.13.0).
+RUN pip install --extra-index-url "$TORCH_INDEX_URL" -c requirements/dev.txt '.[export]'
 # /models and /data owned by the user: an empty named volume mounted there takes this ownership,
 # so `rnnd train --out /models` can write into it.
 RUN groupadd --system --gid 10001 rnnd \
@@ -93,7 +96,7 @@ RUN if [ -n "$ORT_GPU_VERSION" ]; then \
     fi \
  && grep -q "^onnxruntime-gpu==" /tmp/runtime-gpu.txt \
  && /opt/rnnd/bin/pip install -r /tmp/runtime-gpu.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY cli cli
 COPY daemon daemon
 COPY export export

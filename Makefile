@@ -1,15 +1,23 @@
 # Two entry points for a fresh machine (see README): `make demo` and `make test`.
-# Both create .venv on first use; torch comes from constraints.txt (the CPU build).
+# Both create .venv on first use from the lock, requirements/dev.txt: every distribution pinned
+# exactly (torch 2.13.0 included), so a new release on the index cannot change what runs.
+# `make lock` refreshes the lock (requirements/lock.py says how).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint lock venv clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# rnnd itself goes on top with --no-deps and without build isolation: its build backend is the
+# locked setuptools, and nothing outside the lock is fetched.
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[export,test,bench]'
+	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/rnnd demo --duration 30
@@ -20,6 +28,9 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+
+lock:
+	$(PYTHON) requirements/lock.py
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache

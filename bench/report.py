@@ -355,7 +355,7 @@ def markdown(results: dict[str, Any], imgs: list[Path]) -> str:
         "",
         "Commands:",
         "",
-        "    pip install -c constraints.txt -e '.[export,test,bench]'",
+        "    make venv                       # .venv from the lock (requirements/dev.txt), as make test builds it",
         f"    {results.get('command', 'python -m bench')}      # this run ({results['mode']} mode)",
         "    python -m bench --quick         # ≤ 60 s, smaller workloads, writes bench/results/quick.json only",
         "    rnnd bench [--quick]            # the same through the rnnd command",
