@@ -13,11 +13,16 @@ Graph conventions (both modes):
 * stateful mode: one input and one output per state tensor; ``y`` is ``[B, T, O]``.
 * window mode: no state; ``x`` holds the last W inputs, ``y`` is ``[B, O]``, the prediction
   for the last step of the window.
+
+Integrity: the document's ``content_hash`` seals the whole file (see ``content_hash``), and
+every reader (``serve``, ``serve --check``, ``verify``, ``inspect``) goes through
+``verified_spec``, which refuses a file changed after export.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -27,7 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: the content hash covers the metadata as well as the graph (format 1 hashed the graph alone).
+FORMAT_VERSION = 2
 METADATA_KEY = "rnnd.bundle"
 
 Mode = Literal["stateful", "window"]
@@ -40,6 +46,16 @@ class BundleError(ValueError):
     """A file is not a usable bundle. The message says what is wrong and what to do."""
 
     exit_code = 1
+
+
+class BundleIntegrityError(BundleError):
+    """The file is not what `rnnd export` wrote (or cannot be shown to be): never serve it.
+
+    Exit code 2, like the daemon's other refusals to start on a bad deployment: the fix is an
+    operator's (re-export, or restore the file), not a retry.
+    """
+
+    exit_code = 2
 
 
 def encode_array(a: np.ndarray) -> str:
@@ -326,12 +342,7 @@ class BundleSpec:
 
     @classmethod
     def from_json(cls, text: str) -> BundleSpec:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"bundle metadata is not valid JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise BundleError("bundle metadata must be a JSON object")
+        doc = _parse_document(text, "bundle")
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(
@@ -362,23 +373,103 @@ def state_hash(states: Sequence[StateSpec], input_kind: str = "") -> str:
 
 
 def graph_hash(model_proto: Any) -> str:
-    """sha256 of the serialised graph (weights included), independent of the metadata."""
+    """sha256 of the serialised graph (weights included), independent of the metadata.
+
+    Identifies the computation: two exports of the same weights have equal graph hashes even
+    though their provenance differs. Not an integrity check; that is ``content_hash``.
+    """
     return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def attach(model_proto: Any, spec: BundleSpec) -> None:
-    """Write ``spec`` into an ``onnx.ModelProto``'s metadata (replacing an older one)."""
+_CONTENT_HASH_DOMAIN = b"rnnd bundle content v2\n"
+
+
+def content_hash(model_proto: Any) -> str:
+    """sha256 over everything in the file except the stored hash itself.
+
+    Two length-prefixed parts: (1) the ModelProto without its metadata, serialised
+    deterministically, so the graph, every initializer (the weights), the opset imports and any
+    model-local functions are covered: each changes what the graph computes; (2) the canonical
+    JSON (sorted keys, no whitespace) of every metadata entry, with the ``rnnd.bundle`` document
+    parsed and its ``content_hash`` field left out. Metadata is hashed as parsed JSON rather than
+    as stored text because the hash lives inside the document it covers: leaving out one field of
+    a parsed object is exact, cutting it out of text is not. It also means that re-saving a file
+    with another JSON formatter is not a change, while any change in meaning (an input mean, a
+    label, a learned initial state, an added field) is. Other metadata keys are covered too:
+    nothing in a bundle may change unnoticed.
+
+    This detects change, not forgery: anyone with rnnd can re-seal an edited file. Sign or
+    checksum bundles in the registry that ships them when that matters.
+    """
+    from onnx import ModelProto
+
+    body = ModelProto()
+    body.CopyFrom(model_proto)
+    body.ClearField("metadata_props")
+    meta: dict[str, Any] = {}
+    for key, value in metadata_entries(model_proto).items():
+        if key == METADATA_KEY:
+            doc = _parse_document(value, "bundle")
+            doc.pop("content_hash", None)
+            meta[key] = doc
+        else:
+            meta[key] = value
+    parts = (body.SerializeToString(deterministic=True),
+             json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+    h = hashlib.sha256(_CONTENT_HASH_DOMAIN)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def metadata_entries(model_proto: Any, source: str = "model") -> dict[str, str]:
+    """The model's metadata as a dict; a key stored twice is refused.
+
+    ONNX Runtime keeps one of the two values and nothing says which: the daemon could then serve
+    a document other than the one that was checked.
+    """
+    out: dict[str, str] = {}
+    for p in model_proto.metadata_props:
+        if p.key in out:
+            raise BundleIntegrityError(
+                f"{source} holds the metadata key {p.key!r} twice, so it was modified after export: "
+                "re-export it with rnnd export")
+        out[p.key] = p.value
+    return out
+
+
+def _parse_document(text: str, source: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{source} metadata is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise BundleError(f"{source} metadata must be a JSON object")
+    return doc
+
+
+def attach(model_proto: Any, spec: BundleSpec) -> BundleSpec:
+    """Write ``spec`` into an ``onnx.ModelProto`` (replacing an older one) and seal the result.
+
+    Returns ``spec`` with the content hash of the model as it now is. Anything changed in the
+    model afterwards breaks the seal, so this is the last step before the file is written.
+    """
+    model_proto.doc_string = f"rnnd bundle {spec.model.ref}: {spec.model.description}".strip()
+    model_proto.producer_name = "rnnd"
     props = [p for p in model_proto.metadata_props if p.key != METADATA_KEY]
     del model_proto.metadata_props[:]
     model_proto.metadata_props.extend(props)
     entry = model_proto.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = spec.to_json()
-    model_proto.doc_string = f"rnnd bundle {spec.model.ref}: {spec.model.description}".strip()
-    model_proto.producer_name = "rnnd"
+    entry.value = dataclasses.replace(spec, content_hash="").to_json()
+    sealed = dataclasses.replace(spec, content_hash=content_hash(model_proto))
+    entry.value = sealed.to_json()
+    return sealed
 
 
 def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> BundleSpec:
+    """The spec, without the integrity check: for tools that only show what a file claims."""
     if METADATA_KEY not in metadata:
         raise BundleError(
             f"{source} is an ONNX model but not an rnnd bundle (no {METADATA_KEY!r} metadata); "
@@ -387,21 +478,57 @@ def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> Bu
     return BundleSpec.from_json(metadata[METADATA_KEY])
 
 
-def read_spec(path: str | Path) -> BundleSpec:
-    """Read a bundle's spec with ONNX Runtime alone (what the daemon does)."""
-    import onnxruntime as ort
+def verified_spec(model_proto: Any, source: str = "model") -> BundleSpec:
+    """The spec of a bundle whose content hash matches: the one gate every reader goes through.
 
+    The hash is checked before the document is validated, so an edited file is reported as
+    edited rather than by whichever field the edit happened to break.
+
+    Format 1 bundles are refused, not accepted with a warning: their hash covers only the graph,
+    so an edited input mean would pass, and accepting them would let anyone bypass the check by
+    writing ``"format_version": 1`` into an edited document. Re-exporting costs one command; serving
+    a silently changed model costs wrong predictions that look right.
+    """
+    metadata = metadata_entries(model_proto, source)
+    if METADATA_KEY not in metadata:
+        return spec_from_metadata(metadata, source)  # raises: not an rnnd bundle
+    doc = _parse_document(metadata[METADATA_KEY], source)
+    version = doc.get("format_version")
+    if version == 1:
+        raise BundleIntegrityError(
+            f"{source} was exported by an older rnnd (bundle format 1), whose content hash does not cover "
+            "the metadata, so changes to it cannot be detected: re-export it with rnnd export")
+    if version == FORMAT_VERSION and doc.get("content_hash") != content_hash(model_proto):
+        raise BundleIntegrityError(
+            f"{source} was modified after export (its content hash does not match): re-export it with rnnd export")
+    return BundleSpec.from_json(metadata[METADATA_KEY])  # other versions: refused there, with advice
+
+
+def load_proto(data: bytes, source: str = "model") -> Any:
+    """Parse a bundle's bytes with onnx (for hashing; ONNX Runtime runs the same bytes)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{source} is not an ONNX model: {first}") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path}: no such file")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for non-ONNX input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path} is not an ONNX model ONNX Runtime can load: {first}") from None
-    return spec_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+        return path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def read_spec(path: str | Path) -> BundleSpec:
+    """Read a bundle's verified spec without running it (and without torch)."""
+    return verified_spec(load_proto(read_bytes(path), str(path)), str(path))
 
 
 # --- dataclass construction from plain JSON ------------------------------------------------------

@@ -13,11 +13,36 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import BundleError, BundleSpec, spec_from_metadata
+from .bundle import (
+    BundleError,
+    BundleIntegrityError,
+    BundleSpec,
+    load_proto,
+    metadata_entries,
+    read_bytes,
+    spec_from_metadata,
+    verified_spec,
+)
+
+
+def _refuse_if_modified(data: bytes, source: str) -> None:
+    """Raise BundleIntegrityError if ``data`` is a bundle whose content hash does not match; else nothing."""
+    try:
+        verified_spec(load_proto(data, source), source)
+    except BundleIntegrityError:
+        raise
+    except Exception:  # not readable as a bundle either: the caller reports ONNX Runtime's reason
+        return
 
 
 class BundleModel:
-    """An ONNX Runtime session plus the spec read from its own metadata."""
+    """An ONNX Runtime session plus the spec read from its own metadata.
+
+    Every way of loading a bundle comes through here, so this is where its content hash is
+    checked (``bundle.verified_spec``). The file is read once and the bytes that were hashed are
+    the bytes ONNX Runtime runs: no window in which the file could change between check and use.
+    ``check_content=False`` is for ``rnnd inspect`` alone, to show what a refused file claims.
+    """
 
     def __init__(
         self,
@@ -25,6 +50,7 @@ class BundleModel:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 0,
         spinning: bool = False,
+        check_content: bool = True,
     ) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -35,15 +61,18 @@ class BundleModel:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         source = "model" if isinstance(model, bytes) else str(model)
+        data = model if isinstance(model, bytes) else read_bytes(model)
         try:
-            self.session = ort.InferenceSession(
-                model if isinstance(model, bytes) else str(model), sess_options=opts,
-                providers=list(providers))
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=list(providers))
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if check_content:
+                _refuse_if_modified(data, source)  # an edit that broke the graph is still an edit
             raise BundleError(f"{source} is not an ONNX model ONNX Runtime can load: {first}") from None
-        self.spec: BundleSpec = spec_from_metadata(
-            self.session.get_modelmeta().custom_metadata_map, source)
+        proto = load_proto(data, source)
+        self.spec: BundleSpec = (verified_spec(proto, source) if check_content
+                                 else spec_from_metadata(metadata_entries(proto, source), source))
+        del proto, data
         self._check_graph_matches_spec()
         self._state_in = [s.input_name for s in self.spec.states]
         self._outputs = [self.spec.y_name] + [s.output_name for s in self.spec.states]

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec, graph_hash, read_spec
+from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec, content_hash, read_spec
 from rnnd.export import protocol, zoo
 from rnnd.export.exporter import ExportOptions, export_bundle
 
@@ -126,4 +126,4 @@ def test_metadata_round_trip_through_onnxruntime_alone(tmp_path):
     assert spec.model.ref == "rt@7" and spec.warmup_steps == 3
     assert spec.input.tokenizer.vocab == VOCAB and spec.output.labels == ("neg", "neu", "pos")
     assert spec.state_hash == result.spec.state_hash and len(spec.state_hash) == 16
-    assert spec.content_hash == graph_hash(onnx.load(str(result.path)))
+    assert spec.content_hash == content_hash(onnx.load(str(result.path)))
