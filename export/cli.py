@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 PROTOCOL_HELP = """\
 protocol (stateful mode): the factory returns an nn.Module with
     forward(x, *state) -> (y, *new_state)
@@ -15,10 +17,27 @@ x is [B, T, F] float32 (numeric) or [B, T] int64 (token ids), batch first; y is 
 The state is derived from the model's nn.RNN/nn.LSTM/nn.GRU layers in module order (h, and
 c for an LSTM; shape [layers*directions, B, H]) unless the module defines state_spec()
 returning rnnd.export.StateDecl objects. An optional initial_state() gives a learned initial
-state. Window mode: forward(x) -> y with x the last W steps. See README, "Export".
+state. Also accepted, and mapped onto the protocol: forward(x, state=None) -> (y, state) with
+the state as one (nested) argument such as (h, c), and time-first models (batch_first=False
+layers: x [T, B, F]). Window mode: forward(x) -> y with x the last W steps. See README, "Export".
+
+Options imply what they describe: --features/--mean/--std/--valid-min/--valid-max a numeric
+input, --vocab/--tokenizer/--unk/--case-sensitive a token input, --output-names/--output-mean/
+--output-std/--next-of a regression output, --labels a classification output, --window window
+mode. Contradicting options are refused.
 
 exit codes: 0 written; 1 bad input (the message says what to fix); 2 bad arguments;
 3 parity check failed (nothing written)."""
+
+# Which options describe which kind of input/output: giving one implies the kind.
+NUMERIC_OPTS = {"features": "--features", "mean": "--mean", "std": "--std", "valid_min": "--valid-min",
+                "valid_max": "--valid-max"}
+TOKEN_OPTS = {"tokenizer": "--tokenizer", "vocab": "--vocab", "unk": "--unk", "case_sensitive": "--case-sensitive"}
+REGRESSION_OPTS = {"output_names": "--output-names", "output_mean": "--output-mean", "output_std": "--output-std",
+                   "next_of": "--next-of"}
+CLASSIFICATION_OPTS = {"labels": "--labels"}
+# Keys a --spec file may hold (as in the bundle metadata).
+SPEC_KEYS = ("name", "version", "description", "mode", "window", "warmup_steps", "input", "output")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -31,32 +50,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="FILE.py:function or package.module:function returning the nn.Module "
                    "(optional when the checkpoint names one, as `rnnd train` checkpoints do)")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="state_dict saved with torch.save (or a dict holding one under 'state_dict')")
+                   help="state_dict saved with torch.save (or a dict holding one, e.g. under 'state_dict')")
+    p.add_argument("--checkpoint-key", metavar="KEY",
+                   help="the checkpoint is a dict holding the state_dict under KEY (e.g. state_dict, "
+                   "model_state_dict, ema); found by itself when only one entry holds tensors")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="drop PREFIX from the checkpoint's keys (e.g. 'model.' for a Lightning module's "
+                   "state_dict); found by itself when exactly one prefix makes the keys match the model")
     p.add_argument("--out", required=True, type=Path, help="bundle to write (.onnx)")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the factory (VALUE parsed as JSON, else a string)")
     p.add_argument("--spec", type=Path, help="JSON file with any of the options below (keys as in "
-                   "the bundle metadata: name, version, mode, window, warmup_steps, input, output)")
+                   "the bundle metadata: " + ", ".join(SPEC_KEYS) + ")")
     g = p.add_argument_group("model")
     g.add_argument("--name")
     g.add_argument("--version")
     g.add_argument("--description")
     g.add_argument("--mode", choices=["stateful", "window"])
-    g.add_argument("--window", type=int, help="window mode: steps the model sees")
+    g.add_argument("--window", type=int, help="window mode (implied): steps the model sees")
     g.add_argument("--warmup", type=int, dest="warmup_steps",
                    help="predictions of a stream's first N steps are marked as warm-up")
-    g = p.add_argument_group("input")
+    g = p.add_argument_group("input (each option implies its kind)")
     g.add_argument("--input-kind", choices=["numeric", "tokens"])
-    g.add_argument("--features", help="comma-separated feature names (numeric)")
-    g.add_argument("--mean", help="comma-separated per-feature means used in training")
-    g.add_argument("--std", help="comma-separated per-feature standard deviations")
-    g.add_argument("--valid-min", help="comma-separated lower bounds (raw units; empty = none)")
-    g.add_argument("--valid-max", help="comma-separated upper bounds")
+    g.add_argument("--features", help="numeric: comma-separated feature names")
+    g.add_argument("--mean", help="numeric: comma-separated per-feature means used in training")
+    g.add_argument("--std", help="numeric: comma-separated per-feature standard deviations")
+    g.add_argument("--valid-min", help="numeric: comma-separated lower bounds (raw units; empty = none)")
+    g.add_argument("--valid-max", help="numeric: comma-separated upper bounds")
     g.add_argument("--tokenizer", choices=["word", "char"], help="tokens: tokenisation level")
     g.add_argument("--vocab", type=Path, help="tokens: vocabulary file, one token per line, in id order")
-    g.add_argument("--unk", default="<unk>", help="tokens: the unknown token (default <unk>)")
-    g.add_argument("--case-sensitive", action="store_true", help="tokens: do not lower-case text")
-    g = p.add_argument_group("output")
+    g.add_argument("--unk", help="tokens: the unknown token (default <unk>)")
+    g.add_argument("--case-sensitive", action="store_true", default=None, help="tokens: do not lower-case text")
+    g = p.add_argument_group("output (each option implies its kind)")
     g.add_argument("--output-kind", choices=["regression", "classification", "language_model"])
     g.add_argument("--output-names", help="regression: comma-separated output names")
     g.add_argument("--output-mean", help="regression: de-normalisation means")
@@ -68,7 +93,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default 1e-4)")
     g.add_argument("--parity-batches", default=None, help="batch sizes to check (default 1,7,512)")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and PyTorch's warnings")
     p.set_defaults(run=run_export)
 
     t = sub.add_parser(
@@ -85,19 +110,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(run=run_train)
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"rnnd export: error: expected comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
-def _bounds(text: str | None) -> tuple[float | None, ...] | None:
+def _bounds(text: str | None, flag: str) -> tuple[float | None, ...] | None:
     if text is None:
         return None
-    return tuple(None if v.strip() == "" else float(v) for v in text.split(","))
+    try:
+        return tuple(None if v.strip() == "" else float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers (empty for no bound), got {text!r}") from None
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -109,7 +137,7 @@ def _parse_kwargs(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"rnnd export: error: --arg takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--arg takes KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -117,57 +145,178 @@ def _parse_kwargs(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _given(args: argparse.Namespace, opts: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in opts.items() if getattr(args, dest) is not None]
+
+
+def _present(doc: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if doc.get(k) not in (None, (), [], "")]
+
+
+def _implied(args: argparse.Namespace, explicit: str | None, explicit_flag: str,
+             kinds: dict[str, list[str]]) -> str | None:
+    """The kind the options describe; refuse options of two kinds, or against the explicit flag."""
+    described = {kind: flags for kind, flags in kinds.items() if flags}
+    if len(described) > 1:
+        (k1, f1), (k2, f2) = list(described.items())[:2]
+        raise UsageError(f"{f1[0]} ({k1}) and {f2[0]} ({k2}) describe different kinds; give the options of one")
+    if not described:
+        return explicit
+    kind, flags = next(iter(described.items()))
+    if explicit is not None and explicit != kind:
+        raise UsageError(f"{explicit_flag} {explicit} contradicts {flags[0]}, which describes a {kind} "
+                         f"{'input' if 'input' in explicit_flag else 'output'}")
+    return kind
+
+
 def resolve_settings(args: argparse.Namespace, embedded: dict[str, Any]) -> dict[str, Any]:
-    """Bundle settings: checkpoint's embedded section < --spec file < command-line flags."""
+    """Bundle settings: checkpoint's embedded section < --spec file < command-line flags.
+
+    Every option given is used or refused: options imply the kind they describe, and what a
+    lower source says about another kind is refused rather than silently left out.
+    """
     from .errors import ExportError
 
-    settings: dict[str, Any] = {k: v for k, v in embedded.items() if k not in ("factory", "kwargs", "sample")}
+    settings: dict[str, Any] = {k: v for k, v in embedded.items() if k in SPEC_KEYS}
     if args.spec:
         try:
-            settings.update(json.loads(args.spec.read_text()))
+            doc = json.loads(args.spec.read_text())
         except FileNotFoundError:
             raise ExportError(f"--spec {args.spec}: no such file") from None
         except json.JSONDecodeError as e:
             raise ExportError(f"--spec {args.spec} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise ExportError(f"--spec {args.spec} must hold a JSON object")
+        unknown = sorted(set(doc) - set(SPEC_KEYS))
+        if unknown:
+            raise ExportError(f"--spec {args.spec} has unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(SPEC_KEYS)}")
+        settings.update(doc)
+
+    if args.window is not None and args.mode == "stateful":
+        raise UsageError("--window applies to window mode; drop --mode stateful (--window implies --mode window)")
     for key in ("name", "version", "description", "mode", "window", "warmup_steps"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    inp = dict(settings.get("input") or {})
-    flag_map = {"input_kind": "kind", "features": "features", "mean": "mean", "std": "std",
-                "valid_min": "valid_min", "valid_max": "valid_max"}
-    parsed = {"input_kind": args.input_kind, "features": _names(args.features), "mean": _floats(args.mean),
-              "std": _floats(args.std), "valid_min": _bounds(args.valid_min), "valid_max": _bounds(args.valid_max)}
-    for flag, key in flag_map.items():
-        if parsed[flag] is not None:
-            inp[key] = parsed[flag]
-    if args.vocab or args.tokenizer:
+    if args.window is not None:
+        settings["mode"] = "window"
+    if settings.get("mode") == "stateful" and settings.get("window") is not None:
+        raise UsageError(f"window {settings['window']} (from --spec or the checkpoint) applies to window mode "
+                         "only; pass --mode window, or remove it")
+
+    settings["input"] = _resolve_input(args, dict(settings.get("input") or {}))
+    settings["output"] = _resolve_output(args, dict(settings.get("output") or {}))
+    return settings
+
+
+def _resolve_input(args: argparse.Namespace, inp: dict[str, Any]) -> dict[str, Any]:
+    from .errors import ExportError
+
+    kind = _implied(args, args.input_kind, "--input-kind",
+                    {"numeric": _given(args, NUMERIC_OPTS), "tokens": _given(args, TOKEN_OPTS)})
+    if kind is not None:
+        if inp.get("kind") and inp["kind"] != kind:
+            # Flags take precedence, but not by dropping what the lower source says about the other kind.
+            leftover = _present(inp, ("features", "mean", "std", "valid_min", "valid_max")) if kind == "tokens" \
+                else _present(inp, ("tokenizer",))
+            if leftover:
+                raise UsageError(f"the command line describes a {kind} input but --spec/the checkpoint describes "
+                                 f"a {inp['kind']} one ({', '.join(leftover)}); remove one of them")
+        inp["kind"] = kind
+    parsed = {"features": _names(args.features), "mean": _floats(args.mean, "--mean"),
+              "std": _floats(args.std, "--std"), "valid_min": _bounds(args.valid_min, "--valid-min"),
+              "valid_max": _bounds(args.valid_max, "--valid-max")}
+    for key, value in parsed.items():
+        if value is not None:
+            inp[key] = value
+    if _given(args, TOKEN_OPTS):
         tok = dict(inp.get("tokenizer") or {})
         if args.vocab:
             try:
                 vocab = [line.rstrip("\n") for line in args.vocab.read_text().splitlines()]
             except FileNotFoundError:
                 raise ExportError(f"--vocab {args.vocab}: no such file") from None
-            if args.unk not in vocab:
-                raise ExportError(f"--vocab {args.vocab} has no unknown token {args.unk!r}; add it or pass --unk")
-            tok.update(vocab=vocab, unk_id=vocab.index(args.unk))
+            tok["vocab"] = vocab
+            tok.pop("unk_id", None)
+        if not tok.get("vocab"):
+            raise UsageError("token input needs its vocabulary: --vocab FILE (one token per line, in id order)")
+        if args.unk is not None or "unk_id" not in tok:
+            unk = args.unk if args.unk is not None else "<unk>"
+            if unk not in tok["vocab"]:
+                raise ExportError(f"the vocabulary{f' {args.vocab}' if args.vocab else ''} has no unknown token "
+                                  f"{unk!r}; add it or pass --unk")
+            tok["unk_id"] = list(tok["vocab"]).index(unk)
         if args.tokenizer:
             tok["level"] = args.tokenizer
-        tok["lowercase"] = not args.case_sensitive
+        if not tok.get("level"):
+            raise UsageError("token input needs its tokenisation level: --tokenizer word|char")
+        if args.case_sensitive:
+            tok["lowercase"] = False
         inp["tokenizer"] = tok
-        inp.setdefault("kind", "tokens")
-    settings["input"] = inp
-    out = dict(settings.get("output") or {})
-    for flag, key, conv in (("output_kind", "kind", None), ("output_names", "names", _names),
-                            ("output_mean", "mean", _floats), ("output_std", "std", _floats),
+    if inp.get("kind") == "numeric" and _present(inp, ("tokenizer",)):
+        raise UsageError("a numeric input has no tokenizer; remove it from --spec or pass the token options")
+    if inp.get("kind") == "tokens" and _present(inp, ("features", "mean", "std", "valid_min", "valid_max")):
+        raise UsageError("a token input has no features/normalisation/ranges; remove them")
+    return inp
+
+
+def _resolve_output(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    kind = _implied(args, args.output_kind, "--output-kind",
+                    {"regression": _given(args, REGRESSION_OPTS),
+                     "classification": _given(args, CLASSIFICATION_OPTS)})
+    if kind is not None:
+        if out.get("kind") and out["kind"] != kind:
+            leftover = _present(out, {"regression": ("labels", "vocab"), "classification": (
+                "names", "mean", "std", "next_of", "vocab"), "language_model": ("names", "mean", "std", "next_of",
+                                                                               "labels")}[kind])
+            if leftover:
+                raise UsageError(f"the command line describes a {kind} output but --spec/the checkpoint "
+                                 f"describes a {out['kind']} one ({', '.join(leftover)}); remove one of them")
+        out["kind"] = kind
+    for flag, key, conv in (("output_names", "names", _names),
+                            ("output_mean", "mean", lambda v: _floats(v, "--output-mean")),
+                            ("output_std", "std", lambda v: _floats(v, "--output-std")),
                             ("labels", "labels", _names), ("next_of", "next_of", _names)):
         value = getattr(args, flag)
         if value is not None:
-            out[key] = conv(value) if conv else value
-    settings["output"] = out
-    return settings
+            out[key] = conv(value)
+    return out
+
+
+def _default_input(model, inp_doc: dict[str, Any]) -> dict[str, Any]:
+    """Fill what the model itself says about its input: the kind, and the feature count."""
+    from torch import nn
+
+    from .errors import ExportError
+
+    doc = dict(inp_doc)
+    if not doc.get("kind"):
+        if any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise ExportError("the model embeds token ids: give the vocabulary (--vocab FILE --tokenizer word|char)")
+        doc["kind"] = "numeric"
+    if doc["kind"] == "numeric" and not doc.get("features"):
+        sized = [len(doc[k]) for k in ("mean", "std", "valid_min", "valid_max") if doc.get(k)]
+        rnn = next((m for m in model.modules() if isinstance(m, nn.RNNBase)), None)
+        n = rnn.input_size if rnn is not None else (sized[0] if sized else None)
+        if n is None:
+            raise ExportError("say what one input step is: --features NAMES (comma-separated)")
+        doc["features"] = [f"x{i}" for i in range(n)]
+    return doc
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    if args.debug:
+        return _run_export(args)
+    # PyTorch's warnings (tracer, exporter deprecation, layer construction) are for --debug;
+    # what matters reaches the user as one line or the report.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _run_export(args)
+
+
+def _run_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     from rnnd.daemon.bundle import BundleError, InputSpec, OutputSpec, from_plain
@@ -175,25 +324,26 @@ def run_export(args: argparse.Namespace) -> int:
     from . import loader
     from .errors import ExportError
     from .exporter import ExportOptions, export_bundle
-    from .parity import ParityPlan
 
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    checkpoint = loader.load_checkpoint(args.checkpoint)
+    kwargs_cli = _parse_kwargs(args.arg)
+    plan = _parity_plan(args)
+    checkpoint = loader.load_checkpoint(args.checkpoint, key=args.checkpoint_key)
     embedded = checkpoint.meta
+    settings = resolve_settings(args, embedded)
     factory = args.factory or embedded.get("factory")
     if not factory:
         raise ExportError("name the model factory (FILE.py:function): the checkpoint does not name one")
-    kwargs = {**embedded.get("kwargs", {}), **_parse_kwargs(args.arg)}
+    kwargs = {**embedded.get("kwargs", {}), **kwargs_cli}
     model = loader.build_model(factory, kwargs)
-    loader.load_weights(model, checkpoint, args.checkpoint)
-    settings = resolve_settings(args, embedded)
-    inp_doc = settings["input"]
-    if not inp_doc.get("kind"):
-        inp_doc = _default_input(model)
+    note = loader.load_weights(model, checkpoint, args.checkpoint, strip_prefix=args.strip_prefix)
+    if note:
+        say(note)
+    inp_doc = _default_input(model, settings["input"])
     out_doc = settings["output"]
     if not out_doc.get("kind"):
-        raise ExportError("say what the model outputs: --output-kind regression --output-names NAMES, "
-                          "classification --labels A,B,..., or language_model")
+        raise ExportError("say what the model outputs: --output-names NAMES (regression), --labels A,B,... "
+                          "(classification), or --output-kind language_model")
     if out_doc["kind"] == "language_model" and not out_doc.get("vocab"):
         out_doc["vocab"] = list((inp_doc.get("tokenizer") or {}).get("vocab") or [])
     try:
@@ -201,12 +351,6 @@ def run_export(args: argparse.Namespace) -> int:
         out = from_plain(OutputSpec, out_doc)
     except (BundleError, TypeError) as e:
         raise ExportError(f"input/output spec: {e}") from None
-    plan = ParityPlan()
-    if args.tolerance is not None:
-        plan = ParityPlan(tolerance=args.tolerance)
-    if args.parity_batches:
-        plan = ParityPlan(tolerance=plan.tolerance,
-                          batches=tuple(int(b) for b in args.parity_batches.split(",")))
     sample = embedded.get("sample")
     opts = ExportOptions(
         name=settings.get("name") or args.out.stem, version=str(settings.get("version") or "1"),
@@ -223,17 +367,23 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_input(model) -> dict[str, Any]:
-    from torch import nn
+def _parity_plan(args: argparse.Namespace):
+    from .parity import ParityPlan
 
-    from .errors import ExportError
-
-    if any(isinstance(m, nn.Embedding) for m in model.modules()):
-        raise ExportError("the model embeds token ids: give the vocabulary (--vocab FILE --tokenizer word|char)")
-    for m in model.modules():
-        if isinstance(m, nn.RNNBase):
-            return {"kind": "numeric", "features": [f"x{i}" for i in range(m.input_size)]}
-    raise ExportError("say what one input step is: --input-kind numeric --features NAMES")
+    plan = ParityPlan()
+    if args.tolerance is not None:
+        if not args.tolerance > 0:
+            raise UsageError(f"--tolerance must be a positive number, not {args.tolerance:g}")
+        plan = ParityPlan(tolerance=args.tolerance)
+    if args.parity_batches:
+        try:
+            batches = tuple(int(b) for b in args.parity_batches.split(","))
+        except ValueError:
+            batches = ()
+        if not batches or min(batches) < 1:
+            raise UsageError(f"--parity-batches takes comma-separated positive integers, got {args.parity_batches!r}")
+        plan = ParityPlan(tolerance=plan.tolerance, batches=batches)
+    return plan
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -13,3 +13,9 @@ class ParityError(ExportError):
     """The exported graph does not compute what PyTorch computes. Exit code 3."""
 
     exit_code = 3
+
+
+class UsageError(ExportError):
+    """Contradicting or malformed command-line options. Exit code 2, as argparse's own errors."""
+
+    exit_code = 2

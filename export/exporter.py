@@ -27,7 +27,6 @@ from rnnd.daemon.bundle import (
     StateSpec,
     attach,
     encode_array,
-    graph_hash,
 )
 from rnnd.daemon.runtime import BundleModel
 
@@ -72,28 +71,28 @@ def export_bundle(
     torch.manual_seed(0)
     with torch.no_grad():
         if opts.mode == "stateful":
-            spec, onnx_model, strategy, ref_state = _stateful_graph(model, opts)
+            spec, onnx_model, strategy, adapter = _stateful_graph(model, opts)
         elif opts.mode == "window":
-            spec, onnx_model, strategy, ref_state = _window_graph(model, opts)
+            spec, onnx_model, strategy, adapter = _window_graph(model, opts)
         else:
             raise ExportError(f"--mode must be 'stateful' or 'window', not {opts.mode!r}")
+        say(f"model: {adapter.describe()}")
         say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
 
         attach(onnx_model, spec)
         bundle = BundleModel(onnx_model.SerializeToString())
         say(f"parity check: B in {list(opts.parity.batches)}, "
             f"{'window ' + str(opts.window) if opts.mode == 'window' else 'chunks ' + str(list(opts.parity.chunks))}")
-        report = parity.check(bundle, model, ref_state, opts.parity, sample=opts.sample,
+        report = parity.check(bundle, adapter, opts.parity, sample=opts.sample,
                               progress=lambda m: say("  " + m))
         spec = dataclasses.replace(
-            spec, parity=report, self_check=_self_check(bundle, model, ref_state, opts),
-            content_hash=graph_hash(onnx_model),
+            spec, parity=report, self_check=_self_check(bundle, adapter, opts),
             provenance=Provenance(
                 rnnd_version=rnnd.__version__, torch_version=torch.__version__,
                 onnx_opset=graph.OPSET, graph_strategy=strategy,
                 created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 source=opts.source))
-    attach(onnx_model, spec)
+    spec = attach(onnx_model, spec)  # seals the file: its content hash is set here
     try:
         onnx.checker.check_model(onnx_model)
     except onnx.checker.ValidationError as e:
@@ -108,8 +107,9 @@ def export_bundle(
 
 def _stateful_graph(model: nn.Module, opts: ExportOptions):
     protocol.check_streamable(model)
-    decls = protocol.derive_state(model)
-    init = protocol.learned_initial_state(model, decls)
+    # Fails early, with one line, if forward fits none of the accepted styles or the input spec.
+    adapter = _adapt(model, opts, window=None)
+    decls, init = adapter.decls, adapter.init
     states = tuple(
         StateSpec(
             name=d.name, shape=tuple(int(s) for s in d.shape), batch_axis=d.batch_axis,
@@ -119,30 +119,39 @@ def _stateful_graph(model: nn.Module, opts: ExportOptions):
         for i, d in enumerate(decls))
     spec = _spec(opts, states)
 
-    def ref_state(batch: int) -> list[torch.Tensor]:
-        return protocol.batched(decls, batch, init)
-
     x = _example(spec, batch=3, steps=2)
-    # Fails early, with a message about the protocol, if forward does not follow it.
-    y, _ = protocol.call(model, x, ref_state(3))
-    _check_out_size(y.shape[-1], spec.output)
+    _check_out_size(adapter.reference(x).shape[-1], spec.output)
 
     io_ = graph.GraphIO(spec.x_name, spec.y_name, spec.input.dtype, 3 if spec.input.kind == "numeric" else 2,
                         spec.output.size, states)
+    view = adapter.module()
     if not compat.needs_step_graph(model):
-        native = graph.trace(model, io_, x, ref_state(3))
-        if not graph.symbolic_dims(native, io_) and _exact_elsewhere(native, model, spec, ref_state):
-            return spec, native, "native", ref_state
-    step_model = compat.exportable_copy(model)
-    step = graph.trace(step_model, io_, _example(spec, batch=3, steps=1), ref_state(3), time_dynamic=False)
+        native = graph.trace(view, io_, x, adapter.state(3))
+        if not graph.symbolic_dims(native, io_) and _exact_elsewhere(native, adapter, spec):
+            return spec, native, "native", adapter
+    step_model = compat.exportable_copy(view)
+    step = graph.trace(step_model, io_, _example(spec, batch=3, steps=1), adapter.state(3), time_dynamic=False)
     scanned = graph.wrap_in_scan(step, io_)
     problems = graph.symbolic_dims(scanned, io_)
     if problems:
         raise ExportError("exported graph has fixed dimensions: " + "; ".join(problems))
-    return spec, scanned, "scan", ref_state
+    return spec, scanned, "scan", adapter
 
 
-def _exact_elsewhere(native: onnx.ModelProto, model: nn.Module, spec: BundleSpec, ref_state) -> bool:
+def _adapt(model: nn.Module, opts: ExportOptions, window: int | None) -> protocol.Adapter:
+    inp = opts.input
+
+    def example(batch: int, steps: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        if inp.kind == "tokens":
+            return torch.randint(0, max(inp.vocab_size, 1), (batch, steps), generator=g)
+        return torch.randn(batch, steps, inp.n_features, generator=g)
+
+    return protocol.adapt(model, example, window, n_features=inp.n_features if inp.kind == "numeric" else None,
+                          vocab_size=inp.vocab_size if inp.kind == "tokens" else None)
+
+
+def _exact_elsewhere(native: onnx.ModelProto, adapter: protocol.Adapter, spec: BundleSpec) -> bool:
     """Does a graph traced at (B=3, T=2) still compute the model at (B=2, T=5)?
 
     Tracing unrolls Python loops over time to the example length; such a graph keeps its
@@ -155,7 +164,7 @@ def _exact_elsewhere(native: onnx.ModelProto, model: nn.Module, spec: BundleSpec
         got, _ = candidate.run_sequence(x.numpy(), chunk=5)
     except Exception:
         return False
-    want = protocol.call(model, x, ref_state(2))[0].numpy()
+    want = adapter.reference(x).numpy()
     return got.shape == want.shape and float(np.max(np.abs(got - want))) <= 1e-4
 
 
@@ -166,16 +175,16 @@ def _window_graph(model: nn.Module, opts: ExportOptions):
     if not opts.window or opts.window < 1:
         raise ExportError("window mode needs --window W (the number of past steps the model sees)")
     spec = _spec(opts, ())
+    adapter = _adapt(model, opts, window=opts.window)
     x = _example(spec, batch=3, steps=opts.window)
-    y = protocol.call_window(model, x)
-    _check_out_size(y.shape[-1], spec.output)
+    _check_out_size(adapter.reference(x).shape[-1], spec.output)
     io_ = graph.GraphIO(spec.x_name, spec.y_name, spec.input.dtype, 3 if spec.input.kind == "numeric" else 2,
                         spec.output.size, (), window=True)
-    g = graph.trace(model, io_, x, [])
+    g = graph.trace(adapter.module(), io_, x, [])
     problems = graph.symbolic_dims(g, io_)
     if problems:
         raise ExportError("exported graph has fixed dimensions: " + "; ".join(problems))
-    return spec, g, "window", lambda _b: []
+    return spec, g, "window", adapter
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -207,16 +216,14 @@ def _check_out_size(got: int, out: OutputSpec) -> None:
             f"{out.size} {what}; make them agree")
 
 
-def _self_check(bundle: BundleModel, model: nn.Module, ref_state, opts: ExportOptions) -> SelfCheck:
+def _self_check(bundle: BundleModel, adapter: protocol.Adapter, opts: ExportOptions) -> SelfCheck:
     spec = bundle.spec
     rng = np.random.default_rng(opts.parity.seed + 1)
     steps = spec.window if spec.mode == "window" else 6
     assert steps is not None
     x = parity.random_inputs(spec, 2, steps, rng)
     with torch.no_grad():
-        xt = torch.from_numpy(x)
-        y = (protocol.call_window(model, xt) if spec.mode == "window"
-             else protocol.call(model, xt, ref_state(2))[0]).numpy().astype(np.float32)
+        y = adapter.reference(torch.from_numpy(x)).numpy().astype(np.float32)
     return SelfCheck(x=encode_array(x), x_shape=tuple(x.shape), y=encode_array(y), y_shape=tuple(y.shape),
                      tolerance=opts.parity.tolerance)
 

@@ -90,9 +90,11 @@ def trace(
     for s in io_.states:
         dyn[s.input_name] = {s.batch_axis: "B"}
         dyn[s.output_name] = {s.batch_axis: "B"}
-    wrapper = _Window(model) if io_.window else _Stateful(model)
+    # In the model's own mode: the exporter puts back the mode of what it is handed, recursively,
+    # and a fresh wrapper is in training mode (dropout on in the parity reference afterwards).
+    wrapper = (_Window(model) if io_.window else _Stateful(model)).train(model.training)
     buf = io.BytesIO()
-    with warnings.catch_warnings(), _stdout_silenced():
+    with warnings.catch_warnings(), _stdout_silenced(), attention_fastpath(False):
         warnings.simplefilter("ignore")  # tracer warnings are expected for Python loops over T
         try:
             torch.onnx.export(
@@ -105,6 +107,26 @@ def trace(
                 f"PyTorch could not export the model to ONNX: {msg[:300]}. Replace or remove the "
                 "layer it names (run with --debug for the full trace)") from e
     return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def attention_fastpath(enabled: bool) -> Iterator[None]:
+    """Switch PyTorch's fused attention kernels off (or on) for a while, then restore the setting.
+
+    In eval mode nn.TransformerEncoderLayer and nn.MultiheadAttention take a "fast path" into
+    fused kernels (aten::_transformer_encoder_layer_fwd, _native_multi_head_attention) that
+    have no ONNX mapping; the slow path computes the same function from exportable ops.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 @contextlib.contextmanager

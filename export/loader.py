@@ -22,7 +22,8 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
+    """The state_dict in ``path``: the file itself, ``obj[key]``, or the one entry that holds tensors."""
     if not path.is_file():
         raise ExportError(f"checkpoint {path}: no such file")
     try:
@@ -41,14 +42,28 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise ExportError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict; "
                           "save it with torch.save(model.state_dict(), path)")
     meta = obj.get("rnnd") if isinstance(obj.get("rnnd"), dict) else {}
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    if key is not None:
+        if not isinstance(obj.get(key), dict):
+            keys = ", ".join(repr(k) for k in obj if isinstance(k, str)) or "none"
+            raise ExportError(f"--checkpoint-key {key!r}: checkpoint {path} has no dict under that key "
+                              f"(its keys: {keys[:200]})")
+        obj = obj[key]
+    elif not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        holders = [k for k, v in obj.items() if _tensor_dict(v)]
+        if len(holders) > 1:
+            raise ExportError(f"checkpoint {path} holds several state_dicts ({', '.join(map(repr, holders))}); "
+                              "choose one with --checkpoint-key KEY")
+        if holders:
+            obj = obj[holders[0]]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ExportError(f"checkpoint {path} has no tensors; save it with torch.save(model.state_dict(), path)")
+        raise ExportError(f"checkpoint {path} has no tensors; save it with torch.save(model.state_dict(), path)"
+                          + ("" if key else ", or name the entry that holds them with --checkpoint-key KEY"))
     return Checkpoint(state_dict=tensors, meta=dict(meta))
+
+
+def _tensor_dict(v: object) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(t, torch.Tensor) for t in v.values())
 
 
 def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -73,25 +88,78 @@ def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_weights(model: nn.Module, checkpoint: Checkpoint, path: Path) -> None:
+def load_weights(model: nn.Module, checkpoint: Checkpoint, path: Path, strip_prefix: str | None = None) -> str:
+    """Load the checkpoint into ``model``; returns a note when a key prefix was stripped."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(checkpoint.state_dict))
-    unexpected = sorted(set(checkpoint.state_dict) - set(own))
+    sd = checkpoint.state_dict
+    note = ""
+    if strip_prefix is not None:
+        kept = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
+        if not kept:
+            raise ExportError(f"--strip-prefix {strip_prefix!r}: no checkpoint key starts with it "
+                              f"(keys: {_few(sorted(sd))})")
+        sd = kept
+    elif set(sd) != set(own):
+        prefixes = _fitting_prefixes(sd, set(own))
+        if len(prefixes) == 1:
+            prefix = prefixes[0]
+            others = sorted(k for k in sd if not k.startswith(prefix))
+            if others:
+                # Leaving tensors out is the user's call, not a guess.
+                raise ExportError(f"checkpoint {path} matches the model under the prefix {prefix!r} but also holds "
+                                  f"{_few(others)}; pass --strip-prefix {prefix} to use the former alone")
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            note = f"checkpoint: stripped the key prefix {prefix!r} (a wrapper's, e.g. Lightning's)"
+        elif len(prefixes) > 1:
+            raise ExportError(f"checkpoint {path} holds the model under several prefixes "
+                              f"({', '.join(map(repr, prefixes))}); choose one with --strip-prefix PREFIX")
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
-        raise ExportError(
-            f"checkpoint {path} does not match the model ({'; '.join(parts)}); the factory "
-            "arguments (--arg) or the factory itself differ from the ones used in training")
-    wrong = [f"{k} {tuple(checkpoint.state_dict[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in own.items() if tuple(checkpoint.state_dict[k].shape) != tuple(v.shape)]
+        hint = ("the factory arguments (--arg) or the factory itself differ from the ones used in training")
+        if unexpected and missing and strip_prefix is None and _looks_prefixed(sd, set(own)):
+            hint = ("its keys look prefixed (a wrapper module's): pass --strip-prefix PREFIX, e.g. "
+                    f"--strip-prefix {_guess_prefix(sd, set(own))!r}")
+        raise ExportError(f"checkpoint {path} does not match the model ({'; '.join(parts)}); {hint}")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in own.items() if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
         raise ExportError(f"checkpoint {path} has tensors of other shapes than the model: {_few(wrong)}; "
                           "check the factory arguments (--arg), e.g. hidden size or layers")
-    model.load_state_dict(checkpoint.state_dict)
+    model.load_state_dict(sd)
+    return note
+
+
+def _fitting_prefixes(sd: dict[str, torch.Tensor], own: set[str]) -> list[str]:
+    """Prefixes P such that the keys starting with P, without it, are exactly the model's keys."""
+    if not own:
+        return []
+    probe = next(iter(sorted(own)))
+    candidates = {k[: len(k) - len(probe)] for k in sd if k.endswith(probe) and len(k) > len(probe)}
+    found = []
+    for prefix in sorted(candidates):
+        if not prefix.endswith("."):
+            continue
+        if {k[len(prefix):] for k in sd if k.startswith(prefix)} == own:
+            found.append(prefix)
+    return found
+
+
+def _looks_prefixed(sd: dict[str, torch.Tensor], own: set[str]) -> bool:
+    return any(k.endswith("." + o) for k in sd for o in own)
+
+
+def _guess_prefix(sd: dict[str, torch.Tensor], own: set[str]) -> str:
+    for k in sorted(sd):
+        for o in own:
+            if k.endswith("." + o):
+                return k[: len(k) - len(o)]
+    return ""
 
 
 def _import(target: str):

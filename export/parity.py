@@ -1,6 +1,8 @@
 """Proof, before a bundle is written, that ONNX Runtime computes what PyTorch computes.
 
-The reference is PyTorch over the full sequence in one forward call. The candidate is the
+The reference is PyTorch over the full sequence in one forward call of the user's original
+module, called the way the user calls it (time-first, nested state: see
+``protocol.Adapter.reference``). The candidate is the
 exported graph run through ``BundleModel`` — the daemon's own runtime code — step by step
 (T=1 per call, state carried between calls) and in chunks, at several batch sizes.
 """
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from rnnd.daemon.bundle import BundleSpec, ParityCase, ParityReport
 from rnnd.daemon.runtime import BundleModel
@@ -56,8 +57,7 @@ def realistic_inputs(
 
 def check(
     bundle: BundleModel,
-    model: nn.Module,
-    reference_state: Callable[[int], list[torch.Tensor]],
+    adapter: protocol.Adapter,
     plan: ParityPlan,
     sample: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
@@ -75,11 +75,10 @@ def check(
             x = (random_inputs(spec, b, steps, rng) if data == "random"
                  else realistic_inputs(spec, b, steps, rng, sample))
             with torch.no_grad():
-                xt = torch.from_numpy(x)
-                if window:
-                    ref = protocol.call_window(model, xt).numpy()
-                else:
-                    ref = protocol.call(model, xt, reference_state(b))[0].numpy()
+                y = adapter.reference(torch.from_numpy(x))
+            # A non-finite reference is the model's own problem: not a parity miss to report as one.
+            protocol.check_finite(y, adapter.model, where=f"{data} input (B={b}, T={steps})")
+            ref = y.numpy()
             for chunk in chunks:
                 got = bundle.run(x, [])[0] if window else bundle.run_sequence(x, chunk=chunk)[0]
                 # A shape mismatch or a NaN anywhere is a miss, never a pass.

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import user_models as um
+from rnnd.daemon.bundle import read_spec
+from rnnd.daemon.runtime import BundleModel
 
 USER = Path(um.__file__)
 
@@ -170,8 +172,8 @@ def test_inspect_detects_a_modified_graph(rnnd, tmp_path, mixed_ckpt):
     weight.raw_data = bytes(raw)
     onnx.save(model, str(out))
     res = rnnd("inspect", out)
-    assert res.code == 1
-    assert "MISMATCH" in res.out and "failed its integrity check" in res.err
+    one_line_error(res, 2, "was modified after export")
+    assert "MISMATCH" in res.out
 
 
 def test_console_script_exit_code_and_single_line(tmp_path):
@@ -180,3 +182,155 @@ def test_console_script_exit_code_and_single_line(tmp_path):
     proc = subprocess.run(exe, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"rnnd export: error: checkpoint {tmp_path / 'x.pt'}: no such file"]
+
+
+# --- every option is used or refused -------------------------------------------------------------
+
+# Each option of `rnnd export`, and the case below that shows it lands in the bundle (or is refused).
+# An option added to the parser without a case here fails test_every_option_has_a_case.
+OPTION_CASES = {
+    "factory": "numeric", "checkpoint": "numeric", "out": "numeric", "arg": "numeric", "spec": "numeric",
+    "name": "numeric", "version": "numeric", "warmup_steps": "numeric", "features": "numeric", "mean": "numeric",
+    "std": "numeric", "valid_min": "numeric", "valid_max": "numeric", "output_names": "numeric",
+    "output_mean": "numeric", "output_std": "numeric", "next_of": "numeric", "tolerance": "numeric",
+    "parity_batches": "numeric", "quiet": "numeric",
+    "input_kind": "tokens", "tokenizer": "tokens", "vocab": "tokens", "unk": "tokens", "case_sensitive": "tokens",
+    "labels": "tokens", "output_kind": "language_model",
+    "mode": "window", "window": "window", "description": "window",
+    "checkpoint_key": "checkpoint", "strip_prefix": "checkpoint",
+    "debug": "test_debug_shows_the_traceback",
+}
+
+
+def export_parser():
+    import argparse
+
+    from rnnd.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["export"]
+
+
+def test_every_option_has_a_case():
+    dests = {a.dest for a in export_parser()._actions if a.dest != "help"}
+    assert dests == set(OPTION_CASES), (sorted(dests - set(OPTION_CASES)), sorted(set(OPTION_CASES) - dests))
+
+
+def write_vocab(path: Path, n: int) -> Path:
+    path.write_text("\n".join(["<PAD>", "<UNK>", *(f"T{i}" for i in range(n - 2))]) + "\n")
+    return path
+
+
+def test_options_numeric_regression(rnnd, tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pt"
+    torch.save(um.MixedStack(n_features=4).state_dict(), ckpt)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text('{"description": "from the spec", "version": "0"}')
+    res = rnnd("export", f"{USER}:mixed_stack", "--checkpoint", ckpt, "--out", tmp_path / "n.onnx",
+               "--arg", "n_features=4", "--spec", spec_file, "--name", "n1", "--version", "7", "--warmup", "4",
+               "--features", "a,b,c,d", "--mean", "1,2,3,4", "--std", "1,2,4,8", "--valid-min", ",0,,-5",
+               "--valid-max", "9,,,5", "--output-names", "p,q", "--output-mean", "5,6", "--output-std", "2,3",
+               "--next-of", "a,b", "--tolerance", "0.001", "--parity-batches", "1,3", "--quiet")
+    assert res.code == 0, res.err
+    assert res.err == ""  # --quiet: only the result line, on stdout
+    spec = read_spec(tmp_path / "n.onnx")
+    assert (spec.model.name, spec.model.version, spec.model.description) == ("n1", "7", "from the spec")
+    assert spec.warmup_steps == 4 and spec.mode == "stateful"
+    i = spec.input
+    assert (i.kind, i.features, i.mean, i.std) == ("numeric", ("a", "b", "c", "d"), (1, 2, 3, 4), (1, 2, 4, 8))
+    assert i.valid_min == (None, 0.0, None, -5.0) and i.valid_max == (9.0, None, None, 5.0)
+    o = spec.output
+    assert (o.kind, o.names, o.mean, o.std, o.next_of) == ("regression", ("p", "q"), (5, 6), (2, 3), ("a", "b"))
+    assert spec.parity.tolerance == 0.001 and {c.batch for c in spec.parity.cases} == {1, 3}
+
+
+def test_options_tokens_classification(rnnd, tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "t.pt"
+    torch.save(um.TokenTagger().state_dict(), ckpt)
+    vocab = write_vocab(tmp_path / "vocab.txt", 30)
+    res = rnnd("export", f"{USER}:token_tagger", "--checkpoint", ckpt, "--out", tmp_path / "t.onnx",
+               "--input-kind", "tokens", "--vocab", vocab, "--unk", "<UNK>", "--tokenizer", "char",
+               "--case-sensitive", "--labels", "a,b,c,d", "--parity-batches", "1,3")
+    assert res.code == 0, res.err
+    spec = read_spec(tmp_path / "t.onnx")
+    tok = spec.input.tokenizer
+    assert spec.input.kind == "tokens" and tok.level == "char" and tok.lowercase is False
+    assert tok.vocab[:3] == ("<PAD>", "<UNK>", "T0") and len(tok.vocab) == 30 and tok.unk_id == 1
+    assert spec.output.kind == "classification" and spec.output.labels == ("a", "b", "c", "d")
+
+
+def test_options_language_model(rnnd, tmp_path):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "lm.pt"
+    torch.save(um.TokenTagger(n_tags=30).state_dict(), ckpt)
+    vocab = write_vocab(tmp_path / "vocab.txt", 30)
+    res = rnnd("export", f"{USER}:token_tagger", "--arg", "n_tags=30", "--checkpoint", ckpt,
+               "--out", tmp_path / "lm.onnx", "--vocab", vocab, "--unk", "<UNK>", "--tokenizer", "word",
+               "--output-kind", "language_model", "--parity-batches", "1,3")
+    assert res.code == 0, res.err
+    spec = read_spec(tmp_path / "lm.onnx")
+    assert spec.output.kind == "language_model" and spec.output.vocab == spec.input.tokenizer.vocab
+
+
+@pytest.mark.parametrize("mode_flag", [(), ("--mode", "window")])
+def test_options_window(rnnd, tmp_path, mode_flag):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "bi.pt"
+    torch.save(um.BiTagger().state_dict(), ckpt)
+    res = rnnd("export", f"{USER}:bi_tagger", "--checkpoint", ckpt, "--out", tmp_path / "bi.onnx",
+               *mode_flag, "--window", "6", "--description", "bi tagger", "--features", "u,v",
+               "--output-names", "y", "--parity-batches", "1,3")
+    assert res.code == 0, res.err  # --window alone implies window mode
+    spec = read_spec(tmp_path / "bi.onnx")
+    assert spec.mode == "window" and spec.window == 6 and spec.model.description == "bi tagger"
+
+
+def test_options_checkpoint_key_and_strip_prefix(rnnd, tmp_path):
+    torch.manual_seed(0)
+    model = um.MixedStack().eval()
+    torch.save({"ema": {f"net.{k}": v for k, v in model.state_dict().items()},
+                "other": um.MixedStack().state_dict()}, tmp_path / "c.pt")
+    res = rnnd(*export_args(tmp_path / "c.pt", tmp_path / "c.onnx", "--checkpoint-key", "ema",
+                            "--strip-prefix", "net.", "--parity-batches", "1,3"))
+    assert res.code == 0, res.err
+    x = torch.randn(2, 9, 3)
+    with torch.no_grad():
+        want = model(x, torch.zeros(1, 2, 32), torch.zeros(1, 2, 16), torch.zeros(1, 2, 16))[0].numpy()
+    got = BundleModel(tmp_path / "c.onnx").run_sequence(x.numpy(), chunk=9)[0]
+    assert abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--input-kind", "tokens", "--features", "a,b,c"), "--input-kind tokens contradicts --features"),
+    (("--features", "a,b,c", "--vocab", "v.txt"), "--features (numeric) and --vocab (tokens) describe different"),
+    (("--case-sensitive", "--mean", "1,2,3"), "describe different kinds"),
+    (("--output-kind", "classification", "--output-names", "p,q"), "--output-kind classification contradicts"),
+    (("--labels", "a,b", "--output-names", "p,q"), "describe different kinds"),
+    (("--mode", "stateful", "--window", "4"), "--window applies to window mode"),
+    (("--unk", "X", "--labels", "a,b"), "token input needs its vocabulary"),
+    (("--mean", "1,x,3"), "--mean takes comma-separated numbers"),
+    (("--valid-min", "0,a,1"), "--valid-min takes comma-separated numbers"),
+    (("--output-std", "1,?"), "--output-std takes comma-separated numbers"),
+    (("--parity-batches", "1,0"), "--parity-batches takes comma-separated positive integers"),
+    (("--tolerance", "0"), "--tolerance must be a positive number"),
+    (("--arg", "novalue"), "--arg takes KEY=VALUE"),
+])
+def test_contradicting_or_malformed_options_are_refused(rnnd, tmp_path, mixed_ckpt, extra, message):
+    (tmp_path / "v.txt").write_text("<unk>\na\n")
+    out = tmp_path / "m.onnx"
+    extra = tuple(str(tmp_path / e) if e == "v.txt" else e for e in extra)
+    one_line_error(rnnd("export", f"{USER}:mixed_stack", "--checkpoint", mixed_ckpt, "--out", out, *extra), 2, message)
+    assert not out.exists()
+
+
+def test_spec_file_of_another_kind_is_refused_not_dropped(rnnd, tmp_path, mixed_ckpt):
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"input": {"kind": "tokens", "tokenizer": {"level": "word", "vocab": ["<unk>", "a"], '
+                    '"unk_id": 0}}, "colour": "red"}')
+    one_line_error(rnnd(*export_args(mixed_ckpt, tmp_path / "m.onnx", "--spec", spec)), 1, "unknown key(s) colour")
+    spec.write_text('{"input": {"kind": "tokens", "tokenizer": {"level": "word", "vocab": ["<unk>", "a"], '
+                    '"unk_id": 0}}}')
+    one_line_error(rnnd(*export_args(mixed_ckpt, tmp_path / "m.onnx", "--spec", spec)), 2,
+                   "the command line describes a numeric input but --spec/the checkpoint describes a tokens one")

@@ -10,7 +10,7 @@ import user_models as um
 from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
 from rnnd.daemon.runtime import BundleModel
 from rnnd.export import protocol
-from rnnd.export.errors import ExportError
+from rnnd.export.errors import ExportError, ParityError
 from rnnd.export.exporter import ExportOptions, export_bundle
 
 
@@ -105,3 +105,13 @@ def test_output_size_must_match_the_spec(tmp_path):
     with pytest.raises(ExportError, match="outputs 2 values per step but the regression output spec has 3"):
         export_bundle(um.MixedStack().eval(), ExportOptions(name="m", input=num(3), output=reg(3)),
                       tmp_path / "m.onnx")
+
+
+def test_nan_in_pytorch_output_during_parity_is_the_model_not_a_parity_miss(tmp_path):
+    torch.manual_seed(0)
+    model = um.NaNLater().eval()
+    with pytest.raises(ExportError, match=r"the PyTorch model itself outputs NaN on random input \(B=1, T=40\): "
+                                          "check the checkpoint/weights") as err:
+        export_bundle(model, ExportOptions(name="nan", input=num(2), output=reg(1)), tmp_path / "m.onnx")
+    assert err.value.exit_code == 1 and not isinstance(err.value, ParityError)
+    assert not (tmp_path / "m.onnx").exists()
