@@ -8,7 +8,8 @@ the settings (the ``# --- Kafka security ---`` block of ``ServeConfig``) and cal
 Rules this module enforces, and why:
 
 * A setting that would be silently ignored is refused (SASL credentials with a non-SASL protocol,
-  TLS files with a plaintext protocol): a half-configured client otherwise connects without the
+  TLS files or ``ssl_check_hostname = false`` with a plaintext protocol, ``sasl_allow_plaintext``
+  with any protocol but SASL_PLAINTEXT): a half-configured client otherwise connects without the
   protection its operator believes it has, or fails later with an unhelpful broker error.
 * SASL over an unencrypted connection needs ``sasl_allow_plaintext = true`` and is logged as a
   warning every time a process connects that way: PLAIN then sends the password in clear text,
@@ -109,6 +110,9 @@ class KafkaSecurity:
         protocol = self.security_protocol
         if protocol not in PROTOCOLS:
             raise SecurityError(f"security_protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        if self.sasl_allow_plaintext and protocol != "SASL_PLAINTEXT":
+            raise SecurityError(f"sasl_allow_plaintext set but security_protocol is {protocol}: it only accepts "
+                                "SASL_PLAINTEXT; leave it unset")
         if self.sasl:
             self._validate_sasl()
         else:
@@ -119,6 +123,8 @@ class KafkaSecurity:
                                     "apply to SASL_SSL (or SASL_PLAINTEXT); set security_protocol = \"SASL_SSL\"")
         tls_given = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_password_file")
                      if getattr(self, n)]
+        if not self.ssl_check_hostname:  # off is the non-default: without TLS it would be silently ignored
+            tls_given.append("ssl_check_hostname = false")
         if not self.tls and tls_given:
             wanted = "SASL_SSL" if self.sasl else "SSL"
             raise SecurityError(f"{', '.join(tls_given)} set but security_protocol is {protocol}: TLS settings only "
@@ -309,9 +315,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> KafkaSecurity:
     """Flags over ``RNND_*`` environment variables over defaults (the daemon's precedence, minus the file)."""
-    from .config import ConfigError, _coerce  # here, not at the top: config imports this module
+    from .config import ConfigError, _coerce, check_environment  # here, not at the top: config imports this module
 
     env = os.environ if env is None else env
+    check_environment(env)  # a mistyped RNND_SASL_* variable is an error here too, not a silent default
     values: dict[str, Any] = {}
     for f in fields(KafkaSecurity):
         flag = getattr(args, f.name, None)

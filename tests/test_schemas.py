@@ -195,6 +195,7 @@ def test_malformed_input_fails_schema_and_decoder(doc: dict[str, Any], reason: s
     (b"sensor-1", None, codec.NOT_JSON),
     (b"sensor-1", b"[1, 2]", codec.NOT_OBJECT),
     (None, b'{"x": [1, 2, 3]}', codec.NO_KEY),
+    (b"k" * 5000, b'{"x": [1, 2, 3]}', codec.KEY_TOO_LONG),  # cut to its first bytes, with key_bytes
     (b"\xff\xfe", b'{"x": [1, 2]}', codec.FEATURE_COUNT),
     (b"sensor-1", b'{"x": [NaN, 2, 3]}', codec.NON_FINITE),
     (b"sensor-1", b'{"text": "the cat"}', codec.WRONG_INPUT_KIND),
