@@ -10,6 +10,8 @@ Four tasks share one event loop:
                   acknowledged) → commit input offsets. A crash anywhere re-delivers inputs
                   whose outputs may already exist (same ids), never loses one.
 * ``_housekeep``  TTL eviction, gauges, consumer lag.
+* ``_watch_broker`` asks a broker for a tiny answer every ``BROKER_CHECK_INTERVAL_S``: /readyz
+                  turns 503 once none has answered for ``broker_unreachable_s``.
 
 SIGTERM/SIGINT: stop fetching, finish queued steps, flush, commit, leave the group, exit 0.
 """
@@ -27,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from . import changelog, kafka
@@ -37,6 +39,12 @@ from .pipeline import Pipeline
 from .runtime import BundleModel, ProviderChoice, open_bundle
 
 log = logging.getLogger("rnnd.daemon")
+
+#: How often the broker is asked whether it is there (``kafka.broker_answers``), and how long
+#: an answer may take. Short next to ``broker_unreachable_s`` (10 s by default), so that
+#: readiness follows an outage and a recovery within about a second of that setting.
+BROKER_CHECK_INTERVAL_S = 1.0
+BROKER_CHECK_TIMEOUT_S = 2.0
 
 
 class Daemon:
@@ -48,8 +56,9 @@ class Daemon:
         self.model = self._choose_model(self.model)
         spec = self.model.spec
         self.pipeline = Pipeline(self.model, cfg, cfg.input_topic, self.metrics, provider=self.provider.label)
-        self.group_id = cfg.group_id or f"rnnd-{spec.model.name}"
-        self.changelog_topic = cfg.changelog_topic or changelog.topic_name(self.group_id, cfg.input_topic)
+        self.group_id, self.changelog_topic = changelog.group_and_topic(cfg.group_id, cfg.changelog_topic,
+                                                                        cfg.input_topic, spec.model.name)
+        cfg.check_changelog_topic(self.changelog_topic)  # its default name comes from the model's
         self.restorer: AIOKafkaConsumer | None = None
         self.exit_code = 0
         self.http = HttpServer(self.metrics, self.is_ready, cfg.http_host, cfg.http_port)
@@ -62,12 +71,15 @@ class Daemon:
         self._connected = False
         self._joined = False  # the first assignment (possibly empty) arrived: we are in the group
         self._kafka_ok = False
+        self._last_answer = 0.0  # monotonic time a broker last answered (connect, broker check)
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnd-infer")
         self._commit_lock = asyncio.Lock()
         # Held from plan() to finish(): a revocation must not drop streams under a running call.
         self._call_lock = asyncio.Lock()
         self._report_model(self.provider)
+        self.metrics.messages.labels(cfg.input_topic)  # a series at 0 before the first message
+        self.metrics.ready.set_function(lambda: float(self.is_ready()))  # what /readyz answers, when scraped
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, install_signals: bool = True) -> int:
@@ -91,7 +103,7 @@ class Daemon:
                 return 0
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("fetch", self._fetch()), ("infer", self._infer()), ("checkpoint", self._checkpoint_loop()),
-                ("housekeep", self._housekeep()))]
+                ("housekeep", self._housekeep()), ("watch", self._watch_broker()))]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -110,17 +122,22 @@ class Daemon:
             self._work.set()
 
     def is_ready(self) -> bool:
-        return self._connected and self._joined and self._kafka_ok and not self._stopping.is_set()
+        return (self._connected and self._joined and self._kafka_ok and not self._stopping.is_set()
+                and time.monotonic() - self._last_answer < self.cfg.broker_unreachable_s)
 
     async def _connect(self) -> None:
-        """Connect with retry and backoff: a broker that is down at start is waited for, not fatal."""
+        """Connect with retry and backoff: a broker that is down at start is waited for, not fatal.
+
+        So is a missing input topic (a deployment job may create it after the daemon starts):
+        readiness stays false and each try says which topic is missing where.
+        """
         backoff = 0.5
         cfg = self.cfg
         while not self._stopping.is_set():
             try:
                 outputs = [cfg.output_topic, cfg.dlq_topic] + ([self.changelog_topic] if cfg.changelog else [])
                 await kafka.ensure_topics(cfg, cfg.input_topic, outputs,
-                                          configs={self.changelog_topic: {"cleanup.policy": "compact"}},
+                                          configs={self.changelog_topic: changelog.TOPIC_CONFIGS},
                                           copartitioned=(self.changelog_topic,) if cfg.changelog else ())
                 self.producer = AIOKafkaProducer(**kafka.producer_settings(cfg))
                 await self.producer.start()
@@ -134,17 +151,20 @@ class Daemon:
                 self.consumer.subscribe([cfg.input_topic], listener=_Rebalance(self))
                 self.sink = kafka.Sink(self.producer, on_error=self._kafka_error("produce"))
                 self._connected = self._kafka_ok = True
-                self.metrics.ready.set(1)
+                self._last_answer = time.monotonic()
                 log.info("connected to %s as group %s", cfg.bootstrap_servers, self.group_id)
                 return
+            except kafka.MissingTopic as e:  # the brokers answered: nothing is unreachable
+                await self._close_clients()
+                log.warning("%s; waiting for it (not ready), checking again in %.1fs", e, backoff)
             except (KafkaError, OSError) as e:
                 await self._close_clients()
                 self.metrics.kafka_errors.labels("connect").inc()
                 log.warning("Kafka at %s not reachable (%s: %s); retrying in %.1fs", cfg.bootstrap_servers,
                             type(e).__name__, e, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, 10.0)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """After stop(): the fetch task has ended; let the infer task empty the queues, then commit."""
@@ -167,7 +187,6 @@ class Daemon:
         await self._close_clients()
         await self.http.stop()
         self._executor.shutdown(wait=True)
-        self.metrics.ready.set(0)
 
     async def _close_clients(self) -> None:
         if self.restorer is not None:
@@ -349,17 +368,57 @@ class Daemon:
                 if ev.reason == "lru":
                     log.info("evicted least recently used streams: max_streams=%d reached", self.cfg.max_streams)
                     break
-            self._update_lag()
+            await self._update_lag()
 
-    def _update_lag(self) -> None:
-        if self.consumer is None:
+    async def _update_lag(self) -> None:
+        """``rnnd_consumer_lag{partition}``: records from the next offset to commit to the high watermark.
+
+        Not from the fetch position: a backlog is fetched long before it is processed (up to
+        ``max_inflight_steps`` steps wait decoded in memory), and a lag that counted only what
+        is not yet fetched would read 0 through all of it. The steps waiting are
+        ``rnnd_inflight_steps``.
+        """
+        consumer = self.consumer
+        if consumer is None:
             return
         for tp in list(self.assigned):
-            high = self.consumer.highwater(tp)
+            high = consumer.highwater(tp)  # as of the partition's last fetch response
+            if high is None:
+                continue
             p = self.pipeline.offsets.partitions.get(tp.partition)
-            if high is not None:
-                last = p.last if p else -1
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - (last + 1)))
+            if p is not None and p.last >= 0:
+                p.commit_point()  # drops the finished records at the front
+                first = p.records[0].offset if p.records else p.last + 1
+            else:  # nothing taken since the assignment: where the consumer will read from
+                try:
+                    first = await asyncio.wait_for(consumer.position(tp), 0.5)
+                except (KafkaError, TimeoutError, AssertionError, IllegalStateError):
+                    continue  # revoked meanwhile, or no position yet: the next round
+            self.metrics.lag.labels(str(tp.partition)).set(max(0, high - first))
+
+    async def _watch_broker(self) -> None:
+        """Keep ``_last_answer`` current; log when the brokers stop and start answering."""
+        cfg = self.cfg
+        lost = False
+        while True:
+            await asyncio.sleep(BROKER_CHECK_INTERVAL_S)
+            if self.producer is None:
+                continue
+            now = time.monotonic()
+            if await kafka.broker_answers(self.producer.client, BROKER_CHECK_TIMEOUT_S):
+                if lost:
+                    log.info("Kafka at %s answers again (silent for %.1fs): ready", cfg.bootstrap_servers,
+                             now - self._last_answer)
+                    lost = False
+                self._last_answer = time.monotonic()
+                continue
+            self.metrics.kafka_errors.labels("broker_check").inc()
+            silent = now - self._last_answer
+            if not lost and silent >= cfg.broker_unreachable_s:
+                lost = True
+                log.warning("no broker at %s has answered for %.1fs: not ready (/readyz 503) until one does "
+                            "(broker_unreachable_s=%g); outputs wait in memory, nothing is lost", cfg.bootstrap_servers,
+                            silent, cfg.broker_unreachable_s)
 
     # --- rebalance ------------------------------------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:

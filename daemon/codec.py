@@ -27,6 +27,7 @@ CONTROLS = ("reset", "end")
 NOT_JSON = "not_json"
 NOT_OBJECT = "not_object"
 NO_KEY = "no_key"
+KEY_TOO_LONG = "key_too_long"
 NO_INPUT = "no_input"
 WRONG_TYPE = "wrong_type"
 WRONG_INPUT_KIND = "wrong_input_kind"
@@ -38,8 +39,12 @@ TOKEN_OUT_OF_RANGE = "token_out_of_range"
 TEXT_TOO_LONG = "text_too_long"
 TOO_MANY_STEPS = "too_many_steps"
 UNKNOWN_CONTROL = "unknown_control"
-REASONS = (NOT_JSON, NOT_OBJECT, NO_KEY, NO_INPUT, WRONG_TYPE, WRONG_INPUT_KIND, FEATURE_COUNT, FEATURE_NAMES,
-           NON_FINITE, OUT_OF_RANGE, TOKEN_OUT_OF_RANGE, TEXT_TOO_LONG, TOO_MANY_STEPS, UNKNOWN_CONTROL)
+REASONS = (NOT_JSON, NOT_OBJECT, NO_KEY, KEY_TOO_LONG, NO_INPUT, WRONG_TYPE, WRONG_INPUT_KIND, FEATURE_COUNT,
+           FEATURE_NAMES, NON_FINITE, OUT_OF_RANGE, TOKEN_OUT_OF_RANGE, TEXT_TOO_LONG, TOO_MANY_STEPS, UNKNOWN_CONTROL)
+
+#: A key longer than max_key_bytes is dead-lettered with only its first bytes (up to this many):
+#: echoing a 100 KB key back as text and base64 (and as the record key) helps nobody fix it.
+KEY_SHOWN_BYTES = 256
 
 
 class Record:
@@ -73,8 +78,9 @@ class DeadLetter:
     partition: int
     offset: int
     timestamp: int
-    key: bytes | None
+    key: bytes | None  # the record's key, or its first KEY_SHOWN_BYTES when key_bytes is set
     value: bytes | None
+    key_bytes: int | None = None  # the full key's length, when ``key`` holds only its start
 
     def encode(self) -> bytes:
         doc = {
@@ -83,6 +89,8 @@ class DeadLetter:
             "key_b64": None if self.key is None else base64.b64encode(self.key).decode(),
             "payload_b64": None if self.value is None else base64.b64encode(self.value).decode(),
         }
+        if self.key_bytes is not None:
+            doc["key_bytes"] = self.key_bytes
         return orjson.dumps(doc)
 
 
@@ -119,6 +127,7 @@ class Decoder:
         self.replace_non_finite = cfg.non_finite == "zero"
         self.max_steps = cfg.max_steps_per_message
         self.max_text = cfg.max_text_tokens
+        self.max_key = cfg.max_key_bytes
         self.tokenizer = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
         self.vocab_size = spec.input.vocab_size
         self._fast = self.kind == "numeric" and not self.has_bounds
@@ -128,6 +137,8 @@ class Decoder:
         try:
             if not key:
                 raise Reject(NO_KEY, "message has no key: the key names the stream (device id, user id, ...)")
+            if len(key) > self.max_key:  # before anything reads it: the key indexes state and is in every output
+                return self._key_too_long(key, value, partition, offset, timestamp)
             try:
                 doc = _orjson_loads(value)  # type: ignore[arg-type]
             except (orjson.JSONDecodeError, TypeError):
@@ -149,6 +160,18 @@ class Decoder:
             return self._record(doc, key, partition, offset, timestamp)
         except Reject as r:
             return DeadLetter(r.reason, r.message, self.topic, partition, offset, timestamp, key, value)
+
+    def _key_too_long(self, key: bytes, value: bytes | None, partition: int, offset: int,
+                      timestamp: int) -> DeadLetter:
+        message = (f"the key is {len(key)} bytes; the limit is {self.max_key} (max_key_bytes): the key names a "
+                   "stream, and every prediction carries it")
+        if len(key) <= KEY_SHOWN_BYTES:
+            return DeadLetter(KEY_TOO_LONG, message, self.topic, partition, offset, timestamp, key, value)
+        cut = KEY_SHOWN_BYTES
+        while cut > KEY_SHOWN_BYTES - 3 and key[cut] & 0xC0 == 0x80:  # end on a whole UTF-8 character
+            cut -= 1
+        return DeadLetter(KEY_TOO_LONG, message, self.topic, partition, offset, timestamp, key[:cut], value,
+                          key_bytes=len(key))
 
     # --- the parts of a message ------------------------------------------------------------
     def _record(self, doc: dict, key: bytes, partition: int, offset: int, timestamp: int) -> Record:
@@ -264,19 +287,35 @@ class Decoder:
         if not isinstance(tokens, list) or not tokens:
             raise Reject(WRONG_TYPE if not isinstance(tokens, list) else NO_INPUT,
                          "tokens must be a non-empty list of token ids")
-        for t in tokens:
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise Reject(WRONG_TYPE, f"token id {t!r} is not an integer")
-            if not 0 <= t < self.vocab_size:
-                raise Reject(TOKEN_OUT_OF_RANGE, f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        # Count first: an oversized list is refused without looking at its ids one by one.
         if len(tokens) > self.max_text:
             raise Reject(TEXT_TOO_LONG, f"{len(tokens)} tokens; the limit is {self.max_text} (max_text_tokens)")
-        return list(tokens)
+        # The common list, ids in the vocabulary, checked in three C-level passes.
+        if set(map(type, tokens)) == _INT and min(tokens) >= 0 and max(tokens) < self.vocab_size:
+            return tokens
+        for t in tokens:
+            if type(t) is int:  # any size: Python compares exactly, nothing overflows
+                if not 0 <= t < self.vocab_size:
+                    raise Reject(TOKEN_OUT_OF_RANGE, f"token id {_int_text(t)} is outside the vocabulary "
+                                                     f"[0, {self.vocab_size})")
+            elif type(t) is float and t.is_integer() and abs(t) >= 2**63:
+                # orjson reads an integer literal beyond 64 bits as a float: an id, far out of range.
+                raise Reject(TOKEN_OUT_OF_RANGE, f"token id {t:g} is outside the vocabulary [0, {self.vocab_size})")
+            else:
+                raise Reject(WRONG_TYPE, f"token id {t!r} is not an integer")
+        return tokens
 
 
 _FLOAT = frozenset((float,))
+_INT = frozenset((int,))
 _NUMBERS = frozenset((float, int))
 _orjson_loads = orjson.loads
+
+
+def _int_text(v: int) -> str:
+    """An integer for a message: a 4000-digit id is shown by its size, not digit by digit."""
+    text = str(v)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
 
 
 def _is_number(v: Any) -> bool:
@@ -319,8 +358,12 @@ class Encoder:
         self._key_json: dict[bytes, bytes] = {}  # stream key → its text as a JSON string
 
     def documents(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
-                  now_ms: int) -> list[bytes]:
-        """One document per (record, index in record) with its stream step and prediction (JSON)."""
+                  now_ms: int, nonfinite: list[int] | None = None) -> list[bytes]:
+        """One document per (record, index in record) with its stream step and prediction (JSON).
+
+        ``nonfinite``: positions whose model output was NaN or infinite; their documents get
+        ``"nonfinite": true`` (rare: the common call pays nothing for it).
+        """
         tmpl, topic_in_id, topic_json, model_json = self.TEMPLATE, self.topic_in_id, self.topic_json, self.model_json
         warmup, key_json = self.warmup, self._key_json
         out = []
@@ -335,7 +378,12 @@ class Encoder:
             doc = tmpl % (kj, topic_in_id, p, offset, index, topic_json, p, offset, index, step, pred,
                           b"true" if step < warmup else b"false", model_json, record.timestamp, now_ms)
             out.append(with_fields(doc, record.echo) if record.echo else doc)
+        for i in nonfinite or ():
+            out[i] = with_fields(out[i], _NONFINITE)
         return out
+
+
+_NONFINITE = {"nonfinite": True}
 
 
 def with_fields(doc: bytes, fields: dict[str, Any]) -> bytes:

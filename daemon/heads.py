@@ -6,17 +6,41 @@ produced, in the shortest form that reads back as the same float32 (``0.12573022
 Also the roll-outs that look ahead from a stream's state without changing it: multi-step
 forecasts (regression models whose outputs are their next inputs) and token generation
 (language models).
+
+A model can overflow (a stream fed values far outside what it was trained on): a row whose
+raw output holds NaN or infinity is a *non-finite* prediction. Its numbers are written as
+null (JSON has no NaN), its document is marked ``"nonfinite": true`` (``Encoder``), it is
+counted (``rnnd_nonfinite_predictions_total``) and logged, at most once per
+``NONFINITE_LOG_INTERVAL_S``. Rows are independent in every model call, so other streams in
+the same batch are unaffected; the stream itself usually stays non-finite until a reset.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from .bundle import BundleSpec
+from .codec import key_text
+from .config import ConfigError
 from .runtime import BundleModel
+
+if TYPE_CHECKING:
+    from .codec import Record
+    from .metrics import Metrics
+
+log = logging.getLogger("rnnd.heads")
+
+#: At most one log line per this many seconds about non-finite predictions. A stream whose
+#: state has become NaN produces NaN at every later step until it is reset, so one line per
+#: prediction would flood the log; each line says how many were not logged since the last one,
+#: and rnnd_nonfinite_predictions_total counts every one of them.
+NONFINITE_LOG_INTERVAL_S = 10.0
 
 
 def shortest(a: np.ndarray) -> list:
@@ -31,15 +55,26 @@ def _json_rows(a: np.ndarray) -> list[list[bytes]]:
     return [row.split(b",") for row in body[2:-2].split(b"],[")]
 
 
+def _bad_rows(y: np.ndarray) -> list[int]:
+    """Rows of ``y[N, O]`` that hold NaN or infinity (usually none: one vectorised check)."""
+    if np.isfinite(y).all():
+        return []
+    return np.flatnonzero(~np.isfinite(y).all(axis=-1)).tolist()
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # inf - inf: a non-finite row, marked as such (no warning)
+        z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 
 
 class Heads:
-    def __init__(self, spec: BundleSpec, top_k: int) -> None:
+    def __init__(self, spec: BundleSpec, top_k: int, metrics: Metrics | None = None) -> None:
         out = spec.output
+        self.metrics = metrics
+        self._next_log = 0.0  # monotonic time from which the next non-finite line may be logged
+        self._unlogged = 0  # non-finite predictions since the last line
         self.kind = out.kind
         self.names = list(out.names)
         self.labels = list(out.labels)
@@ -54,6 +89,9 @@ class Heads:
         self._vocab_json = [orjson.dumps(x) for x in self.vocab]
         self._probs_json = b'{"label":%b,"probs":{' + b",".join([b"%b:%b"] * self.top_k) + b"}}"
         self._next_json = b'{"next":[' + b",".join([b'{"token":%b,"p":%b}'] * self.top_k) + b"]}"
+        # A non-finite row has no distribution to rank: no label, no probabilities, no next tokens.
+        self._null: dict[str, Any] = {"label": None, "probs": None} if self.kind == "classification" else {"next": None}
+        self._null_json = orjson.dumps(self._null)
 
     def values(self, y: np.ndarray) -> np.ndarray:
         """Regression outputs in the units the model was trained on (de-normalised)."""
@@ -67,7 +105,7 @@ class Heads:
         """
         if not len(y):
             return []
-        if self.kind == "regression":
+        if self.kind == "regression":  # a non-finite value is written as null by orjson
             tmpl = self._values_json
             return [tmpl % tuple(row) for row in _json_rows(self.values(y))]
         top, top_p = self._top(y)
@@ -83,6 +121,8 @@ class Heads:
             args[classify::2] = [names[i] for i in idx]
             args[classify + 1::2] = ps
             out.append(tmpl % tuple(args))
+        for i in _bad_rows(y):
+            out[i] = self._null_json
         return out
 
     def _top(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +140,45 @@ class Heads:
         top_p = shortest(p)
         if self.kind == "classification":
             labels = self.labels
-            return [{"label": labels[idx[0]], "probs": {labels[i]: q for i, q in zip(idx, ps, strict=True)}}
-                    for idx, ps in zip(top.tolist(), top_p, strict=True)]
-        vocab = self.vocab
-        return [{"next": [{"token": vocab[i], "p": q} for i, q in zip(idx, ps, strict=True)]}
-                for idx, ps in zip(top.tolist(), top_p, strict=True)]
+            out = [{"label": labels[idx[0]], "probs": {labels[i]: q for i, q in zip(idx, ps, strict=True)}}
+                   for idx, ps in zip(top.tolist(), top_p, strict=True)]
+        else:
+            vocab = self.vocab
+            out = [{"next": [{"token": vocab[i], "p": q} for i, q in zip(idx, ps, strict=True)]}
+                   for idx, ps in zip(top.tolist(), top_p, strict=True)]
+        for i in _bad_rows(y):
+            out[i] = dict(self._null)
+        return out
+
+    def nonfinite(self, y: np.ndarray, refs: Sequence[tuple[Record, int]],
+                  forecast: np.ndarray | None = None) -> list[int] | None:
+        """Rows of ``y[N, O]`` (or of their ``forecast[N, H, O]``) holding NaN or infinity; None if none.
+
+        Counts and logs them (rate-limited). One vectorised check per model call: nothing per row
+        unless something overflowed.
+        """
+        if np.isfinite(y).all() and (forecast is None or np.isfinite(forecast).all()):
+            return None
+        bad = ~np.isfinite(y).all(axis=-1)
+        if forecast is not None:
+            bad |= ~np.isfinite(forecast.reshape(len(forecast), -1)).all(axis=-1)
+        rows = np.flatnonzero(bad).tolist()
+        if self.metrics is not None:
+            self.metrics.nonfinite.inc(len(rows))
+        now = time.monotonic()
+        if now < self._next_log:
+            self._unlogged += len(rows)
+            return rows
+        record, index = refs[rows[0]]
+        log.warning("model output is NaN or infinite for %d prediction(s), e.g. stream %r at partition %d offset %d "
+                    "index %d: written as null with \"nonfinite\": true (rnnd_nonfinite_predictions_total). The "
+                    "stream's state is likely non-finite too until a reset control; check its inputs against "
+                    "the training data. %d more since the last such line (one per %.0f s at most)",
+                    len(rows), key_text(record.key), record.partition, record.offset, index, self._unlogged,
+                    NONFINITE_LOG_INTERVAL_S)
+        self._next_log = now + NONFINITE_LOG_INTERVAL_S
+        self._unlogged = 0
+        return rows
 
 
 class Forecaster:
@@ -119,7 +193,7 @@ class Forecaster:
         self.horizon = horizon
         inp, out = spec.input, spec.output
         if spec.mode != "stateful" or out.kind != "regression" or sorted(out.next_of) != sorted(inp.features):
-            raise ValueError(
+            raise ConfigError(  # a setting this bundle cannot honour: exit 2 with this line, not a traceback
                 "forecast_horizon needs a stateful regression bundle whose outputs are the next values of all "
                 f"its inputs (output.next_of); {spec.model.ref} has next_of={list(out.next_of)} for inputs "
                 f"{list(inp.features)}")
@@ -148,7 +222,8 @@ class Generator:
     def __init__(self, model: BundleModel, n: int, strategy: str, top_k: int, seed: int) -> None:
         spec = model.spec
         if spec.mode != "stateful" or spec.output.kind != "language_model":
-            raise ValueError("generate_tokens needs a stateful language-model bundle")
+            raise ConfigError(f"generate_tokens needs a stateful language-model bundle; {spec.model.ref} is a "
+                              f"{spec.mode} {spec.output.kind} bundle")
         self.model = model
         self.n = n
         self.greedy = strategy == "greedy"
@@ -169,6 +244,9 @@ class Generator:
                 top = np.argsort(-p, axis=-1, kind="stable")[:, : self.k]
                 tp = np.take_along_axis(p, top, axis=-1)
                 tp /= tp.sum(axis=-1, keepdims=True)
+                # NaN logits (a non-finite stream, marked as such): any token, rather than a
+                # ValueError from rng.choice that would stop the daemon.
+                tp[~np.isfinite(tp).all(axis=-1)] = 1.0 / self.k
                 assert rngs is not None
                 ids = np.array([t[rng.choice(self.k, p=q)] for t, q, rng in zip(top, tp, rngs, strict=True)])
             picked.append(ids)

@@ -80,13 +80,16 @@ async def ensure_topics(cfg: ServeConfig, input_topic: str, outputs: list[str],
         # List first: describing an unknown topic makes some brokers auto-create it.
         existing = set(await admin.list_topics())
         if input_topic not in existing:
-            raise MissingTopic(f"input topic {input_topic!r} does not exist: create it first, with the partition "
-                               "count you want (partitions bound how many replicas can share the work)")
+            raise MissingTopic(f"input topic {input_topic!r} does not exist on the brokers at "
+                               f"{cfg.bootstrap_servers}: create it (rnnd topics create, with these settings and "
+                               "the partition count you want: partitions bound how many replicas can share the "
+                               "work) or check the name")
         meta = await admin.describe_topics([input_topic])
         parts = len(meta[0].get("partitions") or [])
         missing = [t for t in outputs if t not in existing]
         if missing and cfg.create_topics:
-            new = [NewTopic(t, num_partitions=parts, replication_factor=1 if _single_broker(admin) else -1,
+            replication = await default_replication(admin)
+            new = [NewTopic(t, num_partitions=parts, replication_factor=replication,
                             topic_configs=(configs or {}).get(t, {})) for t in missing]
             try:
                 await admin.create_topics(new)
@@ -110,17 +113,41 @@ class MissingTopic(KafkaError):
     """The input topic is not there (retried: it may be created by a deployment job)."""
 
 
+async def broker_answers(client: Any, timeout: float) -> bool:
+    """Whether a broker answers a request now: the liveness signal behind /readyz.
+
+    A fetch that finds no broker returns empty-handed, like one that finds no data, so the
+    consumer alone cannot tell an outage from a quiet topic. ``client`` is a producer's
+    ``AIOKafkaClient``: its connections carry no long-polling fetch that would hold up the
+    request. ApiVersions is the smallest request every broker answers.
+    """
+    from aiokafka.protocol.admin import ApiVersionRequest
+
+    try:
+        node = client.get_random_node()
+        if node is None:
+            return False
+        await asyncio.wait_for(client.send(node, ApiVersionRequest()), timeout)
+        return True
+    except (KafkaError, OSError, TimeoutError):
+        return False
+
+
 class TopicLayoutError(RuntimeError):
     """Topics exist but cannot work together; retrying will not help. Exit code 2."""
 
     exit_code = 2
 
 
-def _single_broker(admin: AIOKafkaAdminClient) -> bool:
-    try:
-        return len(admin._client.cluster.brokers()) <= 1  # no public accessor
-    except Exception:
-        return True
+#: Replicas of a topic rnnd creates: Kafka's usual production choice, fewer on a smaller cluster.
+#: (aiokafka's NewTopic refuses Kafka's "broker default" of -1, so the count is chosen here.)
+MAX_DEFAULT_REPLICATION = 3
+
+
+async def default_replication(admin: AIOKafkaAdminClient) -> int:
+    """Replication factor for new topics: the number of brokers, at most MAX_DEFAULT_REPLICATION."""
+    cluster = await admin.describe_cluster()
+    return max(1, min(MAX_DEFAULT_REPLICATION, len(cluster.get("brokers") or ())))
 
 
 Headers = list[tuple[str, bytes]]

@@ -15,20 +15,42 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from .codec import REASONS
+
 log = logging.getLogger("rnnd.http")
+
+#: The ``op`` label values of ``rnnd_kafka_errors_total``: where a Kafka error was seen.
+KAFKA_OPS = ("connect", "fetch", "produce", "checkpoint", "commit", "broker_check")
+#: The ``reason`` label values of ``rnnd_evictions_total``.
+EVICTION_REASONS = ("ttl", "lru")
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
+    """The daemon's metrics. Every known label value has its series from the start, at 0: a panel
+    or an alert on ``rate(...)`` then shows 0 rather than "No data" until the first event."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # Memory, CPU, open files (process_*) and the Python version (python_info), as every
+        # Prometheus client exposes them, but in this daemon's own registry (tests run several).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.messages = Counter("rnnd_messages_consumed", "Input records consumed.", ["topic"], registry=r)
         self.predictions = Counter("rnnd_predictions", "Predictions produced to the output topic.", registry=r)
         self.dead_letters = Counter("rnnd_dead_letters", "Input records sent to the dead-letter topic.",
@@ -47,9 +69,12 @@ class Metrics:
         self.state_bytes = Gauge("rnnd_state_bytes", "Bytes of model state held for active streams.", registry=r)
         self.evictions = Counter("rnnd_evictions", "Streams evicted from memory.", ["reason"], registry=r)
         self.stream_ends = Counter("rnnd_stream_ends", "Streams ended by an `end` control.", registry=r)
-        self.lag = Gauge("rnnd_consumer_lag", "Records in the partition not yet fetched.", ["partition"],
-                         registry=r)
-        self.inflight = Gauge("rnnd_inflight_steps", "Steps accepted and not yet applied.", registry=r)
+        self.lag = Gauge("rnnd_consumer_lag", "Records of the partition not yet processed: high watermark minus the "
+                         "next offset to commit (fetched-but-waiting records included).", ["partition"], registry=r)
+        self.inflight = Gauge("rnnd_inflight_steps", "Steps fetched and decoded, waiting for the model (not yet "
+                              "applied).", registry=r)
+        self.nonfinite = Counter("rnnd_nonfinite_predictions", "Predictions whose model output was NaN or infinite "
+                                 "(written with \"nonfinite\": true and nulls).", registry=r)
         self.paused = Gauge("rnnd_fetch_paused", "1 while fetching is paused for backpressure.", registry=r)
         self.commits = Counter("rnnd_commits", "Input offset commits.", registry=r)
         self.kafka_errors = Counter("rnnd_kafka_errors", "Kafka errors seen (retried).", ["op"], registry=r)
@@ -60,7 +85,8 @@ class Metrics:
         self.restored_streams = Counter("rnnd_restored_streams", "Streams restored from the changelog.", registry=r)
         self.changelog_records = Counter("rnnd_changelog_records", "State records written to the changelog "
                                          "(tombstones included).", registry=r)
-        self.ready = Gauge("rnnd_ready", "1 when the daemon is connected and serving.", registry=r)
+        self.ready = Gauge("rnnd_ready", "1 when the daemon is ready (what /readyz answers): connected, in the group, "
+                           "a broker answered within broker_unreachable_s.", registry=r)
         self.assigned = Gauge("rnnd_assigned_partitions", "Input partitions assigned to this replica.", registry=r)
         self.model_info = Gauge("rnnd_model_info", "The served model (value 1).",
                                 ["model", "version", "provider", "requested_provider", "fallback", "state_hash"],
@@ -68,8 +94,12 @@ class Metrics:
         self.gc_pause = BulkHistogram("rnnd_gc_pause_seconds", "Python garbage-collection pauses (every generation): "
                                       "they stop the event loop, so they show in latency (see gc_threshold).",
                                       registry=r, buckets=_TIME_BUCKETS)
-        for reason in ("ttl", "lru"):
+        for reason in EVICTION_REASONS:
             self.evictions.labels(reason)
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        for op in KAFKA_OPS:
+            self.kafka_errors.labels(op)
         self._gc_started = 0.0
 
     def watch_gc(self) -> None:

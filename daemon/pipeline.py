@@ -81,7 +81,7 @@ class Pipeline:
         self.scheduler = Scheduler(self.streams, cfg.max_batch, max_chunk, on_reset=self._on_reset,
                                    on_end=self._on_end)
         self.offsets = Offsets()
-        self.heads = Heads(spec, cfg.top_k)
+        self.heads = Heads(spec, cfg.top_k, metrics)
         self.forecaster = Forecaster(model, cfg.forecast_horizon) if cfg.forecast_horizon else None
         self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
                           if cfg.generate_tokens else None)
@@ -227,7 +227,7 @@ class Pipeline:
                 if c.generated is not None:
                     self._attach_generated(docs, c.generated)
                 preds = [codec.encode(d) for d in docs]
-            self._emit(g, preds, now_ms)
+            self._emit(g, preds, now_ms, self.heads.nonfinite(y, g.refs, c.forecast))
             self.scheduler.complete(g)
             if m:
                 m.batch_size.observe(len(g.slots))
@@ -236,11 +236,11 @@ class Pipeline:
                 m.steps.inc(len(g.slots) * g.t)
         return self._take_outputs()
 
-    def _emit(self, g: Group, preds: list[bytes], now_ms: int) -> None:
+    def _emit(self, g: Group, preds: list[bytes], now_ms: int, nonfinite: list[int] | None = None) -> None:
         """The group's output documents, routed by the emit and warm-up settings."""
         t = g.t
         steps = g.first_step if t == 1 else [f + j for f in g.first_step for j in range(t)]
-        docs = self.encoder.documents(g.refs, steps, preds, now_ms)
+        docs = self.encoder.documents(g.refs, steps, preds, now_ms, nonfinite)
         every = self.emit_every
         if every == 1 and not self.hold_warmup:  # the default: every step, as it comes
             self.outputs.extend([(r.key, doc, r.timestamp) for (r, _), doc in zip(g.refs, docs, strict=True)])

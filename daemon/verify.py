@@ -11,6 +11,9 @@ and checks every expected prediction id against the output topic:
 * duplicated an id seen more than once — allowed (delivery is at-least-once); reported with
              whether the copies are identical
 * unexpected an id the reference does not produce (exit 1)
+* nonfinite  a prediction the reference also finds NaN or infinite, written by the daemon as
+             nulls with "nonfinite": true — consistent, so not wrong; counted on its own (a
+             non-finite reference the daemon wrote as numbers, or the reverse, is wrong)
 
 It assumes what the reference cannot know did not happen: no TTL/LRU evictions (a stream
 evicted mid-way restarts from its initial state in the daemon) and the same emit/warm-up
@@ -57,6 +60,7 @@ class Report:
     duplicated: int = 0
     duplicated_identical: int = 0
     unexpected: list[str] = field(default_factory=list)
+    nonfinite: int = 0
     max_error: float = 0.0
 
     @property
@@ -67,8 +71,8 @@ class Report:
         return {"ok": self.ok, "inputs": self.inputs, "expected": self.expected, "received": self.received,
                 "missing": len(self.missing), "wrong": len(self.wrong), "duplicated": self.duplicated,
                 "duplicated_identical": self.duplicated_identical, "unexpected": len(self.unexpected),
-                "max_error": self.max_error, "examples": {"missing": self.missing[:5], "wrong": self.wrong[:5],
-                                                          "unexpected": self.unexpected[:5]}}
+                "nonfinite": self.nonfinite, "max_error": self.max_error,
+                "examples": {"missing": self.missing[:5], "wrong": self.wrong[:5], "unexpected": self.unexpected[:5]}}
 
     def text(self) -> str:
         lines = [
@@ -79,6 +83,7 @@ class Report:
             f"duplicated  {self.duplicated} ({self.duplicated_identical} identical)",
             f"unexpected  {len(self.unexpected)}" + (f"  e.g. {', '.join(self.unexpected[:3])}"
                                                      if self.unexpected else ""),
+            f"nonfinite   {self.nonfinite}  (NaN/inf in the reference too: marked \"nonfinite\", not wrong)",
             "OK" if self.ok else "FAILED",
         ]
         return "\n".join(lines)
@@ -216,9 +221,22 @@ def compare(model: BundleModel, cfg: config.ServeConfig, inputs: dict[int, list]
         if len(copies) > 1:
             report.duplicated += len(copies) - 1
             report.duplicated_identical += sum(1 for c in copies[1:] if _same(c, copies[0]))
+        if not np.all(np.isfinite(ref)):  # the model overflows on this input, here as in the daemon
+            if all(orjson.loads(c).get("nonfinite") is True for c in copies):
+                report.nonfinite += 1
+            else:
+                report.max_error = float("inf")
+                report.wrong.append((pid, float("inf")))
+            continue
         ref_cmp = ref if kind == "regression" else softmax(ref.astype(np.float64)[None])[0]
         for c in copies:
-            got = _model_space(model, orjson.loads(c)["prediction"], ref)
+            doc = orjson.loads(c)
+            # Non-finite where the reference is finite: wrong, unless only a regression forecast
+            # overflowed (then the step's own values are there to compare).
+            if doc.get("nonfinite") is True and kind != "regression":
+                got = np.full_like(ref_cmp, np.nan)
+            else:
+                got = _model_space(model, doc["prediction"], ref)
             err = float(np.max(np.abs(got - ref_cmp))) if np.all(np.isfinite(got)) else float("inf")
             report.max_error = max(report.max_error, err)
             if not err <= tolerance:

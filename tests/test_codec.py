@@ -70,6 +70,11 @@ DEAD: list[tuple[str, BundleSpec, bytes | None, bytes | None, dict[str, Any], st
     ("string", numeric_spec(), b"k", b'"hello"', {}, codec.NOT_OBJECT, r"JSON object, not str"),
     ("no-key", numeric_spec(), None, b'{"x": [1, 2, 3]}', {}, codec.NO_KEY, r"no key"),
     ("empty-key", numeric_spec(), b"", b'{"x": [1, 2, 3]}', {}, codec.NO_KEY, r"no key"),
+    ("key-too-long", numeric_spec(), b"sensor-17", b'{"x": [1, 2, 3]}', {"max_key_bytes": 8}, codec.KEY_TOO_LONG,
+     r"^the key is 9 bytes; the limit is 8 \(max_key_bytes\)"),
+    # A key's length is checked before its bytes are read as text: an invalid UTF-8 key is too long all the same.
+    ("key-too-long-not-utf8", numeric_spec(), b"\xff" * 9, b"not even json", {"max_key_bytes": 8},
+     codec.KEY_TOO_LONG, r"the key is 9 bytes"),
     ("empty-object", numeric_spec(), b"k", b"{}", {}, codec.NO_INPUT, r"no x, text, tokens or control"),
     ("null-x", numeric_spec(), b"k", b'{"x": null}', {}, codec.NO_INPUT, r"no x, text, tokens or control"),
     ("empty-x", numeric_spec(), b"k", b'{"x": []}', {}, codec.NO_INPUT, r"x is empty"),
@@ -129,6 +134,16 @@ DEAD: list[tuple[str, BundleSpec, bytes | None, bytes | None, dict[str, Any], st
      r"token id 8 is outside the vocabulary \[0, 8\)"),
     ("token-negative", token_spec(), b"k", b'{"tokens": [-1]}', {}, codec.TOKEN_OUT_OF_RANGE,
      r"token id -1 is outside"),
+    # Integer ids of any size: orjson reads those beyond 64 bits as floats, Python's json (the fallback, here for
+    # a literal beyond float range) as exact ints. Neither is a wrong type, and nothing may overflow.
+    ("token-2**70", token_spec(), b"k", b'{"tokens": [2, 1180591620717411303424]}', {}, codec.TOKEN_OUT_OF_RANGE,
+     r"token id 1.18059e\+21 is outside the vocabulary \[0, 8\)"),
+    ("token-10**30", token_spec(), b"k", b'{"tokens": [1' + b"0" * 30 + b"]}", {}, codec.TOKEN_OUT_OF_RANGE,
+     r"token id 1e\+30 is outside"),
+    ("token-below-int64", token_spec(), b"k", b'{"tokens": [-9223372036854775809]}', {}, codec.TOKEN_OUT_OF_RANGE,
+     r"token id -9.22337e\+18 is outside"),
+    ("token-400-digits", token_spec(), b"k", b'{"tokens": [-1' + b"0" * 400 + b"]}", {}, codec.TOKEN_OUT_OF_RANGE,
+     r"token id -1000000000000000000\.\.\. \(401 digits\) is outside the vocabulary"),
     ("text-too-long", token_spec(), b"k", b'{"text": "the cat sat on the mat ."}', {"max_text_tokens": 6},
      codec.TEXT_TOO_LONG, r"text has 7 tokens; the limit is 6 \(max_text_tokens\)"),
     ("tokens-too-many", token_spec(), b"k", b'{"tokens": [2, 3, 4]}', {"max_text_tokens": 2},
@@ -159,6 +174,55 @@ def test_every_reason_code_has_a_case() -> None:
     """A new reason added to codec.REASONS without a test case fails here."""
     assert {c[5] for c in DEAD} == set(codec.REASONS)
     assert len(set(codec.REASONS)) == len(codec.REASONS)
+
+
+def test_too_many_tokens_is_decided_before_each_id_is_checked() -> None:
+    """A list of ids over max_text_tokens is refused for its length, whatever its ids are."""
+    out = decode(token_spec(), orjson.dumps({"tokens": [True] * 1000}), max_text_tokens=999)
+    assert isinstance(out, DeadLetter) and out.reason == codec.TEXT_TOO_LONG, out
+
+
+def test_token_ids_of_any_size_and_at_the_edges_of_the_vocabulary() -> None:
+    """An integer is an id, in the vocabulary or not, whatever its size; 2.0 or 1e3 is not an id."""
+    assert record(token_spec(), '{"tokens": [0, 7]}').steps == [0, 7]
+    out_of_range = (8, -1, 2**64 - 1, 2**64, -(2**63) - 1, 2**70, -(10**30))
+    for bad, reason in [(t, codec.TOKEN_OUT_OF_RANGE) for t in out_of_range] + [
+            (2.0, codec.WRONG_TYPE), (1e3, codec.WRONG_TYPE), (None, codec.WRONG_TYPE)]:
+        for tokens in ([bad], [3, bad], [bad, 3]):
+            out = decode(token_spec(), json.dumps({"tokens": tokens}).encode())
+            assert isinstance(out, DeadLetter) and out.reason == reason, (tokens, out)
+
+
+def test_key_at_the_limit_is_a_stream_one_byte_more_is_a_dead_letter() -> None:
+    value = b'{"x": [1, 2, 3]}'
+    key = b"k" * 4096  # the default max_key_bytes
+    assert decode(numeric_spec(), value, key=key).key == key  # type: ignore[union-attr]
+    out = decode(numeric_spec(), value, key=key + b"k")
+    assert isinstance(out, DeadLetter) and out.reason == codec.KEY_TOO_LONG
+    assert out.message == ("the key is 4097 bytes; the limit is 4096 (max_key_bytes): the key names a stream, and "
+                           "every prediction carries it")
+
+
+def test_a_100_kb_key_is_not_echoed_back_in_full() -> None:
+    """The dead letter (its document and its Kafka key) keeps the key's first 256 bytes, cut on a character."""
+    key = b"a" + "é".encode() * 51_200  # 102,401 bytes; byte 256 is the middle of an é
+    value = b'{"x": [1, 2, 3]}'
+    out = decode(numeric_spec(), value, key=key)
+    assert isinstance(out, DeadLetter) and out.reason == codec.KEY_TOO_LONG
+    assert out.key == key[:255]  # the Kafka key of the dead-letter record
+    encoded = out.encode()
+    assert len(encoded) < 1500
+    doc = orjson.loads(encoded)
+    assert doc["key"] == "a" + "é" * 127 and base64.b64decode(doc["key_b64"]) == key[:255]
+    assert doc["key_bytes"] == len(key) == 102_401
+    assert base64.b64decode(doc["payload_b64"]) == value  # the payload stays whole: it is what gets re-sent
+    # not valid UTF-8 at all: the bytes are kept, the text is null
+    binary = decode(numeric_spec(), value, key=b"\xff" * 5000)
+    doc = orjson.loads(binary.encode())  # type: ignore[union-attr]
+    assert doc["key"] is None and base64.b64decode(doc["key_b64"]) == b"\xff" * 256 and doc["key_bytes"] == 5000
+    # a key that is too long but short enough to show is kept whole, without key_bytes
+    short = orjson.loads(decode(numeric_spec(), value, key=b"k" * 200, max_key_bytes=100).encode())  # type: ignore
+    assert base64.b64decode(short["key_b64"]) == b"k" * 200 and "key_bytes" not in short
 
 
 def test_too_many_steps_is_decided_before_each_step_is_checked() -> None:
