@@ -73,9 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topic", required=True, help="topic to write to (the daemon's input topic)")
     p.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, comma-separated")
     p.add_argument("--key-column", required=True, help="column (CSV) or field (JSONL) holding the stream key")
-    p.add_argument("--rate", type=_positive_float, default=None, metavar="MSGS_PER_S",
+    p.add_argument("--rate", type=positive_float, default=None, metavar="MSGS_PER_S",
                    help="send at most this many messages per second (default: as fast as possible)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="send at most N messages")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="send at most N messages")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
                    help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
     p.add_argument("--features", type=_names, default=None, metavar="a,b,c",
@@ -94,13 +94,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="only predictions of this stream key (repeat for several)")
     t.add_argument("--from-beginning", action="store_true",
                    help="start at the oldest prediction kept (default: only predictions that arrive from now on)")
-    t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="exit after N predictions")
+    t.add_argument("--limit", type=positive_int, default=None, metavar="N", help="exit after N predictions")
     t.add_argument("--json", action="store_true", help="print each record's value as it is (one JSON per line)")
     security.add_arguments(t)
     t.set_defaults(run=tail)
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -110,7 +110,7 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:

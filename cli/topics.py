@@ -28,7 +28,7 @@ from typing import Any
 from rnnd.daemon import changelog, security
 from rnnd.daemon import config as serve_config
 from rnnd.daemon.config import ConfigError, ServeConfig
-from rnnd.tools import ToolError
+from rnnd.tools import ToolError, positive_int
 
 __all__ = ["DEFAULT_PARTITIONS", "PlannedTopic", "add_parser", "create", "plan_names"]
 
@@ -70,26 +70,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             c.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
             c.add_argument(flag, dest=name, default=None, metavar=name.upper(), choices=choices[name], help=text)
-    c.add_argument("--partitions", type=_positive_int, default=None, metavar="N",
+    c.add_argument("--partitions", type=positive_int, default=None, metavar="N",
                    help="partitions of every topic (default: the input topic's count if it exists, else "
                         f"{DEFAULT_PARTITIONS}); they bound how many replicas can share the work")
-    c.add_argument("--replication-factor", type=_positive_int, default=None, metavar="R",
+    c.add_argument("--replication-factor", type=positive_int, default=None, metavar="R",
                    help="replicas of each new topic (default: the number of brokers, at most 3)")
     c.add_argument("--dry-run", action="store_true",
                    help="print what would be created (the broker is read, nothing is changed)")
     security.add_arguments(c)
     c.add_argument("--debug", action="store_true", help="show tracebacks")
     c.set_defaults(run=create)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
-    return v
 
 
 # --- names ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cli_checks
 import numpy as np
 import onnx
 import pytest
@@ -38,13 +39,9 @@ NO_BROKER = "127.0.0.1:9"
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
 
 
-def one_line_error(res, code: int, pattern: str) -> None:
+def one_line_error(res: Any, code: int, pattern: str) -> str:
     """Exit ``code`` and one line of error (the daemon's own log records aside)."""
-    assert res.code == code, (res.code, res.out, res.err)
-    lines = [ln for ln in res.err.splitlines() if ln.strip() and not LOG_RECORD.match(ln)]
-    assert len(lines) == 1, res.err
-    assert "Traceback" not in res.err
-    assert pattern in lines[0], lines[0]
+    return cli_checks.one_line_error(res, code, pattern, ignore=LOG_RECORD)
 
 
 def document(model: onnx.ModelProto) -> dict[str, Any]:

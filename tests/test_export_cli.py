@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from cli_checks import one_line_error
 
 import user_models as um
 from rnnd.daemon.bundle import read_spec
@@ -31,14 +32,6 @@ def mixed_ckpt(tmp_path):
 def export_args(ckpt, out, *extra):
     return ("export", f"{USER}:mixed_stack", "--checkpoint", ckpt, "--out", out, "--features", "a,b,c",
             "--output-kind", "regression", "--output-names", "p,q", *extra)
-
-
-def one_line_error(res, code: int, pattern: str) -> None:
-    assert res.code == code, (res.code, res.err)
-    lines = [ln for ln in res.err.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.err
-    assert "Traceback" not in res.err
-    assert pattern in lines[0], lines[0]
 
 
 def test_export_then_inspect(rnnd, tmp_path, mixed_ckpt):

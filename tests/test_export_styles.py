@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from cli_checks import one_line_error
 
 import user_models as um
 from rnnd.daemon.bundle import read_spec
@@ -31,14 +32,6 @@ from rnnd.daemon.runtime import BundleModel
 USER = Path(um.__file__)
 README = Path(__file__).parents[1] / "README.md"
 QUICK = ("--parity-batches", "1,3")  # the exporter's own check at fewer batch sizes; what we check is ours
-
-
-def one_line_error(res, code: int, pattern: str) -> None:
-    assert res.code == code, (res.code, res.err)
-    lines = [ln for ln in res.err.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.err
-    assert "Traceback" not in res.err
-    assert pattern in lines[0], lines[0]
 
 
 def save(model: torch.nn.Module, path: Path) -> Path:
