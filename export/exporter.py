@@ -229,11 +229,20 @@ def _self_check(bundle: BundleModel, adapter: protocol.Adapter, opts: ExportOpti
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a bundle.
+
+    mkstemp creates the file 0600; the bundle gets the mode a plain ``open`` would give it
+    (0666 less the umask), so that a daemon running as another user — the images run as
+    10001 — can read a bundle mounted into its container.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -327,3 +327,16 @@ def test_spec_file_of_another_kind_is_refused_not_dropped(rnnd, tmp_path, mixed_
                     '"unk_id": 0}}}')
     one_line_error(rnnd(*export_args(mixed_ckpt, tmp_path / "m.onnx", "--spec", spec)), 2,
                    "the command line describes a numeric input but --spec/the checkpoint describes a tokens one")
+
+
+def test_an_exported_bundle_is_readable_like_any_file_written_with_the_umask(rnnd, tmp_path, mixed_ckpt):
+    """Written atomically (temp file + rename) but not 0600: the container images read bundles as user 10001."""
+    import os
+    import stat
+
+    out = tmp_path / "m.onnx"
+    res = rnnd(*export_args(mixed_ckpt, out, "--parity-batches", "1,3"))
+    assert res.code == 0, res.err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
