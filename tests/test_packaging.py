@@ -59,7 +59,7 @@ def test_the_wheel_is_typed_licensed_and_holds_the_serving_code(built: dict[str,
         metadata = email.message_from_bytes(whl.read(metadata_name))
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = whl.read(entry_points).decode()
-    assert "rnnd/py.typed" in names
+    assert "rnnd/py.typed" in names and "rnnd/demo_bundle/sensors.onnx" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert {"rnnd/cli.py", "rnnd/daemon/app.py", "rnnd/export/exporter.py"} <= names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)

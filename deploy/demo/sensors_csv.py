@@ -1,13 +1,13 @@
 """Write the compose demo's input: synthetic sensor readings as a CSV for `rnnd produce`.
 
 The readings come from the same generator the `sensors` recipe trains on
-(``rnnd.export.recipes.tasks.sensor_readings``), so the served model sees data like its
+(``rnnd.synthetic.sensor_readings``), so the served model sees data like its
 training data. Rows are interleaved step by step across devices (as live devices would
 send them), with columns ``device,control,<the 8 sensors>``; each device's first row carries
 ``control=reset``, so that replaying the file in a loop restarts every stream cleanly instead
 of continuing a stream across the jump from its last reading back to its first.
 
-Runs in the export image (the recipes import torch), e.g.
+Needs numpy and rnnd only (no torch), e.g.
 ``python sensors_csv.py --out /models/demo-sensors.csv --devices 200 --steps 600``.
 """
 
@@ -23,7 +23,7 @@ def write_csv(out: Path, devices: int, steps: int, seed: int = 0) -> int:
     """Write the CSV; returns the number of data rows."""
     import numpy as np
 
-    from rnnd.export.recipes.tasks import SENSORS, sensor_readings
+    from rnnd.synthetic import SENSORS, sensor_readings
 
     readings = sensor_readings(np.random.default_rng(seed), devices, steps)  # [devices, steps, 8]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 
 from rnnd.daemon.bundle import InputSpec, OutputSpec
 from rnnd.daemon.tokenizer import Tokenizer, build_vocab
+from rnnd.synthetic import SENSORS, sensor_readings
 
 from .training import Data
 
@@ -73,23 +74,6 @@ def product(seed: int, n: int = 2000, steps: int = 60) -> Task:
     train, test = _split(x, y, mask)
     return Task(InputSpec("numeric", features=("x",)), OutputSpec("regression", names=("x_prev_times_x",)),
                 train, test, x[0], r2)
-
-
-SENSORS = ("temp", "humidity", "pressure", "vibration", "current", "voltage", "rpm", "flow")
-_BASE = np.array([20.0, 55.0, 1013.0, 0.5, 12.0, 230.0, 1500.0, 3.2])
-_SCALE = np.array([3.0, 8.0, 5.0, 0.2, 2.0, 4.0, 200.0, 0.5])
-
-
-def sensor_readings(rng: np.random.Generator, n: int, steps: int) -> np.ndarray:
-    """Raw readings [n, steps, 8]: each device mixes two slow oscillations, plus noise."""
-    t = np.arange(steps)[None, :, None]
-    f1 = rng.uniform(0.02, 0.06, size=(n, 1, 1))
-    f2 = rng.uniform(0.08, 0.15, size=(n, 1, 1))
-    ph = rng.uniform(0, 2 * np.pi, size=(n, 1, 8))
-    mix = rng.uniform(0.3, 1.0, size=(n, 1, 8))
-    wave = np.sin(2 * np.pi * f1 * t + ph) + mix * np.sin(2 * np.pi * f2 * t + 2 * ph)
-    noise = rng.standard_normal((n, steps, 8)) * 0.05
-    return (_BASE + _SCALE * (wave + noise)).astype(np.float32)
 
 
 def sensors(seed: int, n: int = 600, steps: int = 201) -> Task:
