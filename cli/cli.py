@@ -13,6 +13,7 @@ import os
 import sys
 
 from rnnd import __version__
+from rnnd.daemon.errors import RnndError
 
 #: Top-level module → the pyproject.toml extra that installs it (see [project.optional-dependencies]).
 EXTRA_OF = {
@@ -77,11 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnd {args.command}: error: this command needs {e.name}, which this install lacks: "
               f"pip install 'rnnd[{extra}]'", file=sys.stderr)
         return MISSING_EXTRA_EXIT
-    except Exception as e:
-        code = getattr(e, "exit_code", None)
-        if code is None:
-            raise  # not an input error: a bug, so show the traceback
+    except RnndError as e:  # a problem the user can fix; anything else is a bug and keeps its traceback
         if getattr(args, "debug", False):
             raise
         print(f"rnnd {args.command}: error: {e}", file=sys.stderr)
-        return int(code)
+        return e.exit_code

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import orjson
 
 from rnnd.daemon import security
+from rnnd.daemon.errors import RnndError
 
 __all__ = [
     "MessageSource",
@@ -50,12 +51,13 @@ PASS_THROUGH = ("event_time", "client_id", "control")
 MIN_SLEEP_S = 0.005
 
 
-class ToolError(Exception):
-    """A problem the user can fix; the message is the whole explanation (one line)."""
+class ToolError(RnndError):
+    """A problem the user can fix with a tool's input; exit 2 unless given (1: a broker that cannot be reached)."""
+
+    exit_code = 2
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+        super().__init__(message, exit_code=exit_code)
 
 
 # --- argument parsing -------------------------------------------------------------------------

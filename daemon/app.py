@@ -449,7 +449,7 @@ class Daemon:
                 await self._restore(sorted(tp.partition for tp in mine))
             except changelog.ChangelogError as e:
                 log.error("cannot restore state: %s", e)
-                self.exit_code = 2
+                self.exit_code = e.exit_code
                 self.stop()
                 return
         self.assigned |= mine

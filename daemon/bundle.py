@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .errors import BundleError, BundleIntegrityError
+
 # 2: the content hash covers the metadata as well as the graph (format 1 hashed the graph alone).
 FORMAT_VERSION = 2
 METADATA_KEY = "rnnd.bundle"
@@ -40,22 +42,6 @@ Mode = Literal["stateful", "window"]
 InputKind = Literal["numeric", "tokens"]
 OutputKind = Literal["regression", "classification", "language_model"]
 InitKind = Literal["zeros", "learned"]
-
-
-class BundleError(ValueError):
-    """A file is not a usable bundle. The message says what is wrong and what to do."""
-
-    exit_code = 1
-
-
-class BundleIntegrityError(BundleError):
-    """The file is not what `rnnd export` wrote (or cannot be shown to be): never serve it.
-
-    Exit code 2, like the daemon's other refusals to start on a bad deployment: the fix is an
-    operator's (re-export, or restore the file), not a retry.
-    """
-
-    exit_code = 2
 
 
 def encode_array(a: np.ndarray) -> str:

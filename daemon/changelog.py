@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import BundleSpec
+from .errors import ChangelogError
 
 log = logging.getLogger("rnnd.changelog")
 
@@ -35,10 +36,6 @@ MAGIC = b"RNDS"
 VERSION = 1
 _HEAD = struct.Struct("<4sB16sqqqB")
 _LEN = struct.Struct("<I")
-
-
-class ChangelogError(ValueError):
-    """A changelog record that cannot be used (corrupt, or from an incompatible model)."""
 
 
 @dataclass(frozen=True)

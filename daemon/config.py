@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from . import security
+from .errors import ConfigError
 
 ENV_PREFIX = "RNND_"
 
@@ -37,20 +38,6 @@ ENV_NOT_SETTINGS = {
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _TOPIC_RULE = "1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and not '.' or '..'"
 _INT32 = 2**31 - 1  # Kafka's int32 protocol fields, and C ints (gc thresholds, ONNX Runtime threads)
-
-
-class ConfigError(ValueError):
-    """A setting is missing or wrong; the message names it and what is allowed.
-
-    ``setting`` names the setting the message is about, so that ``load`` can say where its
-    value came from (a flag, a variable or the file).
-    """
-
-    exit_code = 2
-
-    def __init__(self, message: str, setting: str | None = None) -> None:
-        super().__init__(message)
-        self.setting = setting
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False,

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from .config import ServeConfig
+from .errors import TopicLayoutError
 
 log = logging.getLogger("rnnd.kafka")
 
@@ -131,12 +132,6 @@ async def broker_answers(client: Any, timeout: float) -> bool:
         return True
     except (KafkaError, OSError, TimeoutError):
         return False
-
-
-class TopicLayoutError(RuntimeError):
-    """Topics exist but cannot work together; retrying will not help. Exit code 2."""
-
-    exit_code = 2
 
 
 #: Replicas of a topic rnnd creates: Kafka's usual production choice, fewer on a smaller cluster.

@@ -23,6 +23,7 @@ from .bundle import (
     spec_from_metadata,
     verified_spec,
 )
+from .errors import ProviderError
 
 
 def _refuse_if_modified(data: bytes, source: str) -> None:
@@ -158,12 +159,6 @@ class BundleModel:
 
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                    "tensorrt": "TensorrtExecutionProvider"}
-
-
-class ProviderError(RuntimeError):
-    """The requested device is not there. Exit code 2: a configuration problem, not a crash."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

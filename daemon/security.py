@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import SecurityError
+
 __all__ = ["MECHANISMS", "PROTOCOLS", "KafkaSecurity", "SecurityError", "add_arguments", "check", "client_kwargs",
            "from_args"]
 
@@ -50,12 +52,6 @@ _ENV_PREFIX = "RNND_"
 # Protocol/mechanism pairs already warned about in this process: a daemon makes several clients
 # per connection attempt, and one loud warning per process is loud enough.
 _warned: set[tuple[str, str]] = set()
-
-
-class SecurityError(ValueError):
-    """Security settings that cannot work together; the message says which and what to do. Exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Errors the export CLI turns into one line and an exit code (no traceback unless --debug)."""
+"""Errors of the export side: the branch of rnnd's error tree (rnnd.daemon.errors) that needs torch's callers."""
 
 from __future__ import annotations
 
+from rnnd.daemon.errors import RnndError
 
-class ExportError(Exception):
+
+class ExportError(RnndError):
     """Bad input to the exporter: the message says what to fix. Exit code 1."""
 
     exit_code = 1
