@@ -100,22 +100,23 @@ def read_all(bootstrap: str, topic: str, expect: int, timeout: float = 120.0, se
 
 async def _read_all(bootstrap: str, topic: str, expect: int, timeout: float, settle: float,
                     parse: bool) -> list[Output]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    from rnnd.daemon.kafka import partitions_of, reader
+
+    c = reader({"bootstrap_servers": bootstrap}, "rnnd-bench-reader", max_partition_fetch_bytes=8 * 1024 * 1024,
+               fetch_max_bytes=64 * 1024 * 1024)
     await c.start()
     try:
         deadline = time.monotonic() + timeout
-        parts = None
+        parts: list[int] = []
         while not parts and time.monotonic() < deadline:
-            parts = c.partitions_for_topic(topic)
+            parts = await partitions_of(c, topic)
             if not parts:
-                await c._client.force_metadata_update()
                 await asyncio.sleep(0.1)
         if not parts:
             return []
-        c.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        c.assign([TopicPartition(topic, p) for p in parts])
         await c.seek_to_beginning()
         out: list[Output] = []
         settle_until = None

@@ -1,4 +1,4 @@
-"""aiokafka plumbing: client settings, topic set-up, and the sink that never loses an output.
+"""The sink: the producer, plus the bookkeeping that makes ``flush`` mean 'every output acknowledged'.
 
 Delivery is at-least-once: an input offset is committed only after every output derived
 from it has been acknowledged by the broker (the checkpoint flushes the ``Sink`` first).
@@ -16,133 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from .config import ServeConfig
-from .errors import TopicLayoutError
+from .quirks import known_partition_count
+
+__all__ = ["Headers", "Sink"]
 
 log = logging.getLogger("rnnd.kafka")
-
-
-def client_settings(cfg: ServeConfig) -> dict[str, Any]:
-    """Settings shared by consumer, producer and admin client: where Kafka is, and how to connect securely.
-
-    The security part (TLS context, SASL login) is built anew for each client, so a client made
-    after a rotated certificate or password file was replaced uses the new one.
-    """
-    from .security import KafkaSecurity, client_kwargs
-
-    return {"bootstrap_servers": cfg.bootstrap_servers, **client_kwargs(KafkaSecurity.from_settings(cfg))}
-
-
-def consumer_settings(cfg: ServeConfig, group_id: str) -> dict[str, Any]:
-    return {
-        **client_settings(cfg),
-        "group_id": group_id,
-        "client_id": f"{cfg.client_id}-consumer",
-        "enable_auto_commit": False,
-        # "earliest": a new group reads the topic from its start. (Tansu also reports wrong
-        # offsets for "latest"; see docs/architecture.md.)
-        "auto_offset_reset": "earliest",
-        "max_partition_fetch_bytes": 4 * 1024 * 1024,
-        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
-        "fetch_max_bytes": 32 * 1024 * 1024,
-        "session_timeout_ms": cfg.session_timeout_ms,
-        "heartbeat_interval_ms": max(1000, cfg.session_timeout_ms // 3),
-        "max_poll_interval_ms": 300_000,
-    }
-
-
-def producer_settings(cfg: ServeConfig) -> dict[str, Any]:
-    return {
-        **client_settings(cfg),
-        "client_id": f"{cfg.client_id}-producer",
-        "acks": "all",
-        "linger_ms": cfg.linger_ms,
-        "max_batch_size": 1024 * 1024,
-        "compression_type": None if cfg.compression == "none" else cfg.compression,
-        "request_timeout_ms": 30_000,
-    }
-
-
-async def ensure_topics(cfg: ServeConfig, input_topic: str, outputs: list[str],
-                        configs: dict[str, dict[str, str]] | None = None,
-                        copartitioned: tuple[str, ...] = ()) -> int:
-    """Create missing output topics with the input's partition count; return that count.
-
-    Topics in ``copartitioned`` (the state changelog) must have exactly the input's partition
-    count: changelog partition p holds the streams of input partition p.
-    """
-    admin = AIOKafkaAdminClient(**client_settings(cfg), client_id=f"{cfg.client_id}-admin")
-    await admin.start()
-    try:
-        # List first: describing an unknown topic makes some brokers auto-create it.
-        existing = set(await admin.list_topics())
-        if input_topic not in existing:
-            raise MissingTopic(f"input topic {input_topic!r} does not exist on the brokers at "
-                               f"{cfg.bootstrap_servers}: create it (rnnd topics create, with these settings and "
-                               "the partition count you want: partitions bound how many replicas can share the "
-                               "work) or check the name")
-        meta = await admin.describe_topics([input_topic])
-        parts = len(meta[0].get("partitions") or [])
-        missing = [t for t in outputs if t not in existing]
-        if missing and cfg.create_topics:
-            replication = await default_replication(admin)
-            new = [NewTopic(t, num_partitions=parts, replication_factor=replication,
-                            topic_configs=(configs or {}).get(t, {})) for t in missing]
-            try:
-                await admin.create_topics(new)
-                log.info("created topics %s with %d partitions", ", ".join(missing), parts)
-            except TopicAlreadyExistsError:
-                pass
-        for topic in copartitioned:
-            if topic in existing:
-                other = len((await admin.describe_topics([topic]))[0].get("partitions") or [])
-                if other != parts:
-                    raise TopicLayoutError(
-                        f"state changelog {topic!r} has {other} partitions but input topic {input_topic!r} has "
-                        f"{parts}: they must be co-partitioned (a changelog partition holds the streams of the same "
-                        "input partition). Recreate the changelog with the input's partition count")
-        return parts
-    finally:
-        await admin.close()
-
-
-class MissingTopic(KafkaError):
-    """The input topic is not there (retried: it may be created by a deployment job)."""
-
-
-async def broker_answers(client: Any, timeout: float) -> bool:
-    """Whether a broker answers a request now: the liveness signal behind /readyz.
-
-    A fetch that finds no broker returns empty-handed, like one that finds no data, so the
-    consumer alone cannot tell an outage from a quiet topic. ``client`` is a producer's
-    ``AIOKafkaClient``: its connections carry no long-polling fetch that would hold up the
-    request. ApiVersions is the smallest request every broker answers.
-    """
-    from aiokafka.protocol.admin import ApiVersionRequest
-
-    try:
-        node = client.get_random_node()
-        if node is None:
-            return False
-        await asyncio.wait_for(client.send(node, ApiVersionRequest()), timeout)
-        return True
-    except (KafkaError, OSError, TimeoutError):
-        return False
-
-
-#: Replicas of a topic rnnd creates: Kafka's usual production choice, fewer on a smaller cluster.
-#: (aiokafka's NewTopic refuses Kafka's "broker default" of -1, so the count is chosen here.)
-MAX_DEFAULT_REPLICATION = 3
-
-
-async def default_replication(admin: AIOKafkaAdminClient) -> int:
-    """Replication factor for new topics: the number of brokers, at most MAX_DEFAULT_REPLICATION."""
-    cluster = await admin.describe_cluster()
-    return max(1, min(MAX_DEFAULT_REPLICATION, len(cluster.get("brokers") or ())))
 
 
 Headers = list[tuple[str, bytes]]
@@ -291,10 +172,7 @@ class Sink:
     def _refresh_partitions(self) -> None:
         """Partitions can be added to a topic: keys then hash anew, as in every Kafka producer."""
         for topic, n in list(self._partitions.items()):
-            try:
-                now = len(self.producer.client.cluster.partitions_for_topic(topic) or ())
-            except Exception:
-                continue
+            now = known_partition_count(self.producer, topic)
             if now and now != n:
                 log.info("topic %s now has %d partitions (was %d)", topic, now, n)
                 self._partitions[topic] = now
@@ -346,8 +224,8 @@ def _settle(delivery: asyncio.Future, fut: asyncio.Future) -> None:
         return
     if fut.cancelled():
         delivery.set_exception(KafkaError("delivery cancelled"))
-    elif fut.exception() is not None:
-        delivery.set_exception(fut.exception())
+    elif (error := fut.exception()) is not None:
+        delivery.set_exception(error)
     else:
         delivery.set_result(fut.result())
 
@@ -357,30 +235,3 @@ def _reason(fut: asyncio.Future) -> str:
         return "cancelled"
     exc = fut.exception()
     return f"{type(exc).__name__}: {exc}" if exc else "?"
-
-
-async def read_to_end(consumer, tps: list, on_batch: Callable[[Any, list], None], idle_s: float = 2.0,
-                      max_records: int = 20_000) -> None:
-    """Read assigned partitions from their beginning to their current end.
-
-    The end is each partition's high watermark as a fetch reports it — not ``end_offsets()``,
-    which some brokers (Tansu) answer wrongly; code written this way is also right on Apache
-    Kafka. A partition that reports no watermark for ``idle_s`` is taken as empty.
-    """
-    import time
-
-    consumer.assign(list(tps))
-    await consumer.seek_to_beginning(*tps)
-    started = time.monotonic()
-    pending = set(tps)
-    while pending:
-        batch = await consumer.getmany(*pending, timeout_ms=200, max_records=max_records)
-        for tp, recs in batch.items():
-            if recs:
-                on_batch(tp, recs)
-        for tp in list(pending):
-            high = consumer.highwater(tp)
-            at_end = high is not None and await consumer.position(tp) >= high
-            silent = high is None and time.monotonic() - started > idle_s
-            if at_end or silent:
-                pending.discard(tp)

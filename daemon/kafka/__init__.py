@@ -1,0 +1,52 @@
+"""rnnd's Kafka layer: client settings, topic set-up, reading to the end, and the sink that never loses an output.
+
+    clients   the settings every client is made with (security composed in); group-less readers
+    quirks    every broker quirk and every use of aiokafka's private parts, each with the fact behind it
+    topics    the daemon's topics at start: the input must exist, outputs and changelog match it
+    reading   partitions from their beginning to their current end (changelog restore, verify)
+    sink      batched produce, ``flush`` = everything acknowledged (at-least-once delivery)
+
+Nothing here imports the daemon's configuration at run time (only its type, for hints), so
+that the configuration and the changelog can use this layer without an import cycle.
+"""
+
+from __future__ import annotations
+
+from ..errors import MissingTopicError
+from .clients import admin, client_settings, connection_settings, consumer_settings, producer_settings, reader
+from .quirks import (
+    OFFSET_RESET,
+    broker_answers,
+    fetched_end,
+    known_partition_count,
+    partitions_of,
+    position_at_end,
+    topic_partitions,
+)
+from .reading import read_to_end
+from .sink import Headers, Sink
+from .topics import MAX_DEFAULT_REPLICATION, MissingTopic, default_replication, ensure_topics
+
+__all__ = [
+    "MAX_DEFAULT_REPLICATION",
+    "OFFSET_RESET",
+    "Headers",
+    "MissingTopic",
+    "MissingTopicError",
+    "Sink",
+    "admin",
+    "broker_answers",
+    "client_settings",
+    "connection_settings",
+    "consumer_settings",
+    "default_replication",
+    "ensure_topics",
+    "fetched_end",
+    "known_partition_count",
+    "partitions_of",
+    "position_at_end",
+    "producer_settings",
+    "read_to_end",
+    "reader",
+    "topic_partitions",
+]

@@ -1,0 +1,121 @@
+"""Every broker quirk rnnd works around, and every use of aiokafka's private parts, in one place.
+
+rnnd runs against Apache Kafka in production and against Tansu 0.6 (the embedded broker of
+the demo and the tests). Code written to the rules below is right on both; code that breaks
+one of them works on one broker and fails on the other. Measured on Tansu 0.6 with aiokafka
+0.14 (``tests/test_kafka_quirks.py`` holds the functions here to them):
+
+* A metadata request that names a topic makes Tansu (and Kafka with
+  ``auto.create.topics.enable``) create it, with 4 partitions on Tansu: asking whether
+  ``ghost`` exists creates ``ghost``. So topics are only ever looked up in the metadata of
+  *all* topics (:func:`topic_partitions`, :func:`partitions_of`).
+* Tansu answers ListOffsets(latest) with the first offset of the newest record batch + 1: after
+  batches of 5 and 3 records, ``end_offsets()`` says 6 and ``seek_to_end()`` lands on 6, where
+  the end is 8. ``auto_offset_reset="latest"`` uses the same request. The high watermark that
+  every fetch response carries (``consumer.highwater()``) says 8, on Tansu as on Kafka; so the
+  end of a partition is read there, after one fetch (:func:`fetched_end`,
+  :func:`position_at_end`), and new readers start at ``"earliest"`` (:data:`OFFSET_RESET`).
+* Tansu refuses InitProducerId: an idempotent or transactional aiokafka producer fails to
+  start (UnknownError). rnnd's producers leave idempotence off (aiokafka's default), and
+  correctness never depends on it (delivery is at-least-once, outputs carry ids).
+* aiokafka has no public way to ask a consumer for the partitions of all topics (its
+  ``topics()`` keeps only the names), to read what a producer already knows about a topic's
+  partitions without a request, or to send one small request to any broker. Those go
+  through the client object (``consumer._client``, ``producer.client``) here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+#: Where a reader without a committed position starts. Not "latest": see the module docstring.
+OFFSET_RESET = "earliest"
+
+
+async def topic_partitions(admin: Any) -> dict[str, list[int]]:
+    """Every topic the brokers know, with its partition ids, from the metadata of all topics.
+
+    Asking for all topics, never for one by name, is what keeps a lookup from creating the
+    topic it looks for. Topics whose metadata carries an error (being deleted, not
+    authorised) are left out, as if they did not exist.
+    """
+    described = await admin.describe_topics()
+    return {t["topic"]: sorted(p["partition"] for p in t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def partitions_of(consumer: Any, topic: str) -> list[int]:
+    """The partition ids of ``topic`` as the brokers know them now (empty: no such topic), through a consumer.
+
+    A consumer outside a group knows the metadata of the topics that existed when it started;
+    a topic made since then is found by asking for all topics again, which only its client can
+    do (``consumer.topics()`` keeps the names and drops the partitions).
+    """
+    cluster = await consumer._client.fetch_all_metadata()
+    return sorted(cluster.partitions_for_topic(topic) or ())
+
+
+def known_partition_count(producer: Any, topic: str) -> int:
+    """The partitions of ``topic`` in the producer's cached metadata (0: not known); asks no broker.
+
+    aiokafka refreshes that metadata in the background (``metadata_max_age_ms``) but offers
+    only ``partitions_for(topic)``, which waits for a refresh when the topic is unknown; this
+    reads the cache as it is, cheaply enough to do at every flush.
+    """
+    try:
+        return len(producer.client.cluster.partitions_for_topic(topic) or ())
+    except Exception:  # a producer that is closing has no usable cluster view: "not known"
+        return 0
+
+
+def fetched_end(consumer: Any, tp: Any) -> int | None:
+    """Where ``tp`` ends: the high watermark of its last fetch response (None before its first fetch).
+
+    Not ``end_offsets()``, which Tansu answers with the start of the newest batch (+1).
+    """
+    return consumer.highwater(tp)
+
+
+async def position_at_end(consumer: Any, tps: Sequence[Any], timeout_s: float = 15.0) -> None:
+    """Position every partition of ``tps`` (assigned to ``consumer``) at its current end.
+
+    What ``seek_to_end()`` is meant to do, done with the high watermark: fetch once from the
+    beginning, read where each partition ends, seek there. The records of that first fetch (at
+    most one fetch's worth per partition) are dropped.
+
+    :raises TimeoutError: when a partition reports no watermark within ``timeout_s`` (the
+        message names the partitions).
+    """
+    await consumer.seek_to_beginning(*tps)
+    deadline = time.monotonic() + timeout_s
+    while any(fetched_end(consumer, tp) is None for tp in tps):
+        if time.monotonic() > deadline:
+            unknown = [tp.partition for tp in tps if fetched_end(consumer, tp) is None]
+            raise TimeoutError(f"could not find where partitions {unknown} end within {timeout_s:.0f} s")
+        await consumer.getmany(*tps, timeout_ms=200)
+    for tp in tps:
+        consumer.seek(tp, fetched_end(consumer, tp))
+
+
+async def broker_answers(client: Any, timeout: float) -> bool:
+    """Whether a broker answers a request now: the liveness signal behind /readyz.
+
+    A fetch that finds no broker returns empty-handed, like one that finds no data, so the
+    consumer alone cannot tell an outage from a quiet topic. ``client`` is a producer's
+    ``AIOKafkaClient`` (``producer.client``): its connections carry no long-polling fetch that
+    would hold up the request. ApiVersions is the smallest request every broker answers.
+    """
+    from aiokafka.protocol.admin import ApiVersionRequest
+
+    try:
+        node = client.get_random_node()
+        if node is None:
+            return False
+        await asyncio.wait_for(client.send(node, ApiVersionRequest()), timeout)
+        return True
+    except (KafkaError, OSError, TimeoutError):
+        return False
