@@ -33,7 +33,7 @@ COPY cli cli
 COPY daemon daemon
 COPY export export
 RUN /opt/rnnd/bin/pip install --no-deps . \
- && /opt/rnnd/bin/python -c "import rnnd.daemon.app, rnnd.tools" \
+ && /opt/rnnd/bin/python -c "import rnnd.daemon.service, rnnd.tools" \
  && ! /opt/rnnd/bin/python -c "import torch" 2>/dev/null
 
 
@@ -101,7 +101,7 @@ COPY cli cli
 COPY daemon daemon
 COPY export export
 RUN /opt/rnnd/bin/pip install --no-deps . \
- && /opt/rnnd/bin/python -c "import rnnd.daemon.app, rnnd.tools" \
+ && /opt/rnnd/bin/python -c "import rnnd.daemon.service, rnnd.tools" \
  && ! /opt/rnnd/bin/python -c "import torch" 2>/dev/null
 
 FROM gpu-base AS gpu

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from . import logs
 
     logs.setup(cfg.log_format, cfg.log_level)
-    from .app import Daemon, serve
+    from .service import Daemon, serve
 
     if args.check:
         daemon = Daemon(cfg)

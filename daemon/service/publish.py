@@ -1,0 +1,46 @@
+"""Where the daemon's records go: predictions to the output topic, dead letters to theirs.
+
+Both only hand records to the sink; they count as delivered when a checkpoint's flush has
+them acknowledged (see ``checkpoint``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..config import ServeConfig
+from ..metrics import Metrics
+from ..pipeline import Output, Pipeline
+from .clients import Clients
+
+
+class Publisher:
+    def __init__(self, cfg: ServeConfig, pipeline: Pipeline, metrics: Metrics, clients: Clients) -> None:
+        self.output_topic = cfg.output_topic
+        self.dlq_topic = cfg.dlq_topic
+        self.pipeline = pipeline
+        self.clients = clients
+        self.latency = metrics.latency
+        self.predictions = metrics.predictions
+
+    async def publish(self, outputs: list[Output]) -> None:
+        """One model call's outputs (a batch: one send, one latency observation for all)."""
+        if not outputs:
+            return
+        sink = self.clients.sink
+        assert sink is not None
+        await sink.send_many(self.output_topic, outputs)
+        ts = np.fromiter((o[2] for o in outputs), np.float64, len(outputs))
+        self.latency.observe_many(np.maximum(time.time() - ts / 1000, 0.0))
+        self.predictions.inc(len(outputs))
+
+    async def send_side_outputs(self) -> None:
+        """Dead letters, which the fetch loop produces (decoding happens there), not the infer loop."""
+        dead = self.pipeline.take_dead_letters()
+        sink = self.clients.sink
+        if not dead or sink is None:
+            return
+        await sink.send_many(self.dlq_topic, [(d.key, d.encode()) for d in dead],
+                             headers=[[("rnnd.reason", d.reason.encode())] for d in dead])

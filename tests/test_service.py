@@ -1,0 +1,416 @@
+"""The daemon in-process, with fake Kafka clients: the checkpoint's order and guards, and revocation under a call.
+
+The real ``Daemon``, ``Pipeline`` and a real trained bundle (the product recipe); only the
+Kafka clients are fakes, handed to the daemon through its client factory. Every call that
+matters for delivery — a send to the sink, a flush and what it acknowledged, a commit, a
+partition's streams dropped, a model call's start and end — goes into one list in the order
+it happened, and the tests read the order off that list. The real-broker tests
+(test_daemon_e2e.py, test_durability.py) show the same guarantees end to end; these show
+which step of the daemon provides each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+
+from rnnd.daemon.config import ServeConfig
+from rnnd.daemon.service import Daemon, checkpoint, rebalance
+
+IN, OUT = "in", "out"
+TP0 = TopicPartition(IN, 0)
+#: A commit or a flush waits for the broker, as the real ones do: other tasks run meanwhile.
+ROUND_TRIP_S = 0.01
+
+
+class Fetched(NamedTuple):
+    """A fetched record, with the attributes of aiokafka's ConsumerRecord that the daemon reads."""
+
+    key: bytes | None
+    value: bytes | None
+    offset: int
+    timestamp: int
+
+
+class FakeConsumer:
+    """The group member: records the daemon's commits; its assignment is changed by the test."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+        self.listener: Any = None
+        self.queued: dict[TopicPartition, list[Fetched]] = {}
+        self.high: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
+        self.commits: list[dict[int, int]] = []
+        self.fed = asyncio.Event()
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def feed(self, tp: TopicPartition, values: list[tuple[bytes, bytes]]) -> None:
+        start = self.high.get(tp, 0)
+        records = [Fetched(k, v, start + i, int(time.time() * 1000)) for i, (k, v) in enumerate(values)]
+        self.queued.setdefault(tp, []).extend(records)
+        self.high[tp] = start + len(records)
+        self.fed.set()
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        ready = {tp: recs for tp, recs in self.queued.items() if recs and tp not in self.paused}
+        if not ready:
+            self.fed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.fed.wait(), timeout_ms / 1000)
+            return {}
+        for tp in ready:
+            self.queued[tp] = []
+        return ready
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.log.append(("seek", tp.partition, offset))
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tps)
+
+    async def commit(self, offsets: dict) -> None:
+        await asyncio.sleep(ROUND_TRIP_S)
+        committed = {tp.partition: meta.offset for tp, meta in offsets.items()}
+        self.commits.append(committed)
+        self.log.append(("commit", committed))
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.high.get(tp)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
+
+
+class FakeReader:
+    """The changelog restorer: an empty changelog (each partition ends at 0 and is read to there)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def assign(self, tps: list) -> None: ...
+
+    async def seek_to_beginning(self, *tps: Any) -> None: ...
+
+    async def getmany(self, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        return {}
+
+    def highwater(self, tp: Any) -> int:
+        return 0
+
+    async def position(self, tp: Any) -> int:
+        return 0
+
+
+class FakeSink:
+    """``kafka.Sink``'s contract: ``flush`` returns once everything sent before it is acknowledged, or
+    False when ``stopping()`` turns true first; unacknowledged records stay for the next flush.
+
+    ``fail_flushes``: which flushes (counted from 1) find the broker not acknowledging; each of
+    them waits for ``stopping()``, as the real one does, and returns False.
+    """
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+        self.pending: list[tuple[str, bytes | None, bytes | None]] = []
+        self.acked: list[tuple[str, bytes | None, bytes | None]] = []
+        self.flushes = 0
+        self.fail_flushes: set[int] = set()
+
+    async def send_many(self, topic: str, items, partitions=None, headers=None) -> None:
+        if not items:
+            return
+        self.pending += [(topic, item[0], item[1]) for item in items]
+        self.log.append(("send", topic, len(items)))
+
+    async def flush(self, stopping: Callable[[], bool] = lambda: False) -> bool:
+        self.flushes += 1
+        if self.flushes in self.fail_flushes:
+            while not stopping():
+                await asyncio.sleep(0.005)
+            self.log.append(("flush", False, {}))
+            return False
+        await asyncio.sleep(ROUND_TRIP_S)
+        acked: dict[str, int] = {}
+        for topic, _, _ in self.pending:
+            acked[topic] = acked.get(topic, 0) + 1
+        self.acked += self.pending
+        self.pending = []
+        self.log.append(("flush", True, acked))
+        return True
+
+    def outputs(self) -> list[dict]:
+        return [orjson.loads(v) for t, _, v in self.pending + self.acked if t == OUT]
+
+
+class FakeClients:
+    """The daemon's client factory, making the fakes above and keeping them for the test: ``group``
+    (the consumer), ``out`` (the sink), ``log`` (what happened, in order)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.group = FakeConsumer(self.log)
+        self.out = FakeSink(self.log)
+
+    async def ensure_topics(self, cfg, input_topic, outputs, configs, copartitioned) -> int:
+        return 1
+
+    def producer(self, cfg: ServeConfig) -> Any:
+        return FakeReader()  # start/stop is all the daemon asks of it; the sink stands in for the rest
+
+    def consumer(self, cfg: ServeConfig, group_id: str) -> FakeConsumer:
+        return self.group
+
+    def restorer(self, cfg: ServeConfig) -> FakeReader:
+        return FakeReader()
+
+    def sink(self, producer: Any, on_error: Callable[[], None]) -> FakeSink:
+        return self.out
+
+    async def broker_answers(self, producer: Any, timeout: float) -> bool:
+        return True
+
+
+class HeldCalls:
+    """Wraps ``pipeline.execute`` (which runs on the worker thread): each model call waits until released."""
+
+    def __init__(self, log: list[tuple], execute: Callable) -> None:
+        self.log = log
+        self.execute = execute
+        self.gate = threading.Semaphore(0)
+        self.started = self.ended = self.released = 0
+
+    def __call__(self, calls: list) -> list:
+        self.started += 1
+        self.log.append(("call", "start"))
+        assert self.gate.acquire(timeout=20), "a model call was never released"
+        try:
+            return self.execute(calls)
+        finally:
+            self.ended += 1
+            self.log.append(("call", "end"))
+
+    def release_waiting(self) -> None:
+        if self.started > self.released:
+            self.released += 1
+            self.gate.release()
+
+
+def make_daemon(bundle, fakes: FakeClients, **settings: Any) -> Daemon:
+    cfg = ServeConfig(model=str(bundle), bootstrap_servers="fake:9092", input_topic=IN, output_topic=OUT,
+                      http_host="127.0.0.1", http_port=0, commit_interval_s=3600, **settings).validate()
+    daemon = Daemon(cfg, clients=fakes)
+    revoke = daemon.pipeline.revoke
+
+    def logged_revoke(partition: int) -> int:
+        fakes.log.append(("revoke", partition))
+        return revoke(partition)
+
+    daemon.pipeline.revoke = logged_revoke  # type: ignore[method-assign]
+    return daemon
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def started(daemon: Daemon, fakes: FakeClients) -> asyncio.Task:
+    """The daemon running, connected, and assigned partition 0 of the input."""
+    run = asyncio.create_task(daemon.run(install_signals=False))
+    await until(lambda: fakes.group.listener is not None and daemon.readiness.connected)
+    await fakes.group.listener.on_partitions_assigned({TP0})
+    await until(daemon.is_ready)
+    return run
+
+
+async def stopped(daemon: Daemon, run: asyncio.Task) -> None:
+    daemon.stop()
+    assert await asyncio.wait_for(run, 30) == 0
+
+
+def values(key: bytes, *xs: float) -> list[tuple[bytes, bytes]]:
+    return [(key, orjson.dumps({"x": [x]})) for x in xs]
+
+
+def since(log: list[tuple], mark: int, *kinds: str) -> list[tuple]:
+    return [e for e in log[mark:] if e[0] in kinds]
+
+
+def test_a_checkpoint_acknowledges_outputs_then_changelog_then_commits(recipe_bundle) -> None:
+    """Steps 3 → 4 → 5 → 6: the commit comes after the changelog is acknowledged, which comes after
+    every output (predictions and dead letters) is; the commit is the offset after the last input."""
+    fakes = FakeClients()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes)
+        run = await started(daemon, fakes)
+        fakes.group.feed(TP0, [*values(b"a", 0.5, 0.25), (b"bad", b"not json"), *values(b"b", 1.0),
+                                  *values(b"c", -1.0, 2.0)])
+        await until(lambda: len(fakes.out.outputs()) == 5 and not daemon.pipeline.busy())
+        mark = len(fakes.log)
+        await daemon.checkpointer.checkpoint()
+        assert since(fakes.log, mark, "send", "flush", "commit") == [
+            ("flush", True, {OUT: 5, f"{IN}.dlq": 1}),
+            ("send", daemon.changelog_topic, 3),
+            ("flush", True, {daemon.changelog_topic: 3}),
+            ("commit", {0: 6}),
+        ]
+        changelog = sorted(k for t, k, _ in fakes.out.acked if t == daemon.changelog_topic)
+        assert changelog == [b"a", b"b", b"c"]
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_nothing_is_committed_after_a_failed_flush(recipe_bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that is not acknowledged ends the checkpoint there: outputs unacknowledged → no
+    changelog records and no commit; changelog unacknowledged → no commit. The next checkpoint
+    acknowledges what was left and commits."""
+    monkeypatch.setattr(checkpoint, "FINAL_CHECKPOINT_S", 0.05)  # how long a final checkpoint waits for acks
+    fakes = FakeClients()
+    sink, consumer = fakes.out, fakes.group
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes)
+        run = await started(daemon, fakes)
+        consumer.feed(TP0, [*values(b"a", 0.5, 0.25), *values(b"b", 1.0)])
+        await until(lambda: len(sink.outputs()) == 3 and not daemon.pipeline.busy())
+
+        # The outputs' flush is not acknowledged: nothing of the changelog is sent, nothing committed.
+        mark = len(fakes.log)
+        sink.fail_flushes = {sink.flushes + 1}
+        await daemon.checkpointer.checkpoint(final=True)
+        assert since(fakes.log, mark, "send", "flush", "commit") == [("flush", False, {})]
+        assert consumer.commits == []
+        # The next checkpoint acknowledges the outputs, then the changelog, then commits.
+        mark = len(fakes.log)
+        await daemon.checkpointer.checkpoint()
+        assert since(fakes.log, mark, "send", "flush", "commit") == [
+            ("flush", True, {OUT: 3}),
+            ("send", daemon.changelog_topic, 2),
+            ("flush", True, {daemon.changelog_topic: 2}),
+            ("commit", {0: 3}),
+        ]
+
+        # The changelog's flush is not acknowledged: no commit.
+        consumer.feed(TP0, values(b"a", 0.75) + values(b"c", 0.125))
+        await until(lambda: len(sink.outputs()) == 5 and not daemon.pipeline.busy())
+        mark = len(fakes.log)
+        sink.fail_flushes = {sink.flushes + 2}
+        await daemon.checkpointer.checkpoint(final=True)
+        assert since(fakes.log, mark, "send", "flush", "commit") == [
+            ("flush", True, {OUT: 2}),
+            ("send", daemon.changelog_topic, 2),
+            ("flush", False, {}),
+        ]
+        assert consumer.commits == [{0: 3}]
+        # The next checkpoint has no new state to write; its flush acknowledges the records the
+        # last one left, and only then does it commit.
+        mark = len(fakes.log)
+        await daemon.checkpointer.checkpoint()
+        assert since(fakes.log, mark, "send", "flush", "commit") == [
+            ("flush", True, {daemon.changelog_topic: 2}),
+            ("commit", {0: 5}),
+        ]
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+async def revoke_during_a_held_call(daemon: Daemon, fakes: FakeClients) -> HeldCalls:
+    """Three inputs of one stream (one step per call: max_chunk=1); the first call is held while
+    the partition is revoked; then each call is released as it starts, until the revocation is done."""
+    held = HeldCalls(fakes.log, daemon.pipeline.execute)
+    daemon.pipeline.execute = held  # type: ignore[method-assign]
+    fakes.group.feed(TP0, values(b"a", 0.5, 0.25, 1.0))
+    await until(lambda: held.started == 1)
+    revoking = asyncio.create_task(fakes.group.listener.on_partitions_revoked({TP0}))
+    await asyncio.sleep(0.3)
+    # The call is running: the revocation waits, whatever its budget. Nothing is dropped or committed.
+    assert not revoking.done()
+    assert since(fakes.log, 0, "revoke", "commit") == []
+    assert daemon.pipeline.streams.active == 1
+    while not revoking.done():
+        held.release_waiting()
+        await asyncio.sleep(0.01)
+    await revoking
+    return held
+
+
+def calls_running_at(log: list[tuple], entry: tuple) -> int:
+    before = log[: log.index(entry)]
+    return before.count(("call", "start")) - before.count(("call", "end"))
+
+
+def test_a_revocation_finishes_the_partitions_steps_then_checkpoints_then_drops(recipe_bundle) -> None:
+    """A revocation during a model call waits for that call and for the partition's queued steps,
+    has their outputs acknowledged and their offsets committed, and only then drops the streams."""
+    fakes = FakeClients()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, max_chunk=1)
+        run = await started(daemon, fakes)
+        await revoke_during_a_held_call(daemon, fakes)
+        log = fakes.log
+        assert since(log, 0, "call", "send", "flush", "commit", "revoke") == [
+            ("call", "start"), ("call", "end"), ("send", OUT, 1),
+            ("call", "start"), ("call", "end"), ("send", OUT, 1),
+            ("call", "start"), ("call", "end"), ("send", OUT, 1),
+            ("flush", True, {OUT: 3}),
+            ("send", daemon.changelog_topic, 1),
+            ("flush", True, {daemon.changelog_topic: 1}),
+            ("commit", {0: 3}),
+            ("revoke", 0),
+        ]
+        assert daemon.pipeline.streams.active == 0 and not daemon.assigned
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_a_revocation_past_its_budget_still_waits_for_the_running_call(recipe_bundle,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the wait for queued steps cut short, the call lock still keeps the revocation from
+    checkpointing or dropping streams under a running call: the held call's output is
+    acknowledged and its input committed before the drop; the steps not yet run are left (not
+    committed) for the partition's next owner."""
+    monkeypatch.setattr(rebalance, "REVOCATION_WAIT_S", 0.05)
+    fakes = FakeClients()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, max_chunk=1)
+        run = await started(daemon, fakes)
+        await revoke_during_a_held_call(daemon, fakes)
+        log = fakes.log
+        first_output = log.index(("send", OUT, 1))
+        commit = log.index(("commit", {0: 1}))
+        acked = [e for e in log[first_output:commit] if e[0] == "flush"]
+        assert acked and acked[0] == ("flush", True, {OUT: 1})
+        assert fakes.group.commits == [{0: 1}]
+        assert log.index(("revoke", 0)) > commit
+        assert calls_running_at(log, ("revoke", 0)) == 0
+        assert daemon.pipeline.streams.active == 0 and not daemon.assigned
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
