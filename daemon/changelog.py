@@ -29,6 +29,7 @@ import numpy as np
 
 from .bundle import BundleSpec
 from .errors import ChangelogError
+from .names import group_and_topic as group_and_topic  # re-exported: the daemon names its changelog through here
 
 log = logging.getLogger("rnnd.changelog")
 
@@ -101,22 +102,8 @@ def layout_of(spec: BundleSpec) -> list[tuple[str, tuple[int, ...]]]:
     return [(s.dtype, tuple(s.shape)) for s in spec.states]
 
 
-def topic_name(group_id: str, input_topic: str) -> str:
-    return f"{group_id}.{input_topic}.changelog"
-
-
 #: Topic configs of the changelog: only the last record per stream key matters.
 TOPIC_CONFIGS = {"cleanup.policy": "compact"}
-
-
-def group_and_topic(group_id: str, changelog_topic: str, input_topic: str, model_name: str) -> tuple[str, str]:
-    """A deployment's consumer group and changelog topic: as set, or derived from the model's name.
-
-    One function for `rnnd serve` and `rnnd topics create`, so that topics made ahead of time
-    are exactly the ones the daemon then uses.
-    """
-    group = group_id or f"rnnd-{model_name}"
-    return group, changelog_topic or topic_name(group, input_topic)
 
 
 @dataclass
@@ -131,13 +118,12 @@ async def restore_partitions(consumer, topic: str, partitions: list[int], spec: 
                              progress: Callable[[int], None] | None = None, idle_s: float = 2.0) -> RestoreResult:
     """Read changelog ``partitions`` to their ends, all at once; the last record per key wins.
 
-    A partition's end is its high watermark as reported by a fetch — not ``end_offsets()``,
-    which some brokers (Tansu) answer wrongly. A partition that reports no watermark for
-    ``idle_s`` is taken as empty.
+    ``consumer``: a started reader outside any group (``kafka.reader``). Where a partition
+    ends, and when one that reports nothing for ``idle_s`` counts as empty: ``kafka.read_to_end``.
     """
     from aiokafka import TopicPartition
 
-    from .kafka import read_to_end
+    from .kafka.reading import read_to_end  # here: the record format above needs no Kafka client
 
     layout = layout_of(spec)
     want_hash = spec.state_hash

@@ -1,38 +1,33 @@
 """`rnnd serve` settings: one typed object, loaded from a TOML file, RNND_* env vars and flags.
 
 Precedence, highest first: command-line flag > environment variable > config file > default.
-Every field below is all three: ``--max-batch 512``, ``RNND_MAX_BATCH=512``, ``max_batch = 512``.
-The table in docs/configuration.md is generated from these fields (``rnnd serve --print-config-docs``),
-and a test keeps it in sync.
+Every setting below is all three: ``--max-batch 512``, ``RNND_MAX_BATCH=512``, ``max_batch = 512``.
+The Kafka security settings are declared once, by the security module, and composed here as
+one block (``cfg.security``); they are spelled flat like every other setting. The loading
+machinery (layering, coercion, the checks every declaration carries) is the settings module's;
+this one holds what is particular to serving: the settings, and the rules between them.
+The table in docs/configuration.md is generated from these declarations
+(``rnnd serve --print-config-docs``), and a test keeps it in sync.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import math
 import os
 import re
-import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
-from . import security
-from .errors import ConfigError
+from . import names, settings
+from .errors import ConfigError, SecurityError
+from .security import KafkaSecurity
+from .security import check as check_security
+from .settings import ENV_NOT_SETTINGS, ENV_PREFIX, opt, spellings
 
-ENV_PREFIX = "RNND_"
-
-#: ``RNND_*`` environment variables that are not settings but are still rnnd's. Any other
-#: ``RNND_*`` variable is refused as a typo (``RNND_MAX_BACTH``), as an unknown key of the
-#: config file is: otherwise the setting it meant would silently keep its default.
-ENV_NOT_SETTINGS = {
-    f"{ENV_PREFIX}CONFIG": "the config file, as --config",
-    f"{ENV_PREFIX}DEBUG": "set by --debug: tracebacks, and `rnnd export` shows the exporter's own output",
-    f"{ENV_PREFIX}TEST_BOOTSTRAP": "the test suite's Kafka (tests/kafka_fixtures.py)",
-}
+__all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "ConfigError", "ServeConfig", "add_arguments", "check_environment",
+           "check_topic_name", "docs_table", "from_args", "load", "opt", "replace", "settings_of", "spellings"]
 
 #: Kafka's rule for topic names (kafka.common.internals.Topic): at most 249 of these characters.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -40,20 +35,7 @@ _TOPIC_RULE = "1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', and not '
 _INT32 = 2**31 - 1  # Kafka's int32 protocol fields, and C ints (gc thresholds, ONNX Runtime threads)
 
 
-def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False,
-        required: bool = False, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
-    """A setting. ``secret=True``: shown as ``***`` by ``redacted()``, and left out of ``repr``
-    so that logging the config object, or a traceback that shows it, cannot leak it.
-
-    Numbers carry their range (``ge``/``gt`` and ``le``): ``validate()`` refuses a value outside
-    it, and the docs table shows it, so that a value the daemon cannot use stops it at start
-    rather than failing deep inside Kafka's client or ONNX Runtime later.
-    """
-    return field(default=default, repr=not secret,
-                 metadata={"help": help, "choices": choices, "secret": secret, "required": required,
-                           "ge": ge, "gt": gt, "le": le})
-
-
+@settings.flat_access
 @dataclass(frozen=True)
 class ServeConfig:
     # --- what to serve, and where ---
@@ -61,7 +43,7 @@ class ServeConfig:
     bootstrap_servers: str = opt("localhost:9092", "Kafka bootstrap servers, comma-separated.")
     input_topic: str = opt("", "Topic of input steps, keyed by stream key.", required=True)
     output_topic: str = opt("", "Topic predictions are written to, keyed by stream key.", required=True)
-    dead_letter_topic: str = opt("", "Topic for unusable messages (default: <input_topic>.dlq).")
+    dead_letter_topic: str = opt("", f"Topic for unusable messages (default: {names.DEAD_LETTER_RULE}).")
     group_id: str = opt("", "Consumer group; replicas of one deployment share it (default: rnnd-<model name>).")
     client_id: str = opt("rnnd", "Kafka client id prefix (shows in broker logs and quotas).")
     create_topics: bool = opt(True, "Create missing output/dead-letter topics (same partition count as input).")
@@ -110,7 +92,7 @@ class ServeConfig:
     # --- durable state ---
     changelog: bool = opt(True, "Keep every stream's state in a compacted changelog topic, restored on "
                                 "assignment: crashes, restarts and rebalances lose no state.")
-    changelog_topic: str = opt("", "State changelog topic (default: <group_id>.<input_topic>.changelog).")
+    changelog_topic: str = opt("", f"State changelog topic (default: {names.CHANGELOG_RULE}).")
     on_state_mismatch: str = opt("refuse", "When the changelog holds state of another state layout (a model whose "
                                            "state-spec hash differs): refuse to start, reset the streams, or serve "
                                            "them with previous_model.", choices=("refuse", "reset", "previous"))
@@ -134,29 +116,8 @@ class ServeConfig:
     broker_unreachable_s: float = opt(10.0, "/readyz answers 503 once no broker has answered for this long: longer "
                                             "than a leader election or one broker's restart, short enough for a "
                                             "load balancer or autoscaler to notice an outage.", gt=0)
-    # --- Kafka security ---
-    security_protocol: str = opt("PLAINTEXT", "How to connect to Kafka: PLAINTEXT, SSL (TLS), SASL_SSL (TLS and a "
-                                              "SASL login) or SASL_PLAINTEXT (a SASL login without encryption; "
-                                              "needs sasl_allow_plaintext).", choices=security.PROTOCOLS)
-    ssl_cafile: str = opt("", "TLS: CA certificates (PEM) that signed the brokers' certificates (default: the "
-                              "system's CAs).")
-    ssl_certfile: str = opt("", "TLS client authentication: this client's certificate (PEM); needs ssl_keyfile.")
-    ssl_keyfile: str = opt("", "TLS client authentication: the private key (PEM) of ssl_certfile.")
-    ssl_password: str = opt("", "Password of an encrypted ssl_keyfile (or ssl_password_file).", secret=True)
-    ssl_password_file: str = opt("", "File holding the password of ssl_keyfile, e.g. a mounted secret (a trailing "
-                                     "newline is ignored).")
-    ssl_check_hostname: bool = opt(True, "TLS: check that a broker's certificate names the host connected to "
-                                         "(the certificate is verified against the CA either way).")
-    sasl_mechanism: str = opt("", "SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with security_protocol SASL_SSL "
-                                  "or SASL_PLAINTEXT).")
-    sasl_username: str = opt("", "SASL user name.")
-    sasl_password: str = opt("", "SASL password; prefer RNND_SASL_PASSWORD from a secret or sasl_password_file "
-                                 "(a flag shows in `ps`).", secret=True)
-    sasl_password_file: str = opt("", "File holding the SASL password, e.g. a mounted secret (a trailing newline "
-                                      "is ignored).")
-    sasl_allow_plaintext: bool = opt(False, "Accept security_protocol SASL_PLAINTEXT: a SASL login on an "
-                                            "unencrypted connection (PLAIN then sends the password in clear text). "
-                                            "Logged as a warning.")
+    # --- Kafka security (declared by the security module, shared with `rnnd produce`/`tail`) ---
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
     # --- operations ---
     http_host: str = opt("0.0.0.0", "Bind address of /metrics, /healthz and /readyz.")
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).", ge=0, le=65535)
@@ -173,7 +134,7 @@ class ServeConfig:
     # --- derived ---------------------------------------------------------------------------
     @property
     def dlq_topic(self) -> str:
-        return self.dead_letter_topic or f"{self.input_topic}.dlq"
+        return self.dead_letter_topic or names.dead_letter_topic(self.input_topic)
 
     @property
     def emit_every(self) -> int:
@@ -188,19 +149,7 @@ class ServeConfig:
         topic name Kafka refuses, which a broker reports as a missing topic) costs an operator
         far more than an error at start.
         """
-        types = _types()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("required") and value in ("", None):
-                raise ConfigError(f"{f.name} is required: {spellings(f.name)}")
-            typ = types[f.name]
-            if type(value) is not typ and not (typ is float and type(value) is int):
-                raise ConfigError(f"{f.name} must be {typ.__name__}, not {_shown(f.name, value)}", f.name)
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}", f.name)
-            if not _in_range(f.metadata, value):
-                raise ConfigError(f"{f.name} must be {_range_text(f.metadata)}, not {value!r}", f.name)
+        settings.check_declared(self)
         if not re.fullmatch(r"(cpu|cuda(:\d+)?|tensorrt(:\d+)?)", self.provider):
             raise ConfigError(f"provider must be cpu, cuda[:N] or tensorrt[:N], not {self.provider!r}", "provider")
         _parse_emit(self.emit)
@@ -208,8 +157,8 @@ class ServeConfig:
         self._validate_combinations()
         self._validate_topics()
         try:
-            security.check(security.KafkaSecurity.from_settings(self))
-        except security.SecurityError as e:
+            check_security(self.security)
+        except SecurityError as e:
             raise ConfigError(str(e)) from None
         return self
 
@@ -249,13 +198,11 @@ class ServeConfig:
             if value or name in ("input_topic", "output_topic"):
                 check_topic_name(name, value)
         if not self.dead_letter_topic:
-            check_topic_name("dead_letter_topic", self.dlq_topic, derived="<input_topic>.dlq")
+            check_topic_name("dead_letter_topic", self.dlq_topic, derived=names.DEAD_LETTER_RULE)
         _check_distinct([("input_topic", self.input_topic), ("output_topic", self.output_topic),
                          ("dead_letter_topic", self.dlq_topic)])
         if self.changelog and (self.changelog_topic or self.group_id):
-            from .changelog import topic_name  # here: changelog needs numpy, which loading settings does not
-
-            self.check_changelog_topic(self.changelog_topic or topic_name(self.group_id, self.input_topic))
+            self.check_changelog_topic(self.changelog_topic or names.changelog_topic(self.group_id, self.input_topic))
 
     def check_changelog_topic(self, topic: str) -> str:
         """The changelog topic, once its name is known (by default it is derived from the model's name).
@@ -265,15 +212,14 @@ class ServeConfig:
         """
         if self.changelog:
             check_topic_name("changelog_topic", topic,
-                             derived="" if self.changelog_topic else "<group_id>.<input_topic>.changelog")
+                             derived="" if self.changelog_topic else names.CHANGELOG_RULE)
             _check_distinct([("input_topic", self.input_topic), ("output_topic", self.output_topic),
                              ("dead_letter_topic", self.dlq_topic), ("changelog_topic", topic)])
         return topic
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict for logs, secrets replaced."""
-        return {f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
-                for f in fields(self)}
+        """The settings by name (security's flat, as spelled) for logs, secrets replaced."""
+        return settings.redacted(self)
 
 
 _ROLES = {"input_topic": "it reads", "output_topic": "predictions", "dead_letter_topic": "dead letters",
@@ -310,25 +256,6 @@ def _check_bootstrap(servers: str) -> None:
                               f"not {servers!r}", "bootstrap_servers")
 
 
-def _in_range(meta: Mapping[str, Any], value: Any) -> bool:
-    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
-    return not ((ge is not None and value < ge) or (gt is not None and value <= gt)
-                or (le is not None and value > le))
-
-
-def _range_text(meta: Mapping[str, Any]) -> str:
-    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
-    if le is None:
-        return f">= {ge}" if gt is None else f"> {gt}"
-    if gt is not None:
-        return f"> {gt} and <= {le}"
-    return f"between {ge} and {le}"
-
-
-def _shown(name: str, value: Any) -> str:
-    return "a value not shown here (a secret)" if _is_secret(name) else repr(value)
-
-
 def _parse_emit(value: str) -> int:
     if value == "every":
         return 1
@@ -340,47 +267,12 @@ def _parse_emit(value: str) -> int:
     raise ConfigError(f"emit must be every, every:N (N >= 1) or end, not {value!r}")
 
 
-def spellings(name: str) -> str:
-    return f"--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()} or `{name}` in the config file"
-
-
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _types() -> dict[str, type]:
-    return get_type_hints(ServeConfig)
-
-
-def _coerce(name: str, raw: Any, typ: type, source: str) -> Any:
-    if get_origin(typ) is not None:
-        typ = next(t for t in get_args(typ) if t is not type(None))
-    try:
-        if typ is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        # TOML values are typed: `max_batch = true` is not 1, and `input_topic = 5` is not a topic name.
-        if isinstance(raw, bool) or (typ is str and isinstance(raw, (int, float, list, dict))):
-            raise ValueError(raw)
-        if typ is int and isinstance(raw, float) and not raw.is_integer():
-            raise ValueError(raw)
-        value = typ(raw)
-        if typ is float and not math.isfinite(value):
-            raise ValueError(raw)  # nan passes every `< 0` check in validate()
-        return value
-    except (TypeError, ValueError):
-        shown = "a value not shown here (a secret)" if _is_secret(name) else repr(raw)
-        raise ConfigError(f"{name} from {source} must be {typ.__name__}, got {shown}") from None
-
-
-def _is_secret(name: str) -> bool:
-    """Secrets never appear in an error message, not even a mistyped one (it may be the real one)."""
-    return any(f.name == name and f.metadata.get("secret") for f in fields(ServeConfig))
+def settings_of() -> tuple[settings.Setting, ...]:
+    """Every setting of `rnnd serve`, the security block's included, in the docs table's order."""
+    return settings.of(ServeConfig)
 
 
 def load(
@@ -391,105 +283,38 @@ def load(
     """Defaults < file < env < flags. ``argv_values`` holds only flags the user actually gave."""
     env = os.environ if env is None else env
     check_environment(env)
-    types = _types()
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}  # where each value came from, for the error message
     path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
-    if path:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path}: no such file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        if "serve" in doc:  # a [serve] table or top-level keys, not both (nothing is silently ignored)
-            others = sorted(k for k in doc if k != "serve")
-            if not isinstance(doc["serve"], dict):
-                raise ConfigError(f"config file {path}: `serve` must be a table ([serve]) of settings")
-            if others:
-                raise ConfigError(f"config file {path}: settings both at top level ({', '.join(others)}) and in "
-                                  "[serve]; put them all in one place")
-            doc = doc["serve"]
-        for key, raw in doc.items():
-            name = key.replace("-", "_")
-            if name not in types:
-                raise ConfigError(f"config file {path}: unknown setting {key!r}")
-            sources[name] = f"config file {path}"
-            values[name] = _coerce(name, raw, types[name], sources[name])
-    for name, typ in types.items():
-        raw = env.get(f"{ENV_PREFIX}{name.upper()}")
-        if raw is not None:
-            sources[name] = f"{ENV_PREFIX}{name.upper()}"
-            values[name] = _coerce(name, raw, typ, sources[name])
-    for name, raw in (argv_values or {}).items():
-        if raw is not None:
-            sources[name] = f"--{name.replace('_', '-')}"
-            values[name] = _coerce(name, raw, types[name], sources[name])
+    file = (settings.read_file(path, table="serve"), f"config file {path}") if path else None
+    values, sources = settings.layer(ServeConfig, file=file, env=env, flags=argv_values)
     try:
-        return ServeConfig(**values).validate()
+        cfg: ServeConfig = settings.build(ServeConfig, values)
+        return cfg.validate()
     except ConfigError as e:
-        msg, name = str(e), e.setting
-        if name in sources and msg.startswith(f"{name} "):  # "http_port from RNND_HTTP_PORT must be ..."
-            raise ConfigError(f"{name} from {sources[name]}{msg[len(name):]}", name) from None
-        raise
+        raise settings.with_source(e, sources) from None
 
 
 def check_environment(env: Mapping[str, str]) -> None:
-    """Refuse ``RNND_*`` variables that are not settings, naming the closest one.
-
-    A mistyped variable would otherwise leave its setting at the default without a word,
-    where a mistyped key of the config file is already an error. Values are never shown:
-    a mistyped ``RNND_SASL_PASWORD`` holds a password.
-    """
-    names = {f.name for f in fields(ServeConfig)}
-    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in ENV_NOT_SETTINGS
-                     and k.removeprefix(ENV_PREFIX) not in {n.upper() for n in names})
-    if not unknown:
-        return
-    known = sorted(n.upper() for n in names) + [k.removeprefix(ENV_PREFIX) for k in ENV_NOT_SETTINGS]
-    parts = []
-    for var in unknown:
-        close = difflib.get_close_matches(var.removeprefix(ENV_PREFIX).upper(), known, n=1, cutoff=0.6)
-        parts.append(f"{var} (did you mean {ENV_PREFIX}{close[0]}?)" if close else var)
-    raise ConfigError(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(parts)}: not a "
-                      f"setting of rnnd (docs/configuration.md lists them); rename or unset it")
+    """Refuse ``RNND_*`` variables that are not settings of `rnnd serve` (nor allowed), naming the closest one."""
+    settings.check_environment(env, [ServeConfig])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; defaults are None so that unset flags do not override env/file."""
+    """One flag per setting; defaults are None so that unset flags do not override env/file."""
     parser.add_argument("--config", help="TOML config file (or RNND_CONFIG); keys as the flags, with underscores")
-    types = _types()
-    for f in fields(ServeConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        help_text = f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {f.default!r}]"
-        if types[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    settings.add_arguments(parser, settings_of())
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
-    given = {f.name: getattr(args, f.name, None) for f in fields(ServeConfig)}
+    given = {s.name: getattr(args, s.name, None) for s in settings_of()}
     return load(given, env=env, config_file=getattr(args, "config", None))
 
 
 def docs_table() -> str:
     """The Markdown table in docs/configuration.md."""
-    types = _types()
-    rows = ["| setting (file) | flag | environment | type | default | meaning |", "|---|---|---|---|---|---|"]
-    for f in fields(ServeConfig):
-        default = "*(required)*" if f.metadata.get("required") else f"`{f.default!r}`"
-        typ = types[f.name].__name__
-        choices = f.metadata.get("choices")
-        if choices:
-            typ = " \\| ".join(choices)
-        elif f.metadata.get("ge") is not None or f.metadata.get("gt") is not None:
-            typ = f"{typ}, {_range_text(f.metadata).replace('>=', '≥').replace('<=', '≤')}"
-        rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {typ} | "
-                    f"{default} | {f.metadata['help']} |")
-    return "\n".join(rows)
+    return settings.docs_table(ServeConfig)
 
 
 def replace(cfg: ServeConfig, **changes: Any) -> ServeConfig:
-    return dataclasses.replace(cfg, **changes).validate()
+    """A copy with settings changed by name (security's too), checked as loading checks them."""
+    changed: ServeConfig = settings.replace(cfg, **changes)
+    return changed.validate()

@@ -2,8 +2,9 @@
 
 Why one module: the daemon (``rnnd serve``) and every tool that talks to Kafka (``rnnd produce``,
 ``rnnd tail``) must connect the same way, refuse the same mistakes with the same messages, and
-treat secrets the same way. Everything about security lives here; ``config.py`` only declares
-the settings (the ``# --- Kafka security ---`` block of ``ServeConfig``) and calls :func:`check`.
+treat secrets the same way. Everything about security lives here, the settings' declarations
+included: the daemon's settings compose :class:`KafkaSecurity` as one block, and the tools
+load the same block on its own (:func:`from_args`).
 
 Rules this module enforces, and why:
 
@@ -28,12 +29,14 @@ import argparse
 import logging
 import os
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import SecurityError
+from . import settings
+from .errors import ConfigError, SecurityError
+from .settings import opt
 
 __all__ = ["MECHANISMS", "PROTOCOLS", "KafkaSecurity", "SecurityError", "add_arguments", "check", "client_kwargs",
            "from_args"]
@@ -47,7 +50,6 @@ PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _TLS = ("SSL", "SASL_SSL")
 _SASL = ("SASL_PLAINTEXT", "SASL_SSL")
-_ENV_PREFIX = "RNND_"
 
 # Protocol/mechanism pairs already warned about in this process: a daemon makes several clients
 # per connection attempt, and one loud warning per process is loud enough.
@@ -56,28 +58,38 @@ _warned: set[tuple[str, str]] = set()
 
 @dataclass(frozen=True)
 class KafkaSecurity:
-    """The security settings of one Kafka client. Field names and defaults equal ``ServeConfig``'s.
+    """The security settings of one Kafka client: a block of ``rnnd serve``'s settings, and all of the tools'.
 
     Secret fields are left out of ``repr`` so that logging the object (or an exception that
     shows it) cannot leak them.
     """
 
-    security_protocol: str = "PLAINTEXT"
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    ssl_password: str = field(default="", repr=False)
-    ssl_password_file: str = ""
-    ssl_check_hostname: bool = True
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: str = field(default="", repr=False)
-    sasl_password_file: str = ""
-    sasl_allow_plaintext: bool = False
+    security_protocol: str = opt("PLAINTEXT", "How to connect to Kafka: PLAINTEXT, SSL (TLS), SASL_SSL (TLS and a "
+                                              "SASL login) or SASL_PLAINTEXT (a SASL login without encryption; "
+                                              "needs sasl_allow_plaintext).", choices=PROTOCOLS)
+    ssl_cafile: str = opt("", "TLS: CA certificates (PEM) that signed the brokers' certificates (default: the "
+                              "system's CAs).")
+    ssl_certfile: str = opt("", "TLS client authentication: this client's certificate (PEM); needs ssl_keyfile.")
+    ssl_keyfile: str = opt("", "TLS client authentication: the private key (PEM) of ssl_certfile.")
+    ssl_password: str = opt("", "Password of an encrypted ssl_keyfile (or ssl_password_file).", secret=True)
+    ssl_password_file: str = opt("", "File holding the password of ssl_keyfile, e.g. a mounted secret (a trailing "
+                                     "newline is ignored).")
+    ssl_check_hostname: bool = opt(True, "TLS: check that a broker's certificate names the host connected to "
+                                         "(the certificate is verified against the CA either way).")
+    sasl_mechanism: str = opt("", "SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with security_protocol SASL_SSL "
+                                  "or SASL_PLAINTEXT).")
+    sasl_username: str = opt("", "SASL user name.")
+    sasl_password: str = opt("", "SASL password; prefer RNND_SASL_PASSWORD from a secret or sasl_password_file "
+                                 "(a flag shows in `ps`).", secret=True)
+    sasl_password_file: str = opt("", "File holding the SASL password, e.g. a mounted secret (a trailing newline "
+                                      "is ignored).")
+    sasl_allow_plaintext: bool = opt(False, "Accept security_protocol SASL_PLAINTEXT: a SASL login on an "
+                                            "unencrypted connection (PLAIN then sends the password in clear text). "
+                                            "Logged as a warning.")
 
     @classmethod
     def from_settings(cls, source: Any) -> KafkaSecurity:
-        """The fields of any object that carries them (``ServeConfig``, an argparse namespace).
+        """The fields of any object that carries them by name (an argparse namespace, ``ServeConfig``).
 
         Attributes that are missing or None keep their defaults, so a namespace from a parser
         without the security flags means "no security", as before these settings existed.
@@ -293,37 +305,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Same names, help and environment variables as ``rnnd serve``'s settings, so one set of
     ``RNND_*`` variables (for example from a Kubernetes secret) serves the daemon and the tools.
     """
-    from .config import ServeConfig  # here, not at the top: config imports this module
-
-    helps = {f.name: f.metadata["help"] for f in fields(ServeConfig)}
     group = parser.add_argument_group("Kafka security", "as for `rnnd serve` (docs/configuration.md); each flag "
                                       "also reads its RNND_* environment variable")
-    for f in fields(KafkaSecurity):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{helps[f.name]} [env {_ENV_PREFIX}{f.name.upper()}]"
-        if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
-        elif f.name == "security_protocol":
-            group.add_argument(flag, dest=f.name, default=None, choices=PROTOCOLS, help=text)
-        else:
-            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+    settings.add_arguments(group, settings.of(KafkaSecurity), show_default=False, choices=True)
 
 
-def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> KafkaSecurity:
-    """Flags over ``RNND_*`` environment variables over defaults (the daemon's precedence, minus the file)."""
-    from .config import ConfigError, _coerce, check_environment  # here, not at the top: config imports this module
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None,
+              within: Iterable[type] = ()) -> KafkaSecurity:
+    """Flags over ``RNND_*`` environment variables over defaults (the daemon's precedence, minus the file).
 
+    ``within``: the settings classes this block is also part of (``rnnd serve``'s), whose other
+    ``RNND_*`` variables may share the environment; any other ``RNND_*`` variable is refused as a
+    typo here too, not left to a silent default.
+    """
     env = os.environ if env is None else env
-    check_environment(env)  # a mistyped RNND_SASL_* variable is an error here too, not a silent default
-    values: dict[str, Any] = {}
-    for f in fields(KafkaSecurity):
-        flag = getattr(args, f.name, None)
-        raw = env.get(f"{_ENV_PREFIX}{f.name.upper()}")
-        if flag is not None:
-            values[f.name] = flag
-        elif raw is not None:
-            try:
-                values[f.name] = _coerce(f.name, raw, type(f.default), f"{_ENV_PREFIX}{f.name.upper()}")
-            except ConfigError as e:
-                raise SecurityError(str(e)) from None
-    return check(KafkaSecurity(**values))
+    given = {f.name: getattr(args, f.name) for f in fields(KafkaSecurity) if getattr(args, f.name, None) is not None}
+    settings.check_environment(env, [KafkaSecurity, *within])
+    try:
+        values, _ = settings.layer(KafkaSecurity, env=env)
+    except ConfigError as e:
+        raise SecurityError(str(e)) from None
+    return check(KafkaSecurity(**{**values, **given}))

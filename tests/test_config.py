@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ def parse(argv: list[str], env: dict[str, str]) -> ServeConfig:
 
 def test_defaults_apply_when_nothing_else_is_given() -> None:
     cfg = config.load(argv_values=REQUIRED, env={})
-    for f in fields(ServeConfig):
+    for f in config.settings_of():
         if f.name not in REQUIRED:
             assert getattr(cfg, f.name) == f.default, f.name
     assert cfg.dlq_topic == "in.dlq" and cfg.emit_every == 1
@@ -170,7 +169,7 @@ def test_booleans_from_env(raw: str, value: bool) -> None:
 def test_choices_are_enforced(setting: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{setting} from RNND_{setting.upper()} must be one of .*not '{raw}'$"):
         config.load(argv_values=REQUIRED, env={f"RNND_{setting.upper()}": raw})
-    choices = next(f.metadata["choices"] for f in fields(ServeConfig) if f.name == setting)
+    choices = next(f.metadata["choices"] for f in config.settings_of() if f.name == setting)
     companions = {"generate_strategy": {"generate_tokens": 1}}.get(setting, {})  # it only acts with this
     for ok in choices:
         assert getattr(config.load(argv_values={**REQUIRED, **companions, setting: ok}, env={}), setting) == ok
@@ -222,7 +221,7 @@ def test_every_setting_has_a_flag_and_help(capsys: pytest.CaptureFixture[str]) -
     config.add_arguments(parser)
     parser.print_help()
     text = capsys.readouterr().out
-    for f in fields(ServeConfig):
+    for f in config.settings_of():
         assert "--" + f.name.replace("_", "-") in text
         assert f"RNND_{f.name.upper()}" in text
 
@@ -235,7 +234,7 @@ def test_docs_configuration_md_holds_exactly_the_generated_table() -> None:
     assert table == config.docs_table(), "docs/configuration.md is stale: paste `rnnd serve --print-config-docs`"
     # and the table covers every setting, once
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1] for r in rows] == [f.name for f in fields(ServeConfig)]
+    assert [r.split("`")[1] for r in rows] == [f.name for f in config.settings_of()]
 
 
 def test_print_config_docs_needs_no_other_settings(rnnd) -> None:
@@ -247,7 +246,7 @@ def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """The standard loop by default; uvloop when asked; a clear refusal (exit 2) when it is asked for but absent."""
     import sys
 
-    from rnnd.daemon.app import _loop_factory
+    from rnnd.daemon.service.run import _loop_factory
 
     assert _loop_factory(ServeConfig().event_loop) is None
     uvloop = pytest.importorskip("uvloop")

@@ -35,7 +35,7 @@ from tls_certs import CA, make_ca
 
 from rnnd import tools
 from rnnd.daemon import config, kafka, security
-from rnnd.daemon.config import ConfigError, ServeConfig
+from rnnd.daemon.config import ConfigError
 from rnnd.daemon.security import KafkaSecurity, SecurityError, client_kwargs
 
 REQUIRED = {"model": "m.onnx", "input_topic": "in", "output_topic": "out"}
@@ -284,7 +284,7 @@ def test_redacted_and_repr_never_show_secrets() -> None:
     assert red["ssl_password"] == ""  # unset stays visibly unset
     assert SECRET not in str(red) and SECRET not in repr(cfg)
     assert SECRET not in repr(KafkaSecurity.from_settings(cfg))
-    secrets = {f.name for f in fields(ServeConfig) if f.metadata.get("secret")}
+    secrets = {s.name for s in config.settings_of() if s.metadata.get("secret")}
     assert secrets == {"ssl_password", "sasl_password"}
 
 
@@ -298,8 +298,8 @@ def test_a_mistyped_secret_is_not_echoed_in_the_error(tmp_path: Path) -> None:
 
 
 def test_security_settings_match_the_daemon_schema() -> None:
-    """KafkaSecurity mirrors ServeConfig's security block: same names, defaults and types."""
-    serve = {f.name: f for f in fields(ServeConfig)}
+    """ServeConfig composes KafkaSecurity: its settings are serve's, with the same names, defaults and types."""
+    serve = {s.name: s for s in config.settings_of()}
     for f in fields(KafkaSecurity):
         assert f.name in serve, f.name
         assert serve[f.name].default == f.default and type(serve[f.name].default) is type(f.default), f.name

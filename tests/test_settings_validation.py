@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -160,8 +159,7 @@ COMPANIONS: dict[str, dict[str, Any]] = {
 
 
 def test_every_numeric_setting_is_in_the_range_table() -> None:
-    types = get_type_hints(ServeConfig)
-    numeric = {f.name for f in fields(ServeConfig) if types[f.name] in (int, float)}
+    numeric = {s.name for s in config.settings_of() if s.type in (int, float)}
     assert numeric == {name for name, *_ in RANGES}, "a numeric setting without a range decision (RANGES)"
 
 
@@ -354,7 +352,7 @@ def test_rnnd_variables_that_are_not_settings_are_allowed(tmp_path: Path) -> Non
 
 def test_every_rnnd_variable_the_repository_uses_is_a_setting_or_allowed() -> None:
     """A new RNND_* variable read by a tool, a test or a deployment must join the documented allow-list."""
-    settings = {f"RNND_{f.name.upper()}" for f in fields(ServeConfig)}
+    settings = {f"RNND_{s.name.upper()}" for s in config.settings_of()}
     allowed = settings | set(config.ENV_NOT_SETTINGS)
     here = Path(__file__).name
     used: dict[str, str] = {}
