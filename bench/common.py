@@ -76,9 +76,6 @@ class ModelInfo:
     spec: Any  # rnnd.daemon.bundle.BundleSpec
     numeric: bool
     n_features: int
-    mean: np.ndarray
-    inv_std: np.ndarray
-    normalise: bool
     warmup: int
     ref: str
     heads: Any  # rnnd.daemon.heads.Heads
@@ -96,18 +93,15 @@ class ModelInfo:
         numeric = inp.kind == "numeric"
         n = inp.n_features if numeric else 0
         return cls(
-            path=Path(path), spec=spec, numeric=numeric, n_features=n,
-            mean=np.asarray(inp.mean or [0.0] * n, dtype=np.float32),
-            inv_std=1.0 / np.asarray(inp.std or [1.0] * n, dtype=np.float32),
-            normalise=bool(inp.mean or inp.std), warmup=spec.warmup_steps, ref=spec.model.ref,
-            heads=Heads(spec, TOP_K))
+            path=Path(path), spec=spec, numeric=numeric, n_features=n, warmup=spec.warmup_steps,
+            ref=spec.model.ref, heads=Heads(spec, TOP_K))
 
     def model_input(self, rows: list) -> np.ndarray:
         """One message's steps as ``[T, F]`` float32 (normalised) or ``[T]`` int64 ids."""
         if not self.numeric:
             return np.asarray(rows, dtype=np.int64)
         x = np.asarray(rows, dtype=np.float32)
-        return (x - self.mean) * self.inv_std if self.normalise else x
+        return self.spec.input.normalise(x) if self.spec.input.normalised else x
 
     def predictions(self, y: np.ndarray) -> list[dict[str, Any]]:
         """``y[N, O]`` → the daemon's prediction dicts (the daemon's own ``Heads``)."""

@@ -200,7 +200,7 @@ def serve_help() -> str:
 
 
 def rnnd_flags() -> tuple[str, ...]:
-    """``--no-changelog`` where this rnnd has it: the issue's first target is without durable state."""
+    """``--no-changelog`` where this rnnd has it: the first throughput target is without durable state."""
     return ("--no-changelog",) if "--no-changelog" in serve_help() else ()
 
 

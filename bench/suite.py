@@ -57,7 +57,7 @@ class Options:
         return not self.only or section in self.only
 
 
-# Which contenders run on which workload. Every contender runs on `wide` (the issue's table);
+# Which contenders run on which workload. Every contender runs on `wide` (the targets' table);
 # the others keep to what their targets compare, to stay within the time budget.
 PLAN_FULL = {
     "wide": ("passthrough-json", "passthrough-orjson", "passthrough-uvloop", "passthrough-batch", "naive-onnx",
@@ -260,7 +260,7 @@ def _live(opts: Options, runner: Runner, bootstrap: str, models: dict[str, Model
           say: Any) -> list[RunResult]:
     """Live traffic at fixed fractions of rnnd's wide backlog maximum.
 
-    50% (the issue's point): rnnd; in full mode also the batched consumer and the orjson
+    50% (the latency target's rate): rnnd; in full mode also the batched consumer and the orjson
     pass-through (the latency floor of this client and broker) with aiokafka's default
     ``fetch_max_wait_ms`` (500, what hand-written consumers run with) and with 50. In full mode
     also 25%, rnnd and the pass-through (fetch_max_wait_ms=50): on two shared cores the broker

@@ -125,8 +125,7 @@ def _numeric(rng: np.random.Generator, spec: Any, keys: int, steps: int) -> list
     """Readings like the sensor recipe's: two slow oscillations per device plus noise, in the
     bundle's raw units (mean ± a few std), rounded to 3 decimals as a device would send them."""
     n = spec.input.n_features
-    mean = np.asarray(spec.input.mean or [0.0] * n)
-    std = np.asarray(spec.input.std or [1.0] * n)
+    mean, std, _ = spec.input.scaling
     t = np.arange(steps)[None, :, None]
     f1 = rng.uniform(0.02, 0.06, size=(keys, 1, 1))
     f2 = rng.uniform(0.08, 0.15, size=(keys, 1, 1))
@@ -167,7 +166,7 @@ class Workload:
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
-    """The issue's workloads; ``quick`` shrinks them to fit the 60-second budget."""
+    """The benchmark's workloads (wide, deep, large); ``quick`` shrinks them to fit the 60-second budget."""
     wide_msgs = 20_000 if quick else 100_000
     return {
         "wide": Workload("wide", "sensors", Data("numeric", 10_000, wide_msgs, 1, seed=1, key_prefix="dev-"),

@@ -27,8 +27,9 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -52,6 +53,25 @@ def encode_array(a: np.ndarray) -> str:
 def decode_array(data: str, dtype: str, shape: Sequence[int]) -> np.ndarray:
     raw = base64.b64decode(data.encode())
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+class Scaling(NamedTuple):
+    """A normalisation as float32 arrays, one value per feature (or output)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    inv_std: np.ndarray  # 1 / std: model calls multiply by it (cheaper than dividing, same for every caller)
+
+
+def _scaling(mean: Sequence[float], std: Sequence[float], n: int) -> Scaling:
+    """The one place where a missing normalisation gets its meaning: no mean is 0, no std is 1.
+
+    A bundle leaves both out when its model was trained on raw values; every reader (the
+    daemon, forecasts, ``verify``, the benchmarks) goes through here, so none can disagree.
+    """
+    m = np.asarray(mean or (0.0,) * n, dtype=np.float32)
+    s = np.asarray(std or (1.0,) * n, dtype=np.float32)
+    return Scaling(m, s, 1.0 / s)
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,24 @@ class InputSpec:
     def vocab_size(self) -> int:
         return len(self.tokenizer.vocab) if self.tokenizer else 0
 
+    @property
+    def normalised(self) -> bool:
+        """Whether the model was trained on normalised inputs (else ``normalise`` is the identity)."""
+        return bool(self.mean or self.std)
+
+    @cached_property
+    def scaling(self) -> Scaling:
+        return _scaling(self.mean, self.std, self.n_features)
+
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        """Raw inputs ``[..., F]`` → model inputs: ``(raw - mean) / std``, as ``* (1 / std)`` in float32.
+
+        The daemon runs this once per model call; forecasts feed their predictions back through
+        it, so a forecast step sees exactly what the same value sent as input would give.
+        """
+        m, _, inv = self.scaling
+        return (raw - m) * inv
+
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -161,9 +199,19 @@ class OutputSpec:
         return len({"regression": self.names, "classification": self.labels,
                     "language_model": self.vocab}[self.kind])
 
-    @property
-    def is_logits(self) -> bool:
-        return self.kind != "regression"
+    @cached_property
+    def scaling(self) -> Scaling:
+        return _scaling(self.mean, self.std, self.size)
+
+    def denormalise(self, y: np.ndarray) -> np.ndarray:
+        """Model outputs ``[..., O]`` → regression values in the units the model was trained on."""
+        m, s, _ = self.scaling
+        return y * s + m
+
+    def normalise(self, values: np.ndarray) -> np.ndarray:
+        """Regression values → model space (``verify`` compares there): the inverse of ``denormalise``."""
+        m, _, inv = self.scaling
+        return (values - m) * inv
 
 
 @dataclass(frozen=True)
@@ -192,7 +240,12 @@ class StateSpec:
         if self.init not in ("zeros", "learned"):
             raise BundleError(f"state {self.name!r}: init must be zeros or learned")
 
+    @overload
+    def graph_shape(self, batch: int) -> tuple[int, ...]: ...
+    @overload
+    def graph_shape(self, batch: str) -> tuple[int | str, ...]: ...
     def graph_shape(self, batch: int | str) -> tuple[int | str, ...]:
+        """The graph's shape of this tensor: a number of streams (an arena) or a symbolic name (the export)."""
         s: list[int | str] = list(self.shape)
         s.insert(self.batch_axis, batch)
         return tuple(s)

@@ -13,15 +13,13 @@ import base64
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from .bundle import BundleSpec
 from .config import ServeConfig
 from .tokenizer import Tokenizer
-
-CONTROLS = ("reset", "end")
 
 # Reason codes of dead letters (a metric label, and `reason` in the dead-letter record).
 NOT_JSON = "not_json"
@@ -85,7 +83,7 @@ class DeadLetter:
     def encode(self) -> bytes:
         doc = {
             "reason": self.reason, "message": self.message, "topic": self.topic, "partition": self.partition,
-            "offset": self.offset, "timestamp": self.timestamp, "key": _key_text(self.key),
+            "offset": self.offset, "timestamp": self.timestamp, "key": key_text_or_none(self.key),
             "key_b64": None if self.key is None else base64.b64encode(self.key).decode(),
             "payload_b64": None if self.value is None else base64.b64encode(self.value).decode(),
         }
@@ -101,7 +99,9 @@ class Reject(Exception):
         self.message = message
 
 
-def _key_text(key: bytes | None) -> str | None:
+def key_text_or_none(key: bytes | None) -> str | None:
+    """The key as text where it is UTF-8, else None: a dead letter carries the exact bytes beside it
+    (``key_b64``), so the text field never has to stand in for them."""
     if key is None:
         return None
     try:
@@ -120,7 +120,7 @@ class Decoder:
         self.features = spec.input.features
         self.n_features = spec.input.n_features
         self._index = {name: i for i, name in enumerate(self.features)}
-        self.mean = list(spec.input.mean) or [0.0] * self.n_features
+        self.mean = spec.input.scaling.mean.tolist()  # non_finite=zero: the value that normalises to 0
         self.lo = list(spec.input.valid_min) or [None] * self.n_features
         self.hi = list(spec.input.valid_max) or [None] * self.n_features
         self.has_bounds = any(v is not None for v in (*self.lo, *self.hi))
@@ -339,48 +339,74 @@ def _loads(value: bytes | None) -> Any:
         raise Reject(NOT_JSON, "message is not JSON this daemon reads: nested too deeply") from None
 
 
+class Output(NamedTuple):
+    """One record for the output topic."""
+
+    key: bytes
+    value: bytes  # the output document
+    input_timestamp: int  # ms, the input record's timestamp (latency runs from it)
+
+
+# Output(...) runs a Python-level __new__; this C-level constructor builds the same object in
+# half the time, which matters once per step.
+_new_tuple = tuple.__new__
+
+
 class Encoder:
-    """Predictions → output documents (schemas/output.schema.json), one per step.
+    """Predictions → output records (documents: schemas/output.schema.json), one per step.
 
     Runs once per step of every stream, so each document is filled into a bytes template
-    rather than built as a dict and serialised: half the time (docs/benchmarks.md).
+    rather than built as a dict and serialised: half the time (docs/benchmarks.md). What is
+    the same for every document (topic, model) is in the template from the start, and what is
+    the same for a whole call (the output time, the warm-up flag's two values) is put in once
+    per call: each field left open costs every document a conversion.
     """
 
-    # The per-step fields left open; the order is the documented one.
-    TEMPLATE = (b'{"key":%b,"id":"%b/%d/%d/%d","topic":%b,"partition":%d,"offset":%d,"index":%d,'
-                b'"step":%d,"prediction":%b,"warmup":%b,"model":%b,"input_ts":%d,"output_ts":%d}')
-
     def __init__(self, topic: str, model_ref: str, warmup_steps: int) -> None:
-        self.topic_json = orjson.dumps(topic)
-        self.topic_in_id = self.topic_json[1:-1]  # escaped, inside the id string
-        self.model_json = orjson.dumps(model_ref)
+        topic_json = orjson.dumps(topic)
+        topic_in_id = topic_json[1:-1]  # escaped, inside the id string
+
+        def fixed(b: bytes) -> bytes:
+            return b.replace(b"%", b"%%")
+
+        # The documented field order; %d/%b are the per-step fields, output_ts comes per call.
+        head = (b'{"key":%b,"id":"' + fixed(topic_in_id) + b'/%d/%d/%d","topic":' + fixed(topic_json)
+                + b',"partition":%d,"offset":%d,"index":%d,"step":%d,"prediction":%b,"warmup":')
+        tail = b',"model":' + fixed(orjson.dumps(model_ref)) + b',"input_ts":%d,"output_ts":'
+        self._warm, self._trusted = head + b"true" + tail, head + b"false" + tail
         self.warmup = warmup_steps
         self._key_json: dict[bytes, bytes] = {}  # stream key → its text as a JSON string
 
-    def documents(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
-                  now_ms: int, nonfinite: list[int] | None = None) -> list[bytes]:
-        """One document per (record, index in record) with its stream step and prediction (JSON).
+    def outputs(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
+                now_ms: int, nonfinite: list[int] | None = None) -> list[Output]:
+        """One output record per (record, index in record) with its stream step and prediction (JSON).
 
         ``nonfinite``: positions whose model output was NaN or infinite; their documents get
         ``"nonfinite": true`` (rare: the common call pays nothing for it).
         """
-        tmpl, topic_in_id, topic_json, model_json = self.TEMPLATE, self.topic_in_id, self.topic_json, self.model_json
-        warmup, key_json = self.warmup, self._key_json
+        now = b"%d}" % now_ms  # digits: nothing in them for the % operator to read
+        warm, trusted = self._warm + now, self._trusted + now
+        warmup, key_json, new = self.warmup, self._key_json, _new_tuple
         out = []
         for (record, index), step, pred in zip(refs, steps, predictions, strict=True):
             rkey = record.key
             kj = key_json.get(rkey)
             if kj is None:
-                kj = orjson.dumps(key_text(rkey))
+                kj = orjson.dumps(key_text_or_base64(rkey))
                 if len(key_json) < 1_000_000:
                     key_json[rkey] = kj
-            p, offset = record.partition, record.offset
-            doc = tmpl % (kj, topic_in_id, p, offset, index, topic_json, p, offset, index, step, pred,
-                          b"true" if step < warmup else b"false", model_json, record.timestamp, now_ms)
-            out.append(with_fields(doc, record.echo) if record.echo else doc)
+            p, offset, ts = record.partition, record.offset, record.timestamp
+            doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, pred, ts)
+            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts)))
         for i in nonfinite or ():
-            out[i] = with_fields(out[i], _NONFINITE)
+            o = out[i]
+            out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp)
         return out
+
+    def documents(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
+                  now_ms: int, nonfinite: list[int] | None = None) -> list[bytes]:
+        """The documents of ``outputs`` alone."""
+        return [o.value for o in self.outputs(refs, steps, predictions, now_ms, nonfinite)]
 
 
 _NONFINITE = {"nonfinite": True}
@@ -399,7 +425,9 @@ def encode(doc: dict[str, Any]) -> bytes:
     return bytes(memoryview(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)))
 
 
-def key_text(key: bytes) -> str:
+def key_text_or_base64(key: bytes) -> str:
+    """The key as text where it is UTF-8, else its base64: an output document and a log line need
+    some text that names the stream, and they carry no second field for the bytes."""
     try:
         return key.decode()
     except UnicodeDecodeError:

@@ -26,13 +26,14 @@ import numpy as np
 import orjson
 
 from .bundle import BundleSpec
-from .codec import key_text
+from .codec import encode, key_text_or_base64
 from .config import ConfigError
 from .runtime import BundleModel
 
 if TYPE_CHECKING:
     from .codec import Record
     from .metrics import Metrics
+    from .tokenizer import Tokenizer
 
 log = logging.getLogger("rnnd.heads")
 
@@ -80,8 +81,7 @@ class Heads:
         self.labels = list(out.labels)
         self.vocab = list(out.vocab)
         self.top_k = max(1, min(top_k or out.size, out.size))
-        self.mean = np.asarray(out.mean or [0.0] * out.size, dtype=np.float32)
-        self.std = np.asarray(out.std or [1.0] * out.size, dtype=np.float32)
+        self._denormalise = out.denormalise
 
         # Each kind's prediction with its numbers (and, for the top k, their names) left open.
         self._values_json = b'{"values":{' + b",".join(orjson.dumps(n) + b":%b" for n in self.names) + b"}}"
@@ -95,7 +95,7 @@ class Heads:
 
     def values(self, y: np.ndarray) -> np.ndarray:
         """Regression outputs in the units the model was trained on (de-normalised)."""
-        return (y * self.std + self.mean).astype(np.float32, copy=False)
+        return self._denormalise(y).astype(np.float32, copy=False)
 
     def encoded(self, y: np.ndarray) -> list[bytes]:
         """``y[N, O]`` → one prediction per row as JSON: what ``predictions`` gives, already encoded.
@@ -150,6 +150,26 @@ class Heads:
             out[i] = dict(self._null)
         return out
 
+    def with_rollouts(self, y: np.ndarray, forecast: np.ndarray | None, generated: np.ndarray | None,
+                      tokenizer: Tokenizer | None) -> list[bytes]:
+        """``predictions`` with each row's forecast ``[H, O]`` and/or generated token ids, encoded.
+
+        Built as dicts and encoded one by one: roll-outs cost a model call per step ahead, so
+        the bulk encoding of ``encoded`` would save nothing that shows.
+        """
+        docs = self.predictions(y)
+        if forecast is not None:
+            names = self.names
+            for pred, rows in zip(docs, shortest(self.values(forecast)), strict=True):
+                pred["forecast"] = [dict(zip(names, r, strict=True)) for r in rows]
+        if generated is not None:
+            vocab = self.vocab
+            for pred, row in zip(docs, generated.tolist(), strict=True):
+                tokens = [vocab[i] for i in row]
+                pred["generated"] = tokenizer.join(tokens) if tokenizer else tokens
+                pred["generated_ids"] = row
+        return [encode(d) for d in docs]
+
     def nonfinite(self, y: np.ndarray, refs: Sequence[tuple[Record, int]],
                   forecast: np.ndarray | None = None) -> list[int] | None:
         """Rows of ``y[N, O]`` (or of their ``forecast[N, H, O]``) holding NaN or infinity; None if none.
@@ -174,7 +194,7 @@ class Heads:
                     "index %d: written as null with \"nonfinite\": true (rnnd_nonfinite_predictions_total). The "
                     "stream's state is likely non-finite too until a reset control; check its inputs against "
                     "the training data. %d more since the last such line (one per %.0f s at most)",
-                    len(rows), key_text(record.key), record.partition, record.offset, index, self._unlogged,
+                    len(rows), key_text_or_base64(record.key), record.partition, record.offset, index, self._unlogged,
                     NONFINITE_LOG_INTERVAL_S)
         self._next_log = now + NONFINITE_LOG_INTERVAL_S
         self._unlogged = 0
@@ -199,18 +219,16 @@ class Forecaster:
                 f"{list(inp.features)}")
         order = [list(out.next_of).index(f) for f in inp.features]
         self.order = np.asarray(order)
-        self.o_mean = np.asarray(out.mean or [0.0] * out.size, dtype=np.float32)
-        self.o_std = np.asarray(out.std or [1.0] * out.size, dtype=np.float32)
-        self.i_mean = np.asarray(inp.mean or [0.0] * inp.n_features, dtype=np.float32)
-        self.i_std = np.asarray(inp.std or [1.0] * inp.n_features, dtype=np.float32)
+        self._denormalise = out.denormalise
+        self._normalise = inp.normalise
 
     def roll(self, y: np.ndarray, states: list[np.ndarray]) -> np.ndarray:
         """``y[B, O]`` (the step's own prediction) and the states after it → ``[B, H, O]`` model-space."""
         out = [y]
         state = [s.copy() for s in states]
         for _ in range(self.horizon - 1):
-            raw = out[-1] * self.o_std + self.o_mean
-            x = ((raw[:, self.order] - self.i_mean) / self.i_std).astype(np.float32)[:, None, :]
+            raw = self._denormalise(out[-1])
+            x = self._normalise(raw[:, self.order]).astype(np.float32)[:, None, :]
             y_next, state = self.model.run(x, state)
             out.append(y_next[:, 0])
         return np.stack(out, axis=1)
@@ -230,7 +248,7 @@ class Generator:
         self.k = max(1, min(top_k, spec.output.size))
         self.seed = seed
 
-    def generate(self, logits: np.ndarray, states: list[np.ndarray], seeds: list[tuple[int, ...]]) -> np.ndarray:
+    def generate(self, logits: np.ndarray, states: list[np.ndarray], seeds: Sequence[tuple[int, ...]]) -> np.ndarray:
         """``logits[B, V]`` after the step → token ids ``[B, n]``."""
         rngs = None if self.greedy else [np.random.default_rng((self.seed, *s)) for s in seeds]
         state = [s.copy() for s in states]

@@ -15,6 +15,12 @@ from .codec import Record
 
 
 class PartitionOffsets:
+    """One partition's accepted records, oldest first.
+
+    ``Pipeline.accept_many`` appends to ``records`` and moves ``last`` itself, inline in its
+    per-record loop: a method call per record would be the loop's largest cost.
+    """
+
     __slots__ = ("committed", "last", "records")
 
     def __init__(self) -> None:
@@ -37,23 +43,11 @@ class Offsets:
     def __init__(self) -> None:
         self.partitions: dict[int, PartitionOffsets] = {}
 
-    def accept(self, partition: int, offset: int) -> bool:
-        """False for an offset at or below one already accepted (a re-fetch): skip it."""
-        p = self.partition(partition)
-        if offset <= p.last:
-            return False
-        p.last = offset
-        return True
-
     def partition(self, partition: int) -> PartitionOffsets:
         p = self.partitions.get(partition)
         if p is None:
             p = self.partitions[partition] = PartitionOffsets()
         return p
-
-    def track(self, record: Record) -> None:
-        if record.remaining > 0:
-            self.partitions[record.partition].records.append(record)
 
     def commit_points(self) -> dict[int, int]:
         out = {}
@@ -77,9 +71,3 @@ class Offsets:
 
     def forget(self, partition: int) -> None:
         self.partitions.pop(partition, None)
-
-    def start_at(self, partition: int, offset: int) -> None:
-        """A newly assigned partition: the consumer resumes at ``offset`` (its committed position)."""
-        p = self.partitions[partition] = PartitionOffsets()
-        p.last = offset - 1
-        p.committed = offset

@@ -1,11 +1,12 @@
 """The daemon's one idea, without Kafka: records → steps → batched model calls → predictions.
 
-    accept()   decode a record (or dead-letter it), find its stream, queue its steps
-    plan()     take the next round of work from the scheduler; gather inputs and state
-    execute()  run the model (ONNX Runtime; safe to call on a worker thread)
-    finish()   scatter the new state back, turn outputs into predictions, encode them
+    accept_many()  decode records (or dead-letter them), find their streams, queue their steps
+    plan()         take the next round of work from the scheduler; gather inputs and state
+    execute()      run the model (ONNX Runtime; safe to call on a worker thread)
+    finish()       scatter the new state back, turn outputs into predictions, encode them, and
+                   return the output records the emit rules (``emit.Emitter``) let out
 
-``app.py`` drives these four against Kafka. Keeping them free of I/O is what lets the tests
+The daemon drives these four against Kafka. Keeping them free of I/O is what lets the tests
 and the benchmarks drive exactly the same code with plain lists of records.
 """
 
@@ -14,36 +15,37 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Protocol
 
 import numpy as np
 
 from . import changelog, codec
-from .codec import DeadLetter, Record
+from .codec import DeadLetter, Output, Record
 from .config import ServeConfig
-from .heads import Forecaster, Generator, Heads, shortest
+from .emit import Emitter
+from .heads import Forecaster, Generator, Heads
 from .metrics import Metrics
 from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
 from .state import Eviction, StateArena, Streams, WindowArena
 
-
-class Incoming(NamedTuple):
-    """An input record as ``accept`` needs it; aiokafka's ConsumerRecord has the same attributes."""
-
-    key: bytes | None
-    value: bytes | None
-    offset: int
-    timestamp: int
+#: emit=end: what is kept of a stream's latest prediction, to encode should the stream end before
+#: its next one: the step's (record, index), its stream step, prediction, output time, non-finite.
+Kept = tuple[tuple[Record, int], int, bytes, int, bool]
 
 
-class Output(NamedTuple):
-    """One record for the output topic. The hot path builds these as plain tuples (same layout)."""
+class InputRecord(Protocol):
+    """What ``accept_many`` reads of an input record: aiokafka's ConsumerRecord has these attributes."""
 
-    key: bytes
-    value: bytes
-    input_timestamp: int  # ms, the input record's timestamp (latency)
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Call:
 
 class Pipeline:
     def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
-                 provider: str = "cpu", clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         spec = self.spec = model.spec
         self.model = model
         self.cfg = cfg
@@ -87,15 +89,11 @@ class Pipeline:
                           if cfg.generate_tokens else None)
         if (self.forecaster or self.generator) and self.window:
             raise ValueError("forecasts and generation need a stateful bundle")
-        self.mean = np.asarray(spec.input.mean or [0.0] * spec.input.n_features, dtype=np.float32)
-        self.inv_std = 1.0 / np.asarray(spec.input.std or [1.0] * spec.input.n_features, dtype=np.float32)
-        self.normalise = bool(spec.input.mean or spec.input.std)
-        self.emit_every = cfg.emit_every
-        self.hold_warmup = cfg.warmup == "hold"
+        self.normalise = spec.input.normalise if spec.input.normalised else None
         self.warmup = spec.warmup_steps
-        self.last_prediction: dict[int, bytes] = {}  # emit=end: per slot, the last output document
+        self.emitter: Emitter[Kept] = Emitter.from_config(cfg, self.warmup)
         self.dead: list[DeadLetter] = []
-        self.outputs: list[tuple[bytes, bytes, int]] = []  # Output layout
+        self.outputs: list[Output] = []
         self.evictions: list[Eviction] = []
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
@@ -107,16 +105,14 @@ class Pipeline:
             metrics.inflight.set_function(lambda: self.scheduler.inflight)
 
     # --- accept ---------------------------------------------------------------------------
-    def accept(self, key: bytes | None, value: bytes | None, partition: int, offset: int, timestamp: int) -> bool:
-        """Take one input record. False means 'not now': every stream slot is held by a stream with
-        queued steps, so a new stream must wait until the model has worked some off (call again)."""
-        return self.accept_many(partition, (Incoming(key, value, offset, timestamp),)) == 1
-
-    def accept_many(self, partition: int, records: Sequence[Incoming]) -> int:
+    def accept_many(self, partition: int, records: Sequence[InputRecord]) -> int:
         """Take a fetch's records of one partition, in offset order; returns how many were taken.
 
-        Fewer than ``len(records)`` means 'not now' for the next one (see ``accept``): call again
-        with the rest. The loop body runs once per input record, so it is written flat.
+        Fewer than ``len(records)`` means 'not now' for the next one: every stream slot is held
+        by a stream with queued steps, so a new stream must wait until the model has worked some
+        off; call again with the rest. A record at or below an offset already taken (a re-fetch)
+        counts as taken and is ignored. The loop body runs once per input record, so it is
+        written flat.
         """
         po = self.offsets.partition(partition)
         decode = self.decoder.decode
@@ -131,23 +127,24 @@ class Pipeline:
             if offset <= po.last:
                 n += 1
                 continue  # fetched again (after a seek): already taken
-            key = r.key
-            item = decode(key, r.value, partition, offset, r.timestamp)
+            item = decode(r.key, r.value, partition, offset, r.timestamp)
             if item.__class__ is DeadLetter:
-                self._dead_letter(item)  # type: ignore[arg-type]
+                self._dead_letter(item)
             else:
+                rec: Record = item  # type: ignore[assignment]  # not a dead letter, so a Record (its key is set)
+                key = rec.key
                 slot = index.get(key) if index is not None else None
                 if slot is not None and last_offset[slot] >= offset:
-                    self._skip_applied(item, slot)  # type: ignore[arg-type]  # a replay after a restore
-                if item.remaining:  # type: ignore[union-attr]
+                    streams.skip_applied(slot, rec)  # a replay after a restore
+                if rec.remaining:
                     if slot is None:
                         try:
-                            slot = streams.slot(partition, key)  # type: ignore[arg-type]
+                            slot = streams.slot(partition, key)
                         except MemoryError:
                             return n
                         index = streams.index[partition]
-                    add(slot, item)  # type: ignore[arg-type]
-                    track(item)  # type: ignore[arg-type]
+                    add(slot, rec)
+                    track(rec)
             po.last = offset
             n += 1
         return n
@@ -157,31 +154,15 @@ class Pipeline:
         if self.metrics:
             self.metrics.dead_letters.labels(dead.reason).inc()
 
-    def _skip_applied(self, record: Record, slot: int) -> None:
-        """After a restore, replayed inputs whose steps the restored state already holds are skipped.
-
-        The changelog records, per stream, the position (offset, index) of the last step applied.
-        Records before it are dropped whole; the record at it resumes after that step. Outputs
-        of skipped steps were acknowledged before the state was written (checkpoint order).
-        """
-        last = int(self.streams.last_offset[slot])
-        index = int(self.streams.last_index[slot])
-        if record.offset < last or index >= len(record.steps):
-            record.remaining = 0  # the whole record, its controls included, is in the state
-            return
-        skipped = index + 1
-        record.cursor = skipped
-        record.remaining -= skipped + int(record.reset)
-        record.reset = False
-
     # --- plan / execute / finish ----------------------------------------------------------
     def plan(self) -> list[Call]:
         calls = []
+        normalise = self.normalise
         for g in self.scheduler.next_batch():
             slots = np.asarray(g.slots, dtype=np.int64)
             x = as_array(g.rows, len(g.slots), g.t, self.numeric)
-            if self.normalise:
-                x = (x - self.mean) * self.inv_std
+            if normalise is not None:
+                x = normalise(x)
             if self.window:
                 arena = self.streams.arena
                 assert isinstance(arena, WindowArena)
@@ -221,12 +202,7 @@ class Pipeline:
             if c.forecast is None and c.generated is None:
                 preds = self.heads.encoded(y)
             else:
-                docs = self.heads.predictions(y)
-                if c.forecast is not None:
-                    self._attach_forecast(docs, c.forecast)
-                if c.generated is not None:
-                    self._attach_generated(docs, c.generated)
-                preds = [codec.encode(d) for d in docs]
+                preds = self.heads.with_rollouts(y, c.forecast, c.generated, self.decoder.tokenizer)
             self._emit(g, preds, now_ms, self.heads.nonfinite(y, g.refs, c.forecast))
             self.scheduler.complete(g)
             if m:
@@ -234,54 +210,46 @@ class Pipeline:
                 m.chunk_steps.observe(g.t)
                 m.inference_seconds.observe(c.seconds)
                 m.steps.inc(len(g.slots) * g.t)
-        return self._take_outputs()
-
-    def _emit(self, g: Group, preds: list[bytes], now_ms: int, nonfinite: list[int] | None = None) -> None:
-        """The group's output documents, routed by the emit and warm-up settings."""
-        t = g.t
-        steps = g.first_step if t == 1 else [f + j for f in g.first_step for j in range(t)]
-        docs = self.encoder.documents(g.refs, steps, preds, now_ms, nonfinite)
-        every = self.emit_every
-        if every == 1 and not self.hold_warmup:  # the default: every step, as it comes
-            self.outputs.extend([(r.key, doc, r.timestamp) for (r, _), doc in zip(g.refs, docs, strict=True)])
-            return
-        slots = g.slots if t == 1 else [s for s in g.slots for _ in range(t)]
-        for (record, _), step, doc, slot in zip(g.refs, steps, docs, slots, strict=True):
-            if every == 0:
-                self.last_prediction[slot] = doc  # emitted when the stream ends
-            elif not (step < self.warmup and self.hold_warmup) and (step + 1) % every == 0:
-                self.outputs.append((record.key, doc, record.timestamp))
-
-    def _attach_forecast(self, preds: list[dict[str, Any]], forecast: np.ndarray) -> None:
-        names = self.heads.names
-        for pred, rows in zip(preds, shortest(self.heads.values(forecast)), strict=True):
-            pred["forecast"] = [dict(zip(names, r, strict=True)) for r in rows]
-
-    def _attach_generated(self, preds: list[dict[str, Any]], ids: np.ndarray) -> None:
-        vocab = self.heads.vocab
-        tok = self.decoder.tokenizer
-        for pred, row in zip(preds, ids.tolist(), strict=True):
-            tokens = [vocab[i] for i in row]
-            pred["generated"] = tok.join(tokens) if tok else tokens
-            pred["generated_ids"] = row
-
-    def _take_outputs(self) -> list[Output]:  # tuples of Output's layout
         out, self.outputs = self.outputs, []
         return out
 
+    def _emit(self, g: Group, preds: list[bytes], now_ms: int, nonfinite: list[int] | None = None) -> None:
+        """The group's output records, routed by the emit and warm-up settings."""
+        t = g.t
+        steps = g.first_step if t == 1 else [f + j for f in g.first_step for j in range(t)]
+        emitter = self.emitter
+        wanted = emitter.wanted(steps, g.slots, t)
+        if wanted is None:  # the default: every prediction goes out
+            self.outputs += self.encoder.outputs(g.refs, steps, preds, now_ms, nonfinite)
+            return
+        refs = g.refs
+        bad = set(nonfinite) if nonfinite else ()
+        if emitter.at_end:  # encoded only if its stream ends before its next prediction
+            emitter.keep([(refs[j], steps[j], preds[j], now_ms, j in bad) for j in wanted], wanted, g.slots, t)
+            return
+        if wanted:
+            self.outputs += self.encoder.outputs([refs[i] for i in wanted], [steps[i] for i in wanted],
+                                                 [preds[i] for i in wanted], now_ms,
+                                                 [k for k, i in enumerate(wanted) if i in bad] if bad else None)
+
     # --- controls and evictions -----------------------------------------------------------
     def _on_reset(self, slot: int, record: Record) -> None:
-        self.last_prediction.pop(slot, None)
+        self.emitter.forget(slot)
 
     def _on_end(self, slot: int, record: Record) -> None:
-        doc = self.last_prediction.pop(slot, None)
-        if doc is not None:
-            self.outputs.append((record.key, codec.with_fields(doc, {"ended": True}), record.timestamp))
+        kept = self.emitter.ended(slot)
+        if kept is not None:  # emit=end: the document as it would have been written when made
+            ref, step, pred, made_ms, bad = kept
+            doc = self.encoder.outputs([ref], [step], [pred], made_ms, [0] if bad else None)[0].value
+            # latency runs from the end control
+            self.outputs.append(Output(record.key, codec.with_fields(doc, {"ended": True}), record.timestamp))
         if self.metrics:
             self.metrics.stream_ends.inc()
 
     def _evicted(self, event: Eviction) -> None:
-        self.last_prediction.pop(event.slot, None)
+        """A stream left its slot: ended, or evicted (TTL/LRU). Evictions are counted here and nowhere
+        else (``rnnd_evictions_total``); ``take_evictions`` hands the events on for the daemon's log."""
+        self.emitter.forget(event.slot)
         self.evictions.append(event)
         if self.durable:
             self.tombstones.append((event.partition, event.key))
@@ -322,7 +290,7 @@ class Pipeline:
         """Drop a partition's queued work, streams and offsets (after its checkpoint)."""
         self.scheduler.drop_partition(partition)
         for _, slot in list(self.streams.slots_of(partition)):
-            self.last_prediction.pop(slot, None)
+            self.emitter.forget(slot)
         n = self.streams.drop_partition(partition)
         self.offsets.forget(partition)
         return n

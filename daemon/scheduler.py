@@ -62,9 +62,6 @@ class Scheduler:
         self.inflight += record.remaining
         self.ready[slot] = None
 
-    def pending_steps(self, slot: int) -> int:
-        return sum(len(r.steps) - r.cursor for r in self.queues.get(slot, ()))
-
     def next_batch(self) -> list[Group]:
         """Take work for the next round: groups keyed by chunk length T."""
         groups: dict[int, Group] = {}
@@ -185,9 +182,6 @@ class Scheduler:
         r.remaining -= 1
         self.streams.busy[slot] -= 1
         self.inflight -= 1
-
-    def idle(self) -> bool:
-        return not self.ready
 
     def drop_partition(self, partition: int) -> list[Record]:
         """Forget queued work of a revoked partition; return the records it held."""

@@ -18,12 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bundle import BundleSpec
 
-EvictHook = Callable[[int, bytes, int, str], None]  # partition, key, slot, reason
+if TYPE_CHECKING:
+    from .codec import Record
 
 
 class StateArena:
@@ -133,7 +135,6 @@ class Streams:
         self._next = 0  # slots below this have been handed out at least once
         self.active = 0
         self.on_evict: list[Callable[[Eviction], None]] = []
-        self.evicted = {"ttl": 0, "lru": 0}
 
     # --- lookup ---------------------------------------------------------------------------
     def slot(self, partition: int, key: bytes) -> int:
@@ -156,9 +157,6 @@ class Streams:
             self.active += 1
         self.last_used[slot] = self.clock()
         return slot
-
-    def find(self, partition: int, key: bytes) -> int | None:
-        return self.index.get(partition, {}).get(key)
 
     def _allocate(self) -> int:
         if self._free:
@@ -185,6 +183,23 @@ class Streams:
         self.last_index[slot] = index
         self.dirty.add(slot)
 
+    def skip_applied(self, slot: int, record: Record) -> None:
+        """After a restore, replayed inputs whose steps the restored state already holds are skipped.
+
+        The changelog records, per stream, the position (offset, index) of the last step applied.
+        Records before it are dropped whole; the record at it resumes after that step. Outputs
+        of skipped steps were acknowledged before the state was written (checkpoint order).
+        """
+        last = int(self.last_offset[slot])
+        index = int(self.last_index[slot])
+        if record.offset < last or index >= len(record.steps):
+            record.remaining = 0  # the whole record, its controls included, is in the state
+            return
+        skipped = index + 1
+        record.cursor = skipped
+        record.remaining -= skipped + int(record.reset)
+        record.reset = False
+
     def restore(self, partition: int, key: bytes, tensors: list[np.ndarray], step: int, offset: int,
                 index: int) -> int:
         """Install a stream's durable state (from the changelog) into a slot."""
@@ -206,8 +221,6 @@ class Streams:
         self.dirty.discard(slot)
         self._free.append(slot)
         self.active -= 1
-        if reason in self.evicted:
-            self.evicted[reason] += 1
         event = Eviction(partition, key, slot, reason)
         for hook in self.on_evict:
             hook(event)

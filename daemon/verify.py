@@ -35,6 +35,7 @@ import orjson
 
 from . import config
 from .codec import Decoder, Record
+from .emit import Emitter
 from .heads import softmax
 from .runtime import BundleModel
 
@@ -97,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def verify(cfg: config.ServeConfig, tolerance: float = 1e-4, progress: bool = False) -> Report:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    from .kafka import client_settings, read_to_end
+    from .kafka import client_settings, partitions_of, read_to_end, reader
 
     model = BundleModel(cfg.model)
     inputs: dict[int, list] = defaultdict(list)
@@ -111,17 +112,14 @@ async def verify(cfg: config.ServeConfig, tolerance: float = 1e-4, progress: boo
         if progress and seen[0] % 20_000 < n:
             print(f"  read {seen[0]} records", file=sys.stderr)
 
-    consumer = AIOKafkaConsumer(**client_settings(cfg), group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", client_id="rnnd-verify")
+    consumer = reader(client_settings(cfg), "rnnd-verify")
     await consumer.start()
     try:
         for topic, into in ((cfg.input_topic, "in"), (cfg.output_topic, "out")):
-            # A group-less consumer only knows the metadata of topics it was asked about: ask for all.
-            cluster = await consumer._client.fetch_all_metadata()  # no public equivalent
-            parts = cluster.partitions_for_topic(topic) or set()
+            parts = await partitions_of(consumer, topic)
             if not parts:
                 raise SystemExit(f"rnnd verify: error: topic {topic!r} does not exist")
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            tps = [TopicPartition(topic, p) for p in parts]
 
             def take(tp, recs: list, into: str = into) -> None:
                 note(len(recs))
@@ -144,6 +142,7 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
     spec = model.spec
     decoder = Decoder(spec, cfg, cfg.input_topic)
     segments: dict[tuple[int, bytes], list[list[tuple[Record, int]]]] = defaultdict(lambda: [[]])
+    ended: set[int] = set()  # id() of each segment an end control closed
     count = 0
     for partition, recs in inputs.items():
         for key, value, offset, ts in sorted(recs, key=lambda r: r[2]):
@@ -156,33 +155,38 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
                 segs.append([])
             segs[-1].extend((item, i) for i in range(len(item.steps)))
             if item.end:
+                ended.add(id(segs[-1]))
                 segs.append([])
-    mean = np.asarray(spec.input.mean or [0.0] * spec.input.n_features, dtype=np.float32)
-    std = np.asarray(spec.input.std or [1.0] * spec.input.n_features, dtype=np.float32)
     numeric = spec.input.kind == "numeric"
     expected: dict[str, np.ndarray] = {}
-    every = cfg.emit_every
-    hold = cfg.warmup == "hold"
+    # The daemon's own rules decide which of the reference's predictions it must have emitted.
+    emitter: Emitter[int] = Emitter.from_config(cfg, spec.warmup_steps)
     for segs in segments.values():
         for seg in segs:
             if not seg:
                 continue
             rows = [r.steps[i] for r, i in seg]
             if numeric:
-                x = ((np.asarray(rows, dtype=np.float32) - mean) / std)[None]
+                x = spec.input.normalise(np.asarray(rows, dtype=np.float32))[None]
             else:
                 x = np.asarray(rows, dtype=np.int64)[None]
             y = model.run_sequence(x, chunk=x.shape[1])[0][0] if spec.mode == "stateful" else model.run_windows(x)[0]
-            n = len(seg)
-            for step, ((r, i), row) in enumerate(zip(seg, y, strict=True)):
-                if hold and step < spec.warmup_steps:
-                    continue
-                if every == 0:
-                    if step != n - 1 or not r.end:
-                        continue
-                elif every > 1 and (step + 1) % every:
-                    continue
-                expected[f"{cfg.input_topic}/{r.partition}/{r.offset}/{i}"] = row
+            # One stream, all its steps: a model call's layout. What the emitter keeps is the position.
+            positions = list(range(len(seg)))
+            wanted = emitter.wanted(positions, [0], len(seg))
+            chosen = positions if wanted is None else wanted
+            if emitter.at_end:
+                emitter.keep(chosen, chosen, [0], len(seg))
+                chosen = []
+            if id(seg) in ended:
+                last = emitter.ended(0)
+                if last is not None:
+                    chosen.append(last)
+            else:
+                emitter.forget(0)  # still open, or cut by a reset: its last prediction never goes out
+            for step in chosen:
+                r, i = seg[step]
+                expected[f"{cfg.input_topic}/{r.partition}/{r.offset}/{i}"] = y[step]
     return expected, count
 
 
@@ -191,9 +195,7 @@ def _model_space(model: BundleModel, pred: dict[str, Any], ref: np.ndarray) -> n
     out = model.spec.output
     if out.kind == "regression":
         vals = np.array([pred["values"][n] if pred["values"][n] is not None else np.nan for n in out.names])
-        mean = np.asarray(out.mean or [0.0] * out.size)
-        std = np.asarray(out.std or [1.0] * out.size)
-        return (vals - mean) / std
+        return out.normalise(vals)
     p = softmax(ref.astype(np.float64)[None])[0]
     if out.kind == "classification":
         idx = {lab: i for i, lab in enumerate(out.labels)}

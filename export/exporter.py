@@ -193,7 +193,7 @@ def _window_graph(model: nn.Module, opts: ExportOptions):
 def _spec(opts: ExportOptions, states: tuple[StateSpec, ...]) -> BundleSpec:
     try:
         return BundleSpec(
-            model=ModelInfo(opts.name, opts.version, opts.description), mode=opts.mode,  # type: ignore[arg-type]
+            model=ModelInfo(opts.name, opts.version, opts.description), mode=opts.mode,
             input=opts.input, output=opts.output, states=states,
             warmup_steps=opts.warmup_steps, window=opts.window if opts.mode == "window" else None)
     except BundleError as e:

@@ -11,7 +11,7 @@ Two strategies, chosen per model:
   tracing unrolls such a loop to the example length, silently freezing T.
 
 We use the TorchScript exporter (``dynamo=False``): the dynamo exporter silently fixes T
-for nn.RNN and sometimes for a second LSTM/GRU export in one process (shared/notes/onnx.md).
+for nn.RNN and sometimes for a second LSTM/GRU export in one process, with no error or warning.
 Whatever the strategy, ``symbolic_dims`` checks the result.
 """
 
@@ -97,8 +97,10 @@ def trace(
     with warnings.catch_warnings(), _stdout_silenced(), attention_fastpath(False):
         warnings.simplefilter("ignore")  # tracer warnings are expected for Python loops over T
         try:
+            # torch's annotation of `f` omits the file objects its docstring documents and it accepts
             torch.onnx.export(
-                wrapper, (example_x, *example_state), buf, dynamo=False, opset_version=OPSET,
+                wrapper, (example_x, *example_state), buf,  # type: ignore[arg-type]
+                dynamo=False, opset_version=OPSET,
                 input_names=names_in, output_names=names_out, dynamic_axes=dyn,
                 do_constant_folding=True)
         except Exception as e:

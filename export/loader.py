@@ -59,7 +59,7 @@ def load_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
     if not tensors:
         raise ExportError(f"checkpoint {path} has no tensors; save it with torch.save(model.state_dict(), path)"
                           + ("" if key else ", or name the entry that holds them with --checkpoint-key KEY"))
-    return Checkpoint(state_dict=tensors, meta=dict(meta))
+    return Checkpoint(state_dict=tensors, meta=dict(meta or {}))
 
 
 def _tensor_dict(v: object) -> bool:

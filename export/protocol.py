@@ -444,7 +444,7 @@ def adapt(model: nn.Module, example: Callable[[int, int, int], torch.Tensor], wi
                     f"(x read as {'[T, B, ...], time first' if time_first else '[B, T, ...], batch first'}): "
                     "a streamed model must compute each stream on its own; look in forward for operations "
                     "across the batch axis"))
-    raise _explain(model, errors, window, hint)
+    raise _explain(model, errors, window is not None, hint)
 
 
 def _candidates(model, decls, init, time_first: bool, window: bool, x: torch.Tensor):

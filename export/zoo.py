@@ -1,4 +1,4 @@
-"""The reference architectures of the course notes, written to the streaming protocol.
+"""Reference architectures (stacked RNN/LSTM/GRU; windowed BiLSTM or conv) written to the streaming protocol.
 
 ``build(**kwargs)`` is the factory ``rnnd export rnnd.export.zoo:build --arg ...`` calls; the
 training recipes use it too, so every recipe model is exported by the same path a user's

@@ -439,3 +439,26 @@ def test_spec_without_bounds_skips_range_checks() -> None:
     spec = replace(numeric_spec(), input=InputSpec("numeric", features=("a",), valid_min=(None,),
                                                    valid_max=(None,)))
     assert record(spec, '{"x": -1e300}').steps == [[-1e300]]
+
+
+# --- encoding --------------------------------------------------------------------------------------
+
+
+def test_encoder_writes_topic_and_model_verbatim_even_with_format_characters() -> None:
+    """Topic and model go into the document template once, as text: a % in them is not a field."""
+    model = 'm%d%%b%s@"1"'
+    enc = codec.Encoder("in.x_1", model, warmup_steps=2)
+    r = Record(b"k\xff", 3, 42, 7, [[0.0], [0.0]], echo={"client_id": "c%d"})
+    outs = enc.outputs([(r, 0), (r, 1)], [1, 2], [b'{"values":{"y":1.5}}'] * 2, 99, nonfinite=[1])
+    assert [(o.key, o.input_timestamp) for o in outs] == [(b"k\xff", 7)] * 2
+    docs = [orjson.loads(o.value) for o in outs]
+    assert [list(d) for d in docs] == [
+        ["key", "id", "topic", "partition", "offset", "index", "step", "prediction", "warmup", "model", "input_ts",
+         "output_ts", "client_id"],
+        ["key", "id", "topic", "partition", "offset", "index", "step", "prediction", "warmup", "model", "input_ts",
+         "output_ts", "client_id", "nonfinite"]]
+    assert [(d["id"], d["topic"], d["model"], d["step"], d["warmup"], d["output_ts"], d["client_id"]) for d in docs] \
+        == [("in.x_1/3/42/0", "in.x_1", model, 1, True, 99, "c%d"), ("in.x_1/3/42/1", "in.x_1", model, 2, False, 99,
+                                                                       "c%d")]
+    assert docs[0]["key"] == codec.key_text_or_base64(b"k\xff") == base64.b64encode(b"k\xff").decode()
+    assert enc.documents([(r, 0)], [1], [b"{}"], 99) == [outs[0].value.replace(b'{"values":{"y":1.5}}', b"{}")]

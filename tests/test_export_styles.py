@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from cli_checks import one_line_error
 import user_models as um
 from rnnd.daemon.bundle import read_spec
 from rnnd.daemon.config import ServeConfig
-from rnnd.daemon.pipeline import Output, Pipeline
+from rnnd.daemon.pipeline import Pipeline
 from rnnd.daemon.runtime import BundleModel
 
 USER = Path(um.__file__)
@@ -85,10 +86,11 @@ def serve(path: Path, records: list[tuple[bytes, bytes]]) -> list[dict[str, Any]
     pipeline = Pipeline(BundleModel(path), cfg, "in")
     docs: list[dict[str, Any]] = []
     for offset, (key, value) in enumerate(records):
-        assert pipeline.accept(key, value, 0, offset, 1_000 + offset) is not False
-        docs += [orjson.loads(Output._make(o).value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+        assert pipeline.accept_many(0, [SimpleNamespace(key=key, value=value, offset=offset,
+                                                        timestamp=1_000 + offset)]) == 1
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
     while pipeline.busy():
-        docs += [orjson.loads(Output._make(o).value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
     return docs
 
 

@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
-from rnnd.daemon.codec import Record
+from rnnd.daemon.codec import Output
 from rnnd.daemon.config import ServeConfig
-from rnnd.daemon.offsets import Offsets
-from rnnd.daemon.pipeline import Output, Pipeline
+from rnnd.daemon.pipeline import Pipeline
 from rnnd.daemon.runtime import BundleModel
 from rnnd.export import zoo
 from rnnd.export.exporter import ExportOptions, export_bundle
@@ -187,7 +186,7 @@ class Result:
     docs: list[dict[str, Any]]  # every output, in emission order
     dead: int
     commit_checks: int
-    refused: int  # accept() said "not now" (all stream slots hold queued work)
+    refused: int  # accept_many() said "not now" (all stream slots hold queued work)
 
 
 def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
@@ -204,13 +203,13 @@ def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
         for _ in range(n):
             if i < len(sent):
                 s = sent[i]
-                if pipeline.accept(s.key, s.value, s.partition, s.offset, s.timestamp) is False:
+                if pipeline.accept_many(s.partition, [s]) == 0:
                     refused += 1
                     return  # every slot holds queued work: offer it again after the model ran
                 i += 1
                 if rng.random() < 0.05:  # a re-fetch of something already accepted: ignored
                     old = sent[rng.randrange(i)]
-                    pipeline.accept(old.key, old.value, old.partition, old.offset, old.timestamp)
+                    assert pipeline.accept_many(old.partition, [old]) == 1
 
     for _ in range(5_000):  # a few hundred rounds at most; more means work that is never applied
         if i >= len(sent) and not pipeline.busy():
@@ -219,7 +218,8 @@ def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
         calls = pipeline.plan()
         accept(rng.randint(0, 3))
         outputs = pipeline.finish(pipeline.execute(calls))
-        for o in map(Output._make, outputs):  # the pipeline hands plain tuples of Output's layout
+        for o in outputs:
+            assert type(o) is Output
             doc = orjson.loads(o.value)
             assert o.key == doc["key"].encode()
             assert doc["input_ts"] == by_offset[(doc["partition"], doc["offset"])].timestamp
@@ -233,7 +233,7 @@ def drive(pipeline: Pipeline, sent: list[Sent], rng: random.Random,
     else:
         raise AssertionError(f"the pipeline never became idle: {pipeline.scheduler.inflight} steps/controls "
                              "accepted but never applied")
-    docs += [orjson.loads(o.value) for o in pipeline.finish([])]
+    docs += [orjson.loads(o.value) for o in pipeline.finish([])]  # nothing left: a no-op
     assert pipeline.scheduler.inflight == 0 and not pipeline.streams.busy.any()
     return Result(docs, len(pipeline.take_dead_letters()), checks, refused)
 
@@ -447,7 +447,7 @@ def test_lru_evicted_streams_restart_from_the_initial_state(gru: BundleModel, ma
     Its predictions must come from the initial state, not from the state the slot's previous
     owner left there. Segments are read off the outputs (a key's step count restarting at 0)
     and each is checked against the bundle run over that segment alone. With bursts larger
-    than max_streams, accept() must refuse ("not now") rather than fail, and lose nothing.
+    than max_streams, accept_many() must refuse ("not now") rather than fail, and lose nothing.
     """
     rng = random.Random(10)
     sent = make_traffic(rng, n_keys=50, n_records=300, kind="numeric", spec=NUM_IN)
@@ -487,7 +487,7 @@ def test_commit_point_stays_below_an_unprocessed_record(gru: BundleModel) -> Non
     sent = make_traffic(rng, n_keys=5, n_records=30, kind="numeric", spec=NUM_IN)
     pipeline = Pipeline(gru, config(), TOPIC)
     for s in sent:
-        pipeline.accept(s.key, s.value, s.partition, s.offset, s.timestamp)
+        pipeline.accept_many(s.partition, [s])
     first = {p: min(s.offset for s in sent if s.partition == p) for p in range(3)}
     assert pipeline.offsets.commit_points() == first
     outputs = pipeline.finish(pipeline.execute(pipeline.plan()))  # one round: the first step(s) of each key
@@ -503,43 +503,30 @@ def test_commit_point_stays_below_an_unprocessed_record(gru: BundleModel) -> Non
     assert pipeline.offsets.commit_points() == {p: o + 1 for p, o in last.items()}
 
 
-# --- offsets on their own ----------------------------------------------------------------------------
+# --- offsets through accept_many -------------------------------------------------------------------
 
 
-def _tracked(offsets: Offsets, partition: int, offset: int, steps: int) -> Record | None:
-    if not offsets.accept(partition, offset):
-        return None
-    r = Record(b"k", partition, offset, 0, [0.0] * steps)
-    offsets.track(r)
-    return r
-
-
-def test_offsets_commit_the_first_unfinished_record_per_partition() -> None:
-    offsets = Offsets()
-    a = _tracked(offsets, 0, 10, 2)
-    b = _tracked(offsets, 0, 11, 1)
-    offsets.accept(0, 12)  # a dead letter: accepted, never tracked
-    c = _tracked(offsets, 1, 0, 1)
-    assert a and b and c
-    assert _tracked(offsets, 0, 11, 1) is None  # a re-fetch
+def test_offsets_commit_the_first_unfinished_record_per_partition(gru: BundleModel) -> None:
+    """A dead letter, a re-fetch, and a later record of another stream finishing first."""
+    pipeline = Pipeline(gru, config(max_chunk=1), TOPIC)
+    row = [1.0, -2.0, 30.0]
+    a = Sent(b"a", 0, 10, orjson.dumps({"x": [row, row]}), [row, row])
+    b = Sent(b"b", 0, 11, orjson.dumps({"x": row}), [row])
+    dead = Sent(b"d", 0, 12, orjson.dumps({"x": [[1.0]], "tokens": [1]}), [], dead=True)
+    c = Sent(b"c", 1, 0, orjson.dumps({"x": row}), [row])
+    assert pipeline.accept_many(0, [a, b, dead]) == 3 and pipeline.accept_many(1, [c]) == 1
+    assert pipeline.accept_many(0, [b]) == 1 and pipeline.scheduler.inflight == 4  # a re-fetch: taken, ignored
+    assert len(pipeline.take_dead_letters()) == 1
+    offsets = pipeline.offsets
     assert offsets.commit_points() == {0: 10, 1: 0}
-    b.remaining = 0  # a later record of another stream finishes first: no progress past a
-    assert offsets.commit_points() == {0: 10, 1: 0} and offsets.pending(0) == 1
-    a.remaining = 0
-    assert offsets.commit_points() == {0: 13, 1: 0}  # past the dead letter too
+    pipeline.finish(pipeline.execute(pipeline.plan()))  # one step each: b and c are done, a is not
+    assert offsets.commit_points() == {0: 10, 1: 1} and offsets.pending(0) == 1
+    offsets.mark_committed({1: 1})
+    pipeline.finish(pipeline.execute(pipeline.plan()))
+    assert offsets.commit_points() == {0: 13}  # past the dead letter too
     offsets.mark_committed({0: 13})
-    assert offsets.commit_points() == {1: 0}  # nothing new in partition 0
-    c.remaining = 0
-    offsets.mark_committed({0: 5})  # an older point never moves the mark back
-    assert offsets.commit_points() == {1: 1} and offsets.pending(0) == offsets.pending(1) == 0
-    offsets.forget(1)
-    assert offsets.commit_points() == {} and offsets.pending(1) == 0
-
-
-def test_offsets_start_at_a_committed_position() -> None:
-    offsets = Offsets()
-    offsets.start_at(3, 100)
     assert offsets.commit_points() == {}
-    assert not offsets.accept(3, 99)  # below the committed position: already processed
-    offsets.accept(3, 100)  # a dead letter
-    assert offsets.commit_points() == {3: 101}
+    offsets.mark_committed({0: 5})  # an older point never moves the mark back
+    assert offsets.commit_points() == {} and offsets.pending(0) == offsets.pending(1) == 0
+    offsets.forget(1)
+    assert 1 not in offsets.partitions and offsets.pending(1) == 0

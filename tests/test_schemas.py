@@ -9,7 +9,6 @@ built by the pipeline's own code rather than to hand-written examples alone.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from rnnd.daemon.bundle import BundleSpec, InputSpec, ModelInfo, OutputSpec, Sta
 from rnnd.daemon.codec import DeadLetter, Decoder, Record
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.heads import Heads
-from rnnd.daemon.pipeline import Pipeline
 from rnnd.daemon.tokenizer import Tokenizer
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
@@ -213,22 +211,15 @@ def _documents(spec: BundleSpec, y: np.ndarray, *, forecast: np.ndarray | None =
                generated: np.ndarray | None = None, echo: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Predictions as ``Pipeline.finish`` builds them, without an ONNX model.
 
-    Runs the pipeline's own code — heads, the forecast/generation attachments (on a stand-in
-    ``self`` that holds only what they read), the output encoder — so a change to the output
-    format shows up here as a schema failure.
+    Runs the pipeline's own code — heads, the forecast/generation attachments, the output
+    encoder — so a change to the output format shows up here as a schema failure.
     """
     heads = Heads(spec, top_k=3)
     tok = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
-    stub: Any = types.SimpleNamespace(heads=heads, decoder=types.SimpleNamespace(tokenizer=tok))
     if forecast is None and generated is None:
         preds = heads.encoded(y)
     else:
-        dicts = heads.predictions(y)
-        if forecast is not None:
-            Pipeline._attach_forecast(stub, dicts, forecast)
-        if generated is not None:
-            Pipeline._attach_generated(stub, dicts, generated)
-        preds = [codec.encode(d) for d in dicts]
+        preds = heads.with_rollouts(y, forecast, generated, tok)
     record = Record(b"\xff-binary-key", 1, 40, 1_700_000_000_000, [], echo=echo)
     # one stream, len(preds) steps from step 5; warm-up ends after step 5
     encoder = codec.Encoder("in", spec.model.ref, warmup_steps=6)
@@ -284,7 +275,7 @@ def test_encoded_documents_escape_keys_and_copy_inputs() -> None:
     preds = [b'{"values":{"y":1.5}}'] * len(records)
     docs = [orjson.loads(d) for d in enc.documents([(r, 0) for r in records], [0, 1, 2, 3], preds, 99)]
     for doc, r, step in zip(docs, records, [0, 1, 2, 3], strict=True):
-        expect = {"key": codec.key_text(r.key), "id": f"in.readings/{r.partition}/{r.offset}/0",
+        expect = {"key": codec.key_text_or_base64(r.key), "id": f"in.readings/{r.partition}/{r.offset}/0",
                   "topic": "in.readings", "partition": r.partition, "offset": r.offset, "index": 0, "step": step,
                   "prediction": {"values": {"y": 1.5}}, "warmup": step < 1, "model": "m@2",
                   "input_ts": r.timestamp, "output_ts": 99, **(r.echo or {})}

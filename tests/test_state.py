@@ -53,6 +53,11 @@ class Clock:
         return self.now
 
 
+def find(streams: Streams, partition: int, key: bytes) -> int | None:
+    """The stream's slot, or None: a look-up that, unlike ``Streams.slot``, allocates nothing."""
+    return streams.index.get(partition, {}).get(key)
+
+
 def per_stream(tensor: np.ndarray, axis: int, slot: int) -> np.ndarray:
     return np.take(tensor, slot, axis=axis)
 
@@ -137,7 +142,7 @@ def test_learned_initial_state_written_at_allocation_and_on_reset() -> None:
 def test_slot_is_stable_and_reused_after_release() -> None:
     streams = Streams(stateful_spec(), capacity=4)
     a, b = streams.slot(0, b"a"), streams.slot(0, b"b")
-    assert a != b and streams.slot(0, b"a") == a and streams.find(0, b"a") == a
+    assert a != b and streams.slot(0, b"a") == a and find(streams, 0, b"a") == a
     assert streams.active == 2
     arena = streams.arena
     assert isinstance(arena, StateArena)
@@ -147,13 +152,13 @@ def test_slot_is_stable_and_reused_after_release() -> None:
     streams.on_evict.append(events.append)
     streams.release(a)
     assert events == [Eviction(0, b"a", a, "end")]
-    assert streams.find(0, b"a") is None and streams.active == 1 and not streams.in_use[a]
+    assert find(streams, 0, b"a") is None and streams.active == 1 and not streams.in_use[a]
     c = streams.slot(0, b"c")
     assert c == a  # the freed slot is handed out again...
     assert streams.steps[c] == 0  # ...with fresh bookkeeping and fresh state, not a's
     np.testing.assert_array_equal(arena.get(c)[0], np.zeros((2, 3)))
     np.testing.assert_array_equal(arena.get(c)[1], C0)
-    assert streams.find(0, b"c") == c and streams.keys[c] == b"c"
+    assert find(streams, 0, b"c") == c and streams.keys[c] == b"c"
     streams.release(c)
     streams.release(c)  # a free slot releases nothing (and calls no hook)
     assert streams.active == 1 and [e.key for e in events] == [b"a", b"c"]
@@ -175,9 +180,9 @@ def test_same_key_in_two_partitions_is_two_streams() -> None:
     s0, s1 = streams.slot(0, b"k"), streams.slot(1, b"k")
     assert s0 != s1 and streams.active == 2
     assert (streams.partition[s0], streams.partition[s1]) == (0, 1)
-    assert streams.find(2, b"k") is None
+    assert find(streams, 2, b"k") is None
     streams.release(s0)
-    assert streams.find(0, b"k") is None and streams.find(1, b"k") == s1
+    assert find(streams, 0, b"k") is None and find(streams, 1, b"k") == s1
 
 
 def test_lru_evicts_the_least_recently_used_non_busy_stream() -> None:
@@ -194,14 +199,14 @@ def test_lru_evicts_the_least_recently_used_non_busy_stream() -> None:
     clock.now = 4.0
     d = streams.slot(0, b"d")
     assert events == [Eviction(0, b"b", slots[b"b"], "lru")]
-    assert d == slots[b"b"] and streams.find(0, b"b") is None
-    assert streams.evicted == {"ttl": 0, "lru": 1} and streams.active == 3
+    assert d == slots[b"b"] and find(streams, 0, b"b") is None
+    assert streams.active == 3
     # c is the oldest now, but it has pending work: the next oldest (a) goes instead
     streams.busy[slots[b"c"]] = 2
     clock.now = 5.0
     streams.slot(0, b"e")
     assert events[-1] == Eviction(0, b"a", slots[b"a"], "lru")
-    assert streams.find(0, b"c") == slots[b"c"]
+    assert find(streams, 0, b"c") == slots[b"c"]
 
 
 def test_lru_never_evicts_busy_streams_and_says_why_when_all_are() -> None:
@@ -212,8 +217,8 @@ def test_lru_never_evicts_busy_streams_and_says_why_when_all_are() -> None:
         streams.busy[streams.slot(0, key)] = 1
     with pytest.raises(MemoryError, match=r"all 3 stream slots hold streams with pending steps.*max_streams"):
         streams.slot(0, b"d")
-    assert streams.active == 3 and all(streams.find(0, k) is not None for k in (b"a", b"b", b"c"))
-    assert streams.find(0, b"d") is None
+    assert streams.active == 3 and all(find(streams, 0, k) is not None for k in (b"a", b"b", b"c"))
+    assert find(streams, 0, b"d") is None
 
 
 def test_lru_batch_takes_the_oldest_non_busy() -> None:
@@ -250,10 +255,10 @@ def test_ttl_evicts_idle_streams_only() -> None:
     assert streams.evict_idle() == 0  # a is idle exactly ttl_s, not over
     clock.now = 12.0
     assert streams.evict_idle() == 1
-    assert events == [Eviction(0, b"a", a, "ttl")] and streams.evicted["ttl"] == 1
+    assert events == [Eviction(0, b"a", a, "ttl")]
     clock.now = 100.0
     assert streams.evict_idle() == 1
-    assert [e.key for e in events] == [b"a", b"b"] and streams.find(0, b"c") == c
+    assert [e.key for e in events] == [b"a", b"b"] and find(streams, 0, b"c") == c
     streams.slot(0, b"c")  # a lookup counts as use
     streams.busy[c] = 0
     clock.now = 105.0
@@ -277,7 +282,7 @@ def test_drop_partition_forgets_its_streams_and_frees_their_slots() -> None:
     streams.busy[list(p1)] = 4
     assert streams.drop_partition(1) == 3
     assert streams.drop_partition(1) == 0 and streams.drop_partition(9) == 0
-    assert streams.active == 1 and streams.find(1, b"a") is None and streams.find(2, b"a") == keep
+    assert streams.active == 1 and find(streams, 1, b"a") is None and find(streams, 2, b"a") == keep
     assert not streams.busy[list(p1)].any() and not streams.in_use[list(p1)].any()
     assert events == []  # not an eviction: another replica owns these streams now
     assert list(streams.slots_of(2)) == [(b"a", keep)]

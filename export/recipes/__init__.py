@@ -1,4 +1,4 @@
-"""Reference training recipes: the course notes' example tasks, on data generated in code.
+"""Reference training recipes: small sequence tasks of known difficulty, on data generated in code.
 
 Each recipe states the held-out level it must reach; ``rnnd train`` prints the measured
 value next to it and exits non-zero on a miss. The bundles they export are the demo's and
@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from . import tasks
 from .training import TrainConfig
@@ -103,7 +101,7 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
     cfg = dataclasses.replace(recipe.train, seed=seed)
     training.train(model, task.train, task.output.kind, cfg, progress=progress)
     value = task.score(training.predict(model, task.test.x), task.test, recipe.warmup_steps)
-    seconds = float(model.train_seconds)  # type: ignore[attr-defined]
+    seconds = float(model.train_seconds)  # type: ignore[arg-type]  # set by training.train
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / f"{name}.pt"
@@ -123,8 +121,3 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
         log = (lambda m: print(m, file=sys.stderr)) if progress else None
         bundle = export_bundle(model, opts, out_dir / f"{name}.onnx", log=log).path
     return RecipeResult(recipe, value, ckpt, bundle, seconds)
-
-
-def synthetic_stream(name: str, seed: int, length: int) -> np.ndarray:
-    """Raw (producer-side) inputs for one stream of a recipe's task, e.g. for the demo."""
-    return tasks.raw_stream(name, seed, length)

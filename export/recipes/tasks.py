@@ -160,13 +160,3 @@ def sentiment(seed: int, n: int = 2000, steps: int = 40) -> Task:
     train, test = _split(x, y)
     return Task(InputSpec("tokens", tokenizer=spec), OutputSpec("classification", labels=LABELS),
                 train, test, x[0], step_accuracy)
-
-
-def raw_stream(name: str, seed: int, length: int) -> np.ndarray:
-    """One stream of producer-side input for a numeric recipe (raw units)."""
-    rng = np.random.default_rng(seed)
-    if name == "sensors":
-        return sensor_readings(rng, 1, length)[0]
-    if name in ("delay", "product"):
-        return rng.uniform(-1, 1, size=(length, 1)).astype(np.float32)
-    raise ValueError(f"{name} is not a numeric recipe")
