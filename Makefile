@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 PIP       := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_PIP  := $(DEMO_VENV)/bin/python -m pip --disable-pip-version-check
 
-.PHONY: demo demo-train demo-venv test lint lock venv clean
+.PHONY: demo demo-train demo-venv test test-fast lint lock venv clean
 
 # rnnd itself goes on top with --no-deps and without build isolation: its build backend is the
 # locked setuptools, and nothing outside the lock is fetched.
@@ -42,10 +42,17 @@ demo-train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The edit-and-rerun loop: the `unit` tests only (no broker, no torch, no child process; tests/conftest.py
+# marks every test from what it uses). `make test` still runs everything.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m unit
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 lock:
 	$(PYTHON) requirements/lock.py

@@ -23,11 +23,15 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from rnnd.tools import ToolError
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
 
 #: Where `--train` trains the sensors recipe (and finds it again on the next run).
 TRAINED_MODEL = Path("models/sensors.onnx")
@@ -99,7 +103,7 @@ async def _demo(args: argparse.Namespace, model: Path) -> int:
     external = args.bootstrap_servers
     broker = None if external else EmbeddedBroker().start()
     try:
-        bootstrap = external or broker.bootstrap_servers
+        bootstrap = external if broker is None else broker.bootstrap_servers
         code = await _stream(args, model, bootstrap)
         if broker is not None and args.keep_broker:
             await _keep(broker)
@@ -128,8 +132,10 @@ async def _keep(broker) -> None:
 
 
 async def _stream(args: argparse.Namespace, model: Path, bootstrap: str) -> int:
-    from rnnd.daemon.app import Daemon
+    from aiokafka.errors import KafkaError
+
     from rnnd.daemon.config import ServeConfig
+    from rnnd.daemon.service import Daemon
     from rnnd.embedded_broker import create_topics
     from rnnd.synthetic import SENSORS, sensor_readings
 
@@ -158,8 +164,14 @@ async def _stream(args: argparse.Namespace, model: Path, bootstrap: str) -> int:
           "(predictions are the model's forecast of the NEXT reading)\n")
     readings = sensor_readings(np.random.default_rng(0), args.devices, 4096)
     watch = _Watch(SENSORS)
+    try:
+        viewer = await _viewer(bootstrap)  # at the output's end before the first reading is sent
+    except (KafkaError, OSError, TimeoutError) as e:
+        daemon.stop()
+        await serving
+        raise ToolError(f"cannot read {OUTPUT_TOPIC!r} on {bootstrap}: {e}", exit_code=1) from None
     tasks = [asyncio.create_task(_produce(bootstrap, readings, args.rate, SENSORS, stop, watch)),
-             asyncio.create_task(_tail(bootstrap, watch, stop))]
+             asyncio.create_task(_tail(viewer, watch, stop))]
     deadline = time.monotonic() + args.duration
     while not stop.is_set() and time.monotonic() < deadline and not serving.done():
         await asyncio.sleep(1.0)
@@ -259,12 +271,30 @@ async def _produce(bootstrap: str, readings: np.ndarray, rate: float, names: tup
         await producer.stop()
 
 
-async def _tail(bootstrap: str, watch: _Watch, stop: asyncio.Event) -> None:
-    from aiokafka import AIOKafkaConsumer
+async def _viewer(bootstrap: str) -> AIOKafkaConsumer:
+    """A reader of the output topic, started and positioned at its end: it sees this run's predictions only.
 
-    consumer = AIOKafkaConsumer(OUTPUT_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                group_id="rnnd-demo-viewer")
+    Outside any group, so that watching costs no group join (seconds on the embedded broker)
+    and an external broker's older predictions are not shown as this run's.
+    """
+    from aiokafka import TopicPartition
+
+    from rnnd.daemon.kafka import position_at_end, reader
+
+    consumer = reader({"bootstrap_servers": bootstrap}, "rnnd-demo-viewer")
     await consumer.start()
+    try:
+        tps = [TopicPartition(OUTPUT_TOPIC, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await position_at_end(consumer, tps)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise
+    return consumer
+
+
+async def _tail(consumer: AIOKafkaConsumer, watch: _Watch, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)

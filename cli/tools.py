@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import orjson
 
 from rnnd.daemon import security
+from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.errors import RnndError
 
 __all__ = [
@@ -151,9 +152,10 @@ def _kafka_security(args: argparse.Namespace) -> dict[str, Any]:
 
     A namespace without the flags (a caller that built its own) means no security, as before.
     Settings that cannot work together are a user error (exit 2), reported before connecting.
+    The environment may hold `rnnd serve`'s other settings too (one set of RNND_* variables).
     """
     try:
-        return security.client_kwargs(security.from_args(args))
+        return security.client_kwargs(security.from_args(args, within=[ServeConfig]))
     except security.SecurityError as e:
         raise ToolError(str(e)) from None
 
@@ -445,9 +447,9 @@ async def _produce(args: argparse.Namespace, first: Message | None, rows: Iterat
     from aiokafka.errors import KafkaError
 
     # acks=all: a replay is input data; losing some silently would make results misleading.
-    # No idempotence: the embedded test broker (Tansu) refuses it with stock aiokafka.
-    producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=5,
-                                client_id="rnnd-produce", **(kafka or {}))
+    # No idempotence: Tansu refuses it (rnnd.daemon.kafka.quirks).
+    producer = AIOKafkaProducer(**_connection(args.bootstrap_servers, kafka), acks="all", linger_ms=5,
+                                client_id="rnnd-produce")
     try:
         await producer.start()
     except KafkaError as e:
@@ -581,64 +583,43 @@ def tail(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None = None) -> list[int]:
-    """The topic's partitions, without creating it.
+def _connection(bootstrap: str, kafka: dict[str, Any] | None) -> dict[str, Any]:
+    """Where Kafka is, plus the TLS/SASL arguments of :func:`_kafka_security`: what every client here starts from."""
+    return {"bootstrap_servers": bootstrap, **(kafka or {})}
 
-    Asks for the metadata of all topics rather than of this one: Tansu, and Kafka with
-    auto-creation on, create a topic that a metadata request names, and a typo in --topic
-    should be an error, not a new empty topic.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient
+
+async def _partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None = None) -> list[int]:
+    """The topic's partitions, without creating it: a typo in --topic is an error, not a new empty topic."""
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="rnnd-tail", **(kafka or {}))
+    from rnnd.daemon.kafka import admin, topic_partitions
+
+    client = admin(_connection(bootstrap, kafka), "rnnd-tail")
     try:
-        await admin.start()
-        described = await admin.describe_topics()
+        await client.start()
+        existing = await topic_partitions(client)
     except KafkaError as e:
         raise ToolError(f"cannot reach Kafka at {bootstrap}: {e}", exit_code=1) from None
     finally:
         with contextlib.suppress(Exception):
-            await admin.close()
-    for t in described:
-        if t["topic"] == topic and t["error_code"] == 0:
-            return sorted(p["partition"] for p in t["partitions"])
-    raise ToolError(f"topic {topic!r} does not exist on {bootstrap}")
-
-
-async def _seek_to_end(consumer: Any, tps: list[Any], timeout_s: float = 15.0) -> None:
-    """Position every partition at its current end.
-
-    Not ``seek_to_end()``: the embedded broker (Tansu 0.6) answers ListOffsets(latest) with
-    the first offset of the newest batch + 1, so ``seek_to_end``, ``end_offsets`` and
-    ``auto_offset_reset="latest"`` would start inside the last batch and print old
-    predictions (see docs / shared broker notes). The high watermark that comes back with
-    every fetch response is right on Tansu and on Apache Kafka alike, so fetch once from the
-    beginning, read ``highwater()`` and seek there. The records of that first fetch (at most
-    one fetch's worth per partition) are discarded.
-    """
-    await consumer.seek_to_beginning(*tps)
-    deadline = time.monotonic() + timeout_s
-    while any(consumer.highwater(tp) is None for tp in tps):
-        if time.monotonic() > deadline:
-            unknown = [tp.partition for tp in tps if consumer.highwater(tp) is None]
-            raise ToolError(f"could not find where partitions {unknown} end within {timeout_s:.0f} s", exit_code=1)
-        await consumer.getmany(*tps, timeout_ms=200)
-    for tp in tps:
-        consumer.seek(tp, consumer.highwater(tp))
+            await client.close()
+    if topic not in existing:
+        raise ToolError(f"topic {topic!r} does not exist on {bootstrap}")
+    return existing[topic]
 
 
 async def _tail(args: argparse.Namespace, out: TextIO, kafka: dict[str, Any] | None = None) -> int:
     """Print predictions until ``--limit`` is reached (or forever); returns how many were printed."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
     from aiokafka.errors import KafkaError
+
+    from rnnd.daemon.kafka import position_at_end, reader
 
     partitions = await _partitions(args.bootstrap_servers, args.topic, kafka)
     tps = [TopicPartition(args.topic, p) for p in partitions]
     keys = {k.encode() for k in args.key} if args.key else None
     # No group: tail only reads, never commits, and must not join (and so rebalance) anyone's group.
-    consumer = AIOKafkaConsumer(bootstrap_servers=args.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", client_id="rnnd-tail", **(kafka or {}))
+    consumer = reader(_connection(args.bootstrap_servers, kafka), "rnnd-tail")
     printed = 0
     try:
         try:
@@ -649,7 +630,10 @@ async def _tail(args: argparse.Namespace, out: TextIO, kafka: dict[str, Any] | N
         if args.from_beginning:
             await consumer.seek_to_beginning(*tps)
         else:
-            await _seek_to_end(consumer, tps)
+            try:
+                await position_at_end(consumer, tps)
+            except TimeoutError as e:
+                raise ToolError(str(e), exit_code=1) from None
         while args.limit is None or printed < args.limit:
             batches = await consumer.getmany(timeout_ms=1000)
             for records in batches.values():

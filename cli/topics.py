@@ -4,7 +4,7 @@ The daemon refuses to start without its input topic (the partition count is a de
 bounds how many replicas can share the work), and creates the others with the input's count.
 Making all of them here, from the same settings as ``rnnd serve`` (``--config rnnd.toml``,
 ``RNND_*`` variables, the same flags), means the names are derived by the daemon's own rules
-(``ServeConfig.dlq_topic``, ``changelog.group_and_topic``), the changelog is compacted and
+(``ServeConfig.dlq_topic``, ``names.group_and_topic``), the changelog is compacted and
 co-partitioned with the input, and a topic that exists with another layout is found before
 any data flows, not by a daemon that will not start.
 
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rnnd.daemon import changelog, security
+from rnnd.daemon import changelog, names, security
 from rnnd.daemon import config as serve_config
 from rnnd.daemon.config import ConfigError, ServeConfig
 from rnnd.tools import ToolError, positive_int
@@ -58,9 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "group_id rnnd-<model name>). Every topic gets the same partition count; the changelog is compacted. "
         "Topics that exist with that count are reported as existing; one with another count is an error (exit 2).")
     c.add_argument("--config", help="the TOML config file `rnnd serve` uses (or RNND_CONFIG)")
-    helps = {f.name: f.metadata["help"] for f in fields(ServeConfig)}
-    types = {f.name: type(f.default) for f in fields(ServeConfig)}
-    choices = {f.name: f.metadata.get("choices") for f in fields(ServeConfig)}
+    serve_settings = {s.name: s for s in serve_config.settings_of()}
+    helps = {name: s.help for name, s in serve_settings.items()}
+    types = {name: s.type for name, s in serve_settings.items()}
+    choices = {name: s.choices for name, s in serve_settings.items()}
     for name in _SETTINGS:
         flag = f"--{name.replace('_', '-')}"
         text = f"{helps[name]} [env {serve_config.ENV_PREFIX}{name.upper()}]"
@@ -143,7 +144,7 @@ def plan_names(cfg: ServeConfig) -> list[PlannedTopic]:
             name = _model_name(cfg)
         else:
             name = ""  # not used: the group or the topic is set
-        _, topic = changelog.group_and_topic(cfg.group_id, cfg.changelog_topic, cfg.input_topic, name)
+        _, topic = names.group_and_topic(cfg.group_id, cfg.changelog_topic, cfg.input_topic, name)
         planned.append(PlannedTopic("changelog", topic, dict(changelog.TOPIC_CONFIGS)))
     seen: dict[str, str] = {}
     for t in planned:
@@ -171,13 +172,14 @@ def create(args: argparse.Namespace) -> int:
 
 async def _create(kafka: dict[str, Any], planned: list[PlannedTopic], partitions: int | None,
                   replication: int | None, dry_run: bool, timeout_s: float = 20.0) -> list[str]:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+    from rnnd.daemon.kafka import admin as admin_client
     from rnnd.daemon.kafka import default_replication
 
     bootstrap = kafka["bootstrap_servers"]
-    admin = AIOKafkaAdminClient(**kafka, request_timeout_ms=10_000)
+    admin = admin_client(kafka, kafka["client_id"], request_timeout_ms=10_000)
     try:
         try:
             await asyncio.wait_for(admin.start(), timeout=timeout_s)
@@ -234,9 +236,10 @@ async def _create(kafka: dict[str, Any], planned: list[PlannedTopic], partitions
 
 
 async def _partition_counts(admin: Any) -> dict[str, int]:
-    """Partition count of every topic, from metadata of all topics (naming one could auto-create it)."""
-    described = await admin.describe_topics()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+    """Partition count of every topic, looked up without creating any."""
+    from rnnd.daemon.kafka import topic_partitions
+
+    return {topic: len(parts) for topic, parts in (await topic_partitions(admin)).items()}
 
 
 async def _check_configs(admin: Any, topics: list[PlannedTopic]) -> None:

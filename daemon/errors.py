@@ -12,6 +12,7 @@ keeps its traceback.
     │   └── BundleIntegrityError 2  a bundle changed after export (or of an older format)
     ├── ProviderError            2  the requested device (CUDA, TensorRT) is not really there
     ├── TopicLayoutError         2  topics exist but cannot work together (partition counts)
+    ├── MissingTopicError        2  a topic the daemon reads is not on the brokers (the daemon waits for it)
     ├── ChangelogError           2  a changelog record that cannot be used
     ├── ToolError (rnnd.tools)   2 by default, 1 for an unreachable broker: produce, tail, topics, broker, demo
     └── ExportError (rnnd.export.errors)  1
@@ -81,6 +82,16 @@ class ProviderError(RnndError, RuntimeError):
 
 class TopicLayoutError(RnndError, RuntimeError):
     """Topics exist but cannot work together; retrying will not help."""
+
+    exit_code = 2
+
+
+class MissingTopicError(RnndError, RuntimeError):
+    """A topic the daemon reads is not on the brokers.
+
+    The daemon waits for it rather than exit (a deployment job may be about to create it);
+    a command that cannot wait ends with exit code 2: creating the topic is an operator's fix.
+    """
 
     exit_code = 2
 

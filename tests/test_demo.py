@@ -123,7 +123,7 @@ def test_demo_keep_broker_leaves_its_topics_readable_until_sigterm(tmp_path, rec
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # reaps it and closes its pipe
 
 
 def test_demo_on_an_external_broker_leaves_its_topics_there(tmp_path, recipe_bundle, rnnd, bootstrap):

@@ -47,9 +47,9 @@ from rnnd.embedded_broker import create_topics
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-SETTINGS = {f.name for f in fields(ServeConfig)}
+SETTINGS = {s.name for s in config.settings_of()}
 
-#: Metrics the dashboard and alerts use that come with durable state (issue 4, the changelog).
+#: Metrics the dashboard and alerts use that come with durable state (the changelog topic).
 #: While the daemon does not export them yet, their checks are skipped (and say so); once it
 #: does, they are checked like every other metric.
 EXPECTED_FROM_CHANGELOG = {"rnnd_restore_seconds", "rnnd_restore_records"}
@@ -770,7 +770,8 @@ def test_readme_deploy_section_matches_the_files() -> None:
 @pytest.mark.parametrize(("argv", "extra"), [
     (["train", "sensors", "--out", "models"], "export"),
     (["export", "m.py:build", "--checkpoint", "m.pt", "--out", "m.onnx"], "export"),
-    (["demo", "--duration", "1"], "export"),
+    (["demo", "--duration", "1"], "demo"),  # the shipped bundle needs no torch; the broker is the demo extra
+    (["demo", "--train", "--duration", "1"], "export"),
 ])
 def test_a_serving_install_names_the_extra_a_command_needs(runtime_venv: Path, tmp_path: Path, argv: list[str],
                                                          extra: str) -> None:

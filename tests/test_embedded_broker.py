@@ -186,6 +186,7 @@ def test_no_orphan_broker_after_the_python_process_ends(how: str, tmp_path: Path
     if how == "sigkill":
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    proc.stdout.close()
     deadline = time.monotonic() + 10
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -61,7 +61,12 @@ def test_the_wheel_is_typed_licensed_and_holds_the_serving_code(built: dict[str,
         scripts = whl.read(entry_points).decode()
     assert "rnnd/py.typed" in names and "rnnd/demo_bundle/sensors.onnx" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert {"rnnd/cli.py", "rnnd/daemon/app.py", "rnnd/export/exporter.py"} <= names
+    # every module of the three folders, subpackages included (a package missing from pyproject's list
+    # would be left out of the wheel while the editable install still finds it)
+    folders = {"cli": "rnnd", "daemon": "rnnd/daemon", "export": "rnnd/export"}
+    modules = {f"{prefix}/{py.relative_to(REPO / folder)}" for folder, prefix in folders.items()
+               for py in (REPO / folder).rglob("*.py")}
+    assert modules - names == set(), f"modules left out of the wheel: {sorted(modules - names)}"
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     assert metadata["License-Expression"] == "Apache-2.0"
     assert metadata["Requires-Python"] == ">=3.11"

@@ -151,7 +151,7 @@ def test_broker_prints_its_address_serves_clients_and_stops_on_sigterm(tmp_path:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate()  # reaps it and closes its pipes
 
 
 def test_broker_on_a_taken_port_says_to_use_port_0() -> None:
@@ -186,8 +186,8 @@ def test_topics_create_makes_the_four_topics_then_reports_them_as_existing(rnnd,
                              ("created", "dead-letter", f"{inp}.dlq", 3), ("created", "changelog", changelog, 3)]
 
     # The daemon, given the same settings, names its topics the same way.
-    from rnnd.daemon.app import Daemon
     from rnnd.daemon.config import ServeConfig
+    from rnnd.daemon.service import Daemon
 
     daemon = Daemon(ServeConfig(model=str(bundle), bootstrap_servers=bootstrap, input_topic=inp, output_topic=out,
                                 http_port=0).validate())
@@ -366,6 +366,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 log = (tmp_path / "serve.log").open("w")
                 background.append(subprocess.Popen([*RNND, *argv, "--http-port", "0"], cwd=tmp_path, env=env,
                                                    stdout=log, stderr=subprocess.STDOUT))
+                log.close()  # the daemon writes to its own copy of the descriptor
             else:
                 done = subprocess.run([*RNND, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                                       timeout=300)
@@ -402,6 +403,9 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes = [proc.wait(timeout=60) for proc in reversed(background)]
+        for proc in background:
+            if proc.stdout:
+                proc.stdout.close()
     assert codes == [0] * len(background), (tmp_path / "serve.log").read_text()[-3000:]
 
 

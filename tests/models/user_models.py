@@ -228,7 +228,8 @@ class WindowTransformer(nn.Module):
         self.batch_first = batch_first
         self.inp = nn.Linear(n_features, d_model)
         layer = nn.TransformerEncoderLayer(d_model, 2, 32, dropout=0.1, batch_first=batch_first)
-        self.enc = nn.TransformerEncoder(layer, 2)
+        # Nested tensors need batch_first; asking for them time-first only earns a warning at build.
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first)
         self.head = nn.Linear(d_model, out_size)
 
     def forward(self, x):
