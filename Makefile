@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 PIP       := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_PIP  := $(DEMO_VENV)/bin/python -m pip --disable-pip-version-check
 
-.PHONY: demo demo-train demo-venv test test-fast lint lock venv clean
+.PHONY: demo demo-train demo-venv test test-fast lint lock venv kafka clean
 
 # rnnd itself goes on top with --no-deps and without build isolation: its build backend is the
 # locked setuptools, and nothing outside the lock is fetched.
@@ -31,6 +31,11 @@ $(DEMO_VENV)/.installed: pyproject.toml requirements/demo.txt
 
 venv: $(VENV)/.installed
 
+# Apache Kafka's jars for the tests' second broker (cli/apache_kafka.py): fetched from Maven Central
+# once, checked against requirements/kafka/jars.sha256, cached outside the clone; a no-op when cached.
+kafka: $(VENV)/.installed
+	$(BIN)/python requirements/kafka/fetch.py
+
 demo-venv: $(DEMO_VENV)/.installed
 
 demo: $(DEMO_VENV)/.installed
@@ -40,7 +45,7 @@ demo: $(DEMO_VENV)/.installed
 demo-train: $(VENV)/.installed
 	$(BIN)/rnnd demo --train --duration 30
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed kafka
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -14,6 +14,7 @@ keeps its traceback.
     ├── TopicLayoutError         2  topics exist but cannot work together (partition counts)
     ├── MissingTopicError        2  a topic the daemon reads is not on the brokers (the daemon waits for it)
     ├── ChangelogError           2  a changelog record that cannot be used
+    ├── BrokerSetupError         2  a broker rnnd starts itself cannot start here (no Java, jars not fetched)
     ├── ToolError (rnnd.tools)   2 by default, 1 for an unreachable broker: produce, tail, topics, broker, demo
     └── ExportError (rnnd.export.errors)  1
         ├── UsageError           2  contradicting or malformed export options
@@ -98,5 +99,14 @@ class MissingTopicError(RnndError, RuntimeError):
 
 class ChangelogError(RnndError, ValueError):
     """A changelog record that cannot be used (corrupt, or from an incompatible model)."""
+
+    exit_code = 2
+
+
+class BrokerSetupError(RnndError, RuntimeError):
+    """A broker that rnnd starts itself (Apache Kafka from its jars) cannot start on this machine.
+
+    The message names the missing piece and the one command that provides it; retrying will not help.
+    """
 
     exit_code = 2
