@@ -384,7 +384,7 @@ class ApacheKafka:
 
     def _forget(self) -> None:
         with _LIVE_LOCK:
-            _LIVE.discard(self)  # type: ignore[arg-type]
+            _LIVE.discard(self)
 
     def _read_log(self, offset: int) -> bytes:
         try:

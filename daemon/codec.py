@@ -345,6 +345,7 @@ class Output(NamedTuple):
     key: bytes
     value: bytes  # the output document
     input_timestamp: int  # ms, the input record's timestamp (latency runs from it)
+    source: int  # the input partition it came from: with exactly-once, its transaction carries it
 
 
 # Output(...) runs a Python-level __new__; this C-level constructor builds the same object in
@@ -397,10 +398,10 @@ class Encoder:
                     key_json[rkey] = kj
             p, offset, ts = record.partition, record.offset, record.timestamp
             doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, pred, ts)
-            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts)))
+            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p)))
         for i in nonfinite or ():
             o = out[i]
-            out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp)
+            out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp, o.source)
         return out
 
     def documents(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],

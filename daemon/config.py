@@ -97,6 +97,13 @@ class ServeConfig:
                                            "state-spec hash differs): refuse to start, reset the streams, or serve "
                                            "them with previous_model.", choices=("refuse", "reset", "previous"))
     previous_model: str = opt("", "With on_state_mismatch=previous: the bundle whose state the changelog holds.")
+    processing_guarantee: str = opt("at_least_once", "at_least_once: a crash repeats some predictions (same ids; "
+                                                     "state is applied exactly once either way). exactly_once: each "
+                                                     "checkpoint's predictions, dead letters, state records and input "
+                                                     "offsets commit in one Kafka transaction per input partition; "
+                                                     "read_committed readers see every prediction once. Needs "
+                                                     "changelog and a broker with transactions (Apache Kafka, not "
+                                                     "Tansu).", choices=("at_least_once", "exactly_once"))
     # --- Kafka client behaviour ---
     fetch_max_records: int = opt(10_000, "Most records taken from Kafka in one fetch.", ge=1, le=_INT32)
     fetch_max_wait_ms: int = opt(20, "How long the broker may hold a fetch waiting for data. Low keeps live "
@@ -135,6 +142,10 @@ class ServeConfig:
     @property
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or names.dead_letter_topic(self.input_topic)
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly_once"
 
     @property
     def emit_every(self) -> int:
@@ -184,6 +195,9 @@ class ServeConfig:
                     raise ConfigError(f"{name} must be left at {default!r} when changelog is false, not "
                                       f"{getattr(self, name)!r}: without a changelog there is no state to restore",
                                       name)
+        if self.exactly_once and not self.changelog:
+            raise ConfigError("processing_guarantee=exactly_once needs changelog=true: the state of a stream is part "
+                              "of what each transaction commits", "processing_guarantee")
         if self.previous_model and self.on_state_mismatch != "previous":
             raise ConfigError(f"previous_model must be empty unless on_state_mismatch is previous (it is "
                               f"{self.on_state_mismatch}), not {self.previous_model!r}", "previous_model")

@@ -77,6 +77,11 @@ class Metrics:
                                  "(written with \"nonfinite\": true and nulls).", registry=r)
         self.paused = Gauge("rnnd_fetch_paused", "1 while fetching is paused for backpressure.", registry=r)
         self.commits = Counter("rnnd_commits", "Input offset commits.", registry=r)
+        self.transactions = Counter("rnnd_transactions", "Kafka transactions ended (processing_guarantee="
+                                    "exactly_once), one per input partition per checkpoint.", ["outcome"], registry=r)
+        self.transaction_seconds = Histogram("rnnd_transaction_commit_seconds", "Time from a checkpoint's snapshot "
+                                             "to its transactions' commit (model calls wait for it).", registry=r,
+                                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.kafka_errors = Counter("rnnd_kafka_errors", "Kafka errors seen (retried).", ["op"], registry=r)
         self.restore_seconds = Histogram("rnnd_restore_seconds", "Time to restore one partition's streams from the "
                                          "changelog.", registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,

@@ -242,7 +242,8 @@ class Pipeline:
             ref, step, pred, made_ms, bad = kept
             doc = self.encoder.outputs([ref], [step], [pred], made_ms, [0] if bad else None)[0].value
             # latency runs from the end control
-            self.outputs.append(Output(record.key, codec.with_fields(doc, {"ended": True}), record.timestamp))
+            self.outputs.append(Output(record.key, codec.with_fields(doc, {"ended": True}), record.timestamp,
+                                       record.partition))
         if self.metrics:
             self.metrics.stream_ends.inc()
 

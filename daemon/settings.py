@@ -44,6 +44,7 @@ ENV_NOT_SETTINGS = {
     f"{ENV_PREFIX}CONFIG": "the config file, as --config",
     f"{ENV_PREFIX}DEBUG": "set by --debug: tracebacks, and `rnnd export` shows the exporter's own output",
     f"{ENV_PREFIX}TEST_BOOTSTRAP": "the test suite's Kafka (tests/kafka_fixtures.py)",
+    f"{ENV_PREFIX}KAFKA_LIBS": "where Apache Kafka's jars are cached (rnnd.apache_kafka, requirements/kafka/fetch.py)",
 }
 
 

@@ -347,7 +347,7 @@ def test_rnnd_variables_that_are_not_settings_are_allowed(tmp_path: Path) -> Non
     env = {"RNND_CONFIG": str(conf), "RNND_DEBUG": "1", "RNND_TEST_BOOTSTRAP": "localhost:1", "OTHER_MAX_BACTH": "x"}
     assert config.load(argv_values=REQUIRED, env=env).max_batch == 3
     security.from_args(argparse.Namespace(), env=env)
-    assert set(config.ENV_NOT_SETTINGS) == {"RNND_CONFIG", "RNND_DEBUG", "RNND_TEST_BOOTSTRAP"}
+    assert set(config.ENV_NOT_SETTINGS) == {"RNND_CONFIG", "RNND_DEBUG", "RNND_TEST_BOOTSTRAP", "RNND_KAFKA_LIBS"}
 
 
 def test_every_rnnd_variable_the_repository_uses_is_a_setting_or_allowed() -> None:

@@ -51,6 +51,7 @@ def consumer_settings(cfg: ServeConfig, group_id: str) -> dict[str, Any]:
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": max(1000, cfg.session_timeout_ms // 3),
         "max_poll_interval_ms": 300_000,
+        "isolation_level": input_isolation(cfg),
     }
 
 
@@ -67,19 +68,37 @@ def producer_settings(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def transactional_producer_settings(cfg: ServeConfig, transactional_id: str, timeout_ms: int) -> dict[str, Any]:
+    """One input partition's producer under exactly-once (``rnnd.daemon.kafka.transactions``).
+
+    aiokafka turns idempotence on for a transactional producer (acks=all, ordered retries):
+    the broker then drops the duplicates a retried produce request would write.
+    """
+    settings = producer_settings(cfg)
+    return {**settings, "client_id": f"{cfg.client_id}-txn-{transactional_id.rsplit('.', 1)[-1]}",
+            "transactional_id": transactional_id, "transaction_timeout_ms": timeout_ms}
+
+
+def input_isolation(cfg: ServeConfig) -> str:
+    """Exactly-once reads only committed inputs (an upstream transaction may still abort); at-least-once reads all."""
+    return "read_committed" if cfg.exactly_once else "read_uncommitted"
+
+
 def reader(connection: Mapping[str, Any], client_id: str, **overrides: Any) -> AIOKafkaConsumer:
     """A consumer outside any consumer group, for partitions it is assigned by hand. Not started.
 
-    The changelog restore, ``rnnd verify`` and ``rnnd tail`` read topics without joining a
-    group: a join would rebalance the daemon's group (or anyone's) and pause for it, and none
-    of them commits. With no group there is no committed position, so a partition starts at
-    its beginning unless the reader seeks elsewhere. ``connection``: from
+    Readers see committed records only (``read_committed``): the changelog restore must not
+    feed in state of an aborted transaction, and ``rnnd verify``/``rnnd tail`` show what a
+    downstream consumer of exactly-once outputs sees. Without transactions this reads everything.
+    They read topics without joining a group: a join would rebalance the daemon's group (or
+    anyone's) and pause for it, and none of them commits. With no group there is no committed
+    position, so a partition starts at its beginning unless the reader seeks elsewhere. ``connection``: from
     :func:`connection_settings` or :func:`client_settings`; ``overrides``: fetch sizes and such.
     """
     import aiokafka
 
     settings = {**connection, "group_id": None, "enable_auto_commit": False, "auto_offset_reset": OFFSET_RESET,
-                "client_id": client_id, **overrides}
+                "client_id": client_id, "isolation_level": "read_committed", **overrides}
     return aiokafka.AIOKafkaConsumer(**settings)
 
 

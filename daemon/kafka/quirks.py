@@ -16,17 +16,27 @@ one of them works on one broker and fails on the other. Measured on Tansu 0.6 wi
   end of a partition is read there, after one fetch (:func:`fetched_end`,
   :func:`position_at_end`), and new readers start at ``"earliest"`` (:data:`OFFSET_RESET`).
 * Tansu refuses InitProducerId: an idempotent or transactional aiokafka producer fails to
-  start (UnknownError). rnnd's producers leave idempotence off (aiokafka's default), and
-  correctness never depends on it (delivery is at-least-once, outputs carry ids).
+  start (UnknownError). At-least-once leaves idempotence off (aiokafka's default) and never
+  depends on it (outputs carry ids); exactly-once needs transactions, so the daemon probes
+  for them at start and refuses the setting, in one line, on such a broker
+  (:func:`transactions_supported`).
+* Reading "to the end" under ``read_committed`` (the changelog restore, ``rnnd verify``, ``rnnd
+  tail``) means to the last stable offset, not the high watermark: records of a transaction
+  still open lie between the two and are not returned, so a reader waiting for the high
+  watermark would wait for the transaction. Every fetch response carries both; with no
+  transaction open they are equal (always, on Tansu), so :func:`fetched_end` reads the
+  last stable offset.
 * aiokafka has no public way to ask a consumer for the partitions of all topics (its
   ``topics()`` keeps only the names), to read what a producer already knows about a topic's
-  partitions without a request, or to send one small request to any broker. Those go
-  through the client object (``consumer._client``, ``producer.client``) here and nowhere else.
+  partitions without a request, to send one small request to any broker, or to ask a
+  transactional producer whether a transaction is open. Those go through the client object
+  (``consumer._client``, ``producer.client``, ``producer._txn_manager``) here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -73,11 +83,52 @@ def known_partition_count(producer: Any, topic: str) -> int:
 
 
 def fetched_end(consumer: Any, tp: Any) -> int | None:
-    """Where ``tp`` ends: the high watermark of its last fetch response (None before its first fetch).
+    """Where ``tp`` ends for a reader: the last stable offset of its last fetch response (None before one).
 
-    Not ``end_offsets()``, which Tansu answers with the start of the newest batch (+1).
+    Not ``end_offsets()``, which Tansu answers with the start of the newest batch (+1); and not
+    the high watermark, which lies past an open transaction's records (see the module docstring).
+    A broker that reports no stable offset (-1) has no transactions: its high watermark is the end.
     """
+    stable = consumer.last_stable_offset(tp)
+    if stable is not None and stable >= 0:
+        return int(stable)
     return consumer.highwater(tp)
+
+
+def in_transaction(producer: Any) -> bool:
+    """Whether a transactional producer has a transaction open (aiokafka keeps that in its manager only)."""
+    manager = getattr(producer, "_txn_manager", None)
+    return bool(manager is not None and manager.is_in_transaction())
+
+
+async def transactions_supported(producer: Any, timeout_s: float) -> str | None:
+    """Start ``producer`` (transactional) and begin a transaction: None if that works, else why not, in words.
+
+    Tansu answers InitProducerId with UnknownError; a broker whose ACLs deny the id answers
+    TransactionalIdAuthorizationFailed. Connection errors are raised (the caller retries).
+    The producer is stopped either way.
+    """
+    from aiokafka.errors import (
+        KafkaConnectionError,
+        TransactionalIdAuthorizationFailed,
+        UnknownError,
+        UnsupportedVersionError,
+    )
+
+    try:
+        await asyncio.wait_for(producer.start(), timeout_s)
+        await asyncio.wait_for(producer.begin_transaction(), timeout_s)
+        return None
+    except (UnknownError, UnsupportedVersionError) as e:
+        return f"the broker refused InitProducerId ({type(e).__name__}): it has no transactions (Tansu has none)"
+    except TransactionalIdAuthorizationFailed:
+        return ("the broker denies this transactional id: grant Write and Describe on TransactionalId "
+                "prefix <group id> (docs/compatibility.md)")
+    except KafkaConnectionError:
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), timeout_s)
 
 
 async def position_at_end(consumer: Any, tps: Sequence[Any], timeout_s: float = 15.0) -> None:

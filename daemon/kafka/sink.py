@@ -59,12 +59,14 @@ class Sink:
                              None if headers is None else [headers])
 
     async def send_many(self, topic: str, items: Sequence[tuple], partitions: Sequence[int] | None = None,
-                        headers: Sequence[Headers] | None = None) -> None:
+                        headers: Sequence[Headers] | None = None, sources: Sequence[int] | None = None) -> None:
         """Hand ``items`` to the producer, in order per partition.
 
         ``items`` are tuples whose first two elements are key and value (more are ignored: the
         pipeline's outputs pass as they are). ``partitions`` (one per item) overrides the key's
         partition: the changelog's partitions mirror the input's. ``headers``: one list per item.
+        ``sources``: the input partitions the items came from, which only the exactly-once
+        ``TransactionalSink`` needs (one producer serves them all here).
         """
         if not items:
             return

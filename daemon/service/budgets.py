@@ -24,6 +24,15 @@ FINAL_CHECKPOINT_S = 30.0
 #: output has been flushed or given up on, so there is little left for either to wait for.
 CLIENT_STOP_S = 15.0
 
+# --- exactly-once --------------------------------------------------------------------------------
+#: The probe at connect (a transactional producer's start and first transaction): a broker
+#: answers within a second or two; one that does not is treated as unreachable and retried.
+TRANSACTION_PROBE_S = 15.0
+#: After a partition's transaction failed: the first wait before its producer is started again
+#: and its state restored, doubled per failure up to the max (a broker restart takes seconds).
+RECOVER_BACKOFF_S = 0.5
+RECOVER_BACKOFF_MAX_S = 10.0
+
 # --- rebalance ---------------------------------------------------------------------------------
 #: A revocation finishes the partition's queued steps before its checkpoint, as a shutdown does
 #: (a graceful rebalance repeats nothing), for at most this long: the rest of the group waits

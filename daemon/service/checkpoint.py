@@ -2,22 +2,36 @@
 
 A checkpoint runs every ``commit_interval_s`` (``Checkpointer.run``), for the revoked
 partitions on a revocation, and once more on shutdown (``final``). It holds the commit lock
-throughout and the call lock for steps 1-4 (no model call runs then). Its steps, in order:
+throughout and the call lock for steps 1-4 (no model call runs then).
 
-1. side outputs: the dead letters decoded since the last round go to the sink;
-2. snapshot the commit points (per partition, the first input not yet fully applied);
+At-least-once (``processing_guarantee=at_least_once``), in order:
+
+1. snapshot the commit points (per partition, the first input not yet fully applied);
+2. side outputs: the dead letters decoded up to the snapshot go to the sink (taken right
+   after it, with no wait between, so none of a record below a commit point is left behind);
 3. flush the outputs: every prediction and dead letter handed to the sink so far is
    acknowledged (failures are resent) — stop here if not;
 4. changelog records: every stream changed since the last checkpoint (tombstones first) goes
-   to the sink; no step was applied since step 2, so this state is exactly that of the snapshot;
+   to the sink; no step was applied since step 1, so this state is exactly that of the snapshot;
 5. flush the changelog: those records are acknowledged — stop here if not;
-6. commit the input offsets of step 2, for the partitions this daemon still owns.
+6. commit the input offsets of step 1, for the partitions this daemon still owns.
 
 A crash between 3 and 5 replays inputs onto the previous changelog state: the same outputs
 again (same ids). Between 5 and 6: the restored state already holds the replayed steps, so
 they are skipped, and their outputs were acknowledged at step 3. A checkpoint that stops
 early commits nothing; the next one covers what it left (the sink keeps unacknowledged
 records, the changelog's streams stay changed until taken).
+
+Exactly-once (``exactly_once``): steps 1, 2 and 4 as above, every record going to the open
+transaction of the input partition it came from; then, still under the call lock,
+
+5. commit each owned partition's transaction with its offset of step 1
+   (``TransactionalSink.commit``: acknowledged, offset added, committed, next one begun);
+6. a partition whose commit failed is aborted and recovered (``Rebalancer.recover``): its
+   streams are dropped and restored from the committed changelog, its input re-read from the
+   committed offset — the state and outputs of the aborted transaction never happened.
+
+Model calls wait for step 5 (the outputs they would hand over belong to the next transaction).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
@@ -51,8 +66,9 @@ class Locks:
 
     * ``call``: held from ``plan()`` to the outputs' hand-over to the sink (the infer loop),
       and around anything that changes streams besides a model call (revoke, restore). A
-      checkpoint holds it from its snapshot to its changelog records, so no step is applied
-      in between and no partition's streams are dropped under a running model call.
+      checkpoint holds it from its snapshot to its changelog records (to its commit, with
+      exactly-once), so no step is applied in between and no partition's streams are dropped
+      under a running model call.
     * ``commit``: one checkpoint at a time (the periodic one, a revocation's, the final one),
       so their commits never interleave and an older commit point never follows a newer one.
     """
@@ -60,6 +76,16 @@ class Locks:
     def __init__(self) -> None:
         self.commit = asyncio.Lock()
         self.call = asyncio.Lock()
+
+
+class Recovery(Protocol):
+    """What the checkpointer hands the partitions whose transaction failed: the ``Rebalancer``."""
+
+    def drop(self, partitions: set[int]) -> None:
+        """Under the call lock: the partitions' streams, queued steps and transactions go at once."""
+
+    async def recover(self, failed: dict[int, BaseException]) -> None:
+        """Outside the locks: each partition back from its last commit (or left to its new owner)."""
 
 
 class Checkpointer:
@@ -75,6 +101,7 @@ class Checkpointer:
         self.readiness = readiness
         self.assigned = assigned  # shared with the rebalancer, which keeps it current
         self.changelog_topic = changelog_topic
+        self.recovery: Recovery | None = None  # exactly-once: the rebalancer, handed over by the daemon
 
     async def run(self) -> None:
         """Every ``commit_interval_s``; a checkpoint that fails is simply retried by the next."""
@@ -87,13 +114,16 @@ class Checkpointer:
                 log.warning("checkpoint failed (%s: %s); will retry", type(e).__name__, e)
 
     async def checkpoint(self, partitions: set[int] | None = None, final: bool = False) -> None:
-        """Steps 1-6 of the module docstring. ``partitions``: commit only these (a revocation's).
+        """The steps of the module docstring. ``partitions``: commit only these (a revocation's).
 
         ``final``: the shutdown's checkpoint, which gives an unacknowledging broker
         ``FINAL_CHECKPOINT_S`` and then gives up (the inputs are re-read by the next owner).
         """
         consumer, sink = self.clients.consumer, self.clients.sink
         if consumer is None or sink is None:
+            return
+        if self.cfg.exactly_once:
+            await self._transactional(partitions, final)
             return
         give_up = time.monotonic() + FINAL_CHECKPOINT_S
 
@@ -103,8 +133,8 @@ class Checkpointer:
         pipeline = self.pipeline
         async with self.locks.commit:  # LOCK ORDER: commit, then call (see Locks)
             async with self.locks.call:  # no step is applied while the snapshot is taken
-                await self.publisher.send_side_outputs()  # 1. side outputs
-                points = pipeline.offsets.commit_points()  # 2. snapshot the commit points
+                points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
+                await self.publisher.send_side_outputs()  # 2. side outputs
                 if not await sink.flush(stopping):  # 3. flush the outputs
                     return
                 records = pipeline.changelog_records() if self.cfg.changelog else []  # 4. changelog records
@@ -130,3 +160,43 @@ class Checkpointer:
             except KafkaError as e:
                 self.readiness.failed("commit")
                 log.warning("commit failed (%s: %s); will retry", type(e).__name__, e)
+
+    async def _transactional(self, partitions: set[int] | None, final: bool) -> None:
+        """The exactly-once checkpoint (module docstring): one transaction per owned partition."""
+        sink = self.clients.sink
+        pipeline = self.pipeline
+        # LOCK ORDER: commit, then call (see Locks); call is held to the commit: the next outputs
+        # belong to the next transaction.
+        async with self.locks.commit, self.locks.call:
+            started = time.perf_counter()
+            points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
+            await self.publisher.send_side_outputs()  # 2. side outputs, into their partitions' transactions
+            records = pipeline.changelog_records()  # 4. changelog records (step 3 is at-least-once's flush)
+            await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],
+                                 partitions=[p for p, _, _ in records], sources=[p for p, _, _ in records])
+            owned = {tp.partition for tp in self.assigned}
+            if partitions is not None:
+                owned &= partitions
+            offsets = {p: o for p, o in points.items() if p in owned}
+            done, failed = await sink.commit(offsets, only=owned)  # 5. commit, per partition
+            pipeline.offsets.mark_committed({p: o for p, o in offsets.items() if p in done})
+            if failed and self.recovery is not None and not final:
+                self.recovery.drop(set(failed))  # 6. (a) nothing of the aborted transaction stays
+            self.metrics.transaction_seconds.observe(time.perf_counter() - started)
+            self.metrics.transactions.labels("committed").inc(len(done))
+            if records:
+                self.metrics.changelog_records.inc(len(records))
+            if done:
+                self.metrics.commits.inc()
+                self.readiness.kafka_ok = True
+        if failed:  # 6. (b) abort and recover, outside the locks (recovery takes the call lock itself)
+            self.metrics.transactions.labels("aborted").inc(len(failed))
+            self.readiness.failed("commit")
+            for p, e in sorted(failed.items()):
+                log.warning("transaction of input partition %d failed (%s: %s): aborted; its state and input "
+                            "resume from the last commit", p, type(e).__name__, e)
+            if final or self.recovery is None:
+                for p in failed:
+                    await sink.close(p)
+            else:
+                await self.recovery.recover(failed)

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from .. import changelog, kafka
 from ..config import ServeConfig
-from .budgets import CLIENT_STOP_S
+from ..errors import ConfigError
+from .budgets import CLIENT_STOP_S, TRANSACTION_PROBE_S
 
 log = logging.getLogger("rnnd.daemon")
 
@@ -35,6 +36,8 @@ class ClientFactory(Protocol):
     def restorer(self, cfg: ServeConfig) -> Any: ...
 
     def sink(self, producer: Any, on_error: Callable[[], None]) -> Any: ...
+
+    def transactional_producer(self, cfg: ServeConfig, transactional_id: str) -> Any: ...
 
     async def broker_answers(self, producer: Any, timeout: float) -> bool: ...
 
@@ -62,6 +65,12 @@ class AiokafkaFactory:
 
     def sink(self, producer: Any, on_error: Callable[[], None]) -> Any:
         return kafka.Sink(producer, on_error=on_error)
+
+    def transactional_producer(self, cfg: ServeConfig, transactional_id: str) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        return AIOKafkaProducer(**kafka.transactional_producer_settings(cfg, transactional_id,
+                                                                        kafka.TRANSACTION_TIMEOUT_MS))
 
     async def broker_answers(self, producer: Any, timeout: float) -> bool:
         return await kafka.broker_answers(producer.client, timeout)
@@ -99,13 +108,35 @@ class Clients:
         if cfg.changelog:
             self.restorer = factory.restorer(cfg)
             await self.restorer.start()
+        if cfg.exactly_once:
+            await self._check_transactions()
+            group, topic = self.group_id, cfg.input_topic
+            self.sink = kafka.TransactionalSink(
+                lambda p: factory.transactional_producer(cfg, kafka.transactional_id(group, topic, p)),
+                lambda producer: factory.sink(producer, on_produce_error), group, topic)
+        else:
+            self.sink = factory.sink(self.producer, on_produce_error)
         self.consumer = factory.consumer(cfg, self.group_id)
         await self.consumer.start()
         self.consumer.subscribe([cfg.input_topic], listener=listener)
-        self.sink = factory.sink(self.producer, on_produce_error)
+
+    async def _check_transactions(self) -> None:
+        """Exactly-once is refused at start, in one line, on a broker without transactions (or without the ACL).
+
+        The probe uses its own transactional id (``<group>.probe``), never a partition's, so it
+        fences no replica at work.
+        """
+        cfg = self.cfg
+        probe = self.factory.transactional_producer(cfg, f"{self.group_id}.probe")
+        why = await kafka.transactions_supported(probe, TRANSACTION_PROBE_S)
+        if why is not None:
+            raise ConfigError(f"processing_guarantee=exactly_once cannot work on {cfg.bootstrap_servers}: {why}; "
+                              "use processing_guarantee=at_least_once there", "processing_guarantee")
 
     async def close(self) -> None:
         """Stop every client that was started; each stop is bounded (``CLIENT_STOP_S``)."""
+        if isinstance(self.sink, kafka.TransactionalSink):
+            await self.sink.close_all()  # open transactions aborted: what they held is re-made by the next owner
         if self.restorer is not None:
             with contextlib.suppress(Exception):
                 await self.restorer.stop()

@@ -64,6 +64,7 @@ class Daemon:
                                          self.assigned, self.changelog_topic)
         self.rebalancer = Rebalancer(cfg, self.model.spec, pipeline, metrics, kc, self.checkpointer, locks.call,
                                      self.backpressure, readiness, self.assigned, self._work, self.fail)
+        self.checkpointer.recovery = self.rebalancer  # exactly-once: a failed transaction's partition comes back
         self.housekeeper = Housekeeper(cfg, pipeline, metrics, kc, self.assigned)
         self.broker_watch = BrokerWatch(cfg, metrics, kc, factory, readiness)
         report_model(metrics, self.model, self.provider)
@@ -162,6 +163,7 @@ class Daemon:
 
     async def _close(self) -> None:
         self.metrics.unwatch_gc()
+        self.rebalancer.close()
         await self.clients.close()
         await self.http.stop()
         self.inferrer.close()

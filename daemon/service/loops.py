@@ -77,6 +77,7 @@ class Fetcher:
         accept = self.pipeline.accept_many
         stopping, work, assigned = self.stopping, self.work, self.assigned
         backpressure, readiness = self.backpressure, self.readiness
+        send_dead_letters = not cfg.exactly_once
         while not stopping.is_set():
             backpressure.check()
             try:
@@ -109,7 +110,8 @@ class Fetcher:
             if n:
                 messages.inc(n)
                 work.set()
-                await self.publisher.send_side_outputs()
+                if send_dead_letters:  # exactly-once: only the checkpoint sends them, inside its transactions
+                    await self.publisher.send_side_outputs()
                 # Let the infer task start a model call on what was just accepted. getmany returns
                 # without suspending while fetched data is buffered, so without this yield a backlog
                 # is accepted whole before the first call (and live steps wait behind the fetches).

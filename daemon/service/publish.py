@@ -37,10 +37,15 @@ class Publisher:
         self.predictions.inc(len(outputs))
 
     async def send_side_outputs(self) -> None:
-        """Dead letters, which the fetch loop produces (decoding happens there), not the infer loop."""
+        """Dead letters, which the fetch loop produces (decoding happens there), not the infer loop.
+
+        A checkpoint sends them too, right after its snapshot of the commit points: every dead
+        letter of a record below a commit point is then handed over before that commit.
+        """
         dead = self.pipeline.take_dead_letters()
         sink = self.clients.sink
         if not dead or sink is None:
             return
         await sink.send_many(self.dlq_topic, [(d.key, d.encode()) for d in dead],
-                             headers=[[("rnnd.reason", d.reason.encode())] for d in dead])
+                             headers=[[("rnnd.reason", d.reason.encode())] for d in dead],
+                             sources=[d.partition for d in dead])

@@ -4,6 +4,12 @@ A revocation is graceful: the partition's queued steps are finished (for at most
 ``REVOCATION_WAIT_S``), checkpointed, and only then are its streams dropped, under the call
 lock, so never under a running model call. An assignment pauses the new partitions, restores
 their streams from the changelog (durable state), and only then lets them be fetched.
+
+With exactly-once, an assignment first starts each new partition's transactional producer
+(which fences the previous owner and aborts what it left open, so the restore reads
+committed state only), and a revocation stops it after the last commit. A partition whose
+transaction failed goes through the same steps again on its own (:meth:`Rebalancer.recover`):
+dropped, producer restarted, state restored, input re-read from the committed offset.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from .. import changelog
 from ..bundle import BundleSpec
@@ -22,7 +29,13 @@ from ..config import ServeConfig
 from ..errors import ChangelogError
 from ..metrics import Metrics
 from ..pipeline import Pipeline
-from .budgets import RESTORE_LOG_EVERY_S, REVOCATION_POLL_S, REVOCATION_WAIT_S
+from .budgets import (
+    RECOVER_BACKOFF_MAX_S,
+    RECOVER_BACKOFF_S,
+    RESTORE_LOG_EVERY_S,
+    REVOCATION_POLL_S,
+    REVOCATION_WAIT_S,
+)
 from .checkpoint import Checkpointer
 from .clients import Clients
 from .housekeeping import Readiness
@@ -50,6 +63,8 @@ class Rebalancer(ConsumerRebalanceListener):
         self.assigned = assigned  # kept current here, in place: the other parts share this set
         self.work = work
         self.on_fatal = on_fatal  # stop the daemon with this exit code
+        self._recovering: dict[int, asyncio.Task] = {}  # exactly-once: partitions coming back from an abort
+        self._restore_lock = asyncio.Lock()
 
     async def on_partitions_revoked(self, revoked) -> None:
         await self.on_revoked(set(revoked))
@@ -65,9 +80,13 @@ class Rebalancer(ConsumerRebalanceListener):
         while any(self.pipeline.pending_in(p) for p in mine) and time.monotonic() < deadline:
             self.work.set()
             await asyncio.sleep(REVOCATION_POLL_S)
+        self._stop_recovering(mine)
         await self.checkpointer.checkpoint(partitions=mine)
         async with self.call_lock:
             dropped = sum(self.pipeline.revoke(p) for p in mine)
+        if self.cfg.exactly_once and self.clients.sink is not None:
+            for p in mine:
+                await self.clients.sink.close(p)
         self.assigned.difference_update(revoked)
         for p in mine:
             with contextlib.suppress(KeyError):
@@ -80,13 +99,25 @@ class Rebalancer(ConsumerRebalanceListener):
         for tp in mine:
             self.pipeline.offsets.forget(tp.partition)
         consumer = self.clients.consumer
+        self._stop_recovering({tp.partition for tp in mine})
         if self.cfg.changelog and mine and consumer is not None:
             consumer.pause(*mine)  # nothing of a partition is processed before its state is back
             try:
+                if self.cfg.exactly_once:
+                    await self._open_transactions({tp.partition for tp in mine})
                 await self.restore(sorted(tp.partition for tp in mine))
             except ChangelogError as e:
                 log.error("cannot restore state: %s", e)
                 self.on_fatal(e.exit_code)
+                return
+            except (KafkaError, OSError) as e:
+                if not self.cfg.exactly_once:
+                    raise
+                # The broker failed us mid-assignment: those partitions stay paused and come back on their own.
+                log.warning("partitions %s: starting their transactions failed (%s: %s); retrying",
+                            sorted(tp.partition for tp in mine), type(e).__name__, e)
+                await self.recover({tp.partition: e for tp in mine})
+                self.readiness.joined = True
                 return
         self.assigned.update(mine)
         if consumer is not None and not self.backpressure.paused:
@@ -95,8 +126,91 @@ class Rebalancer(ConsumerRebalanceListener):
         self.metrics.assigned.set(len(self.assigned))
         log.info("partitions %s assigned", sorted(tp.partition for tp in mine))
 
+    # --- exactly-once: transactions that fail ----------------------------------------------
+    async def _open_transactions(self, partitions: set[int]) -> None:
+        sink = self.clients.sink
+        results = await asyncio.gather(*(sink.open(p) for p in sorted(partitions)), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    def drop(self, partitions: set[int]) -> None:
+        """Under the call lock (the checkpoint holds it): the partitions' streams and queued steps go, and
+        so does their transaction's routing, so nothing of the failed transaction is applied or sent again."""
+        tps = [TopicPartition(self.cfg.input_topic, p) for p in partitions]
+        if self.clients.consumer is not None:
+            self.clients.consumer.pause(*tps)
+        for p in partitions:
+            self.pipeline.revoke(p)
+            if self.clients.sink is not None:
+                self.clients.sink.detach(p)
+        self.assigned.difference_update(tps)
+
+    async def recover(self, failed: dict[int, BaseException]) -> None:
+        """Abort the failed transactions; bring each partition back from its last commit, in the background.
+
+        A partition whose producer was fenced has a newer owner (a rebalance this replica has
+        not seen yet): it is left to that owner, and the coming rebalance takes it from here.
+        """
+        sink = self.clients.sink
+        for p in failed:
+            await sink.close(p)
+        fenced = {p for p, e in failed.items() if sink.fenced(e)}
+        if fenced:
+            log.warning("input partitions %s: another replica now writes their transactions (a rebalance moved "
+                        "them); left to it", sorted(fenced))
+        for p in sorted(set(failed) - fenced):
+            if p not in self._recovering:
+                self._recovering[p] = asyncio.create_task(self._come_back(p), name=f"recover-{p}")
+
+    async def _come_back(self, p: int) -> None:
+        tp = TopicPartition(self.cfg.input_topic, p)
+        backoff = RECOVER_BACKOFF_S
+        try:
+            while True:
+                consumer = self.clients.consumer
+                if consumer is None or tp not in consumer.assignment():
+                    return  # revoked meanwhile: the next assignment restores it
+                try:
+                    await self.clients.sink.open(p)
+                    await self.restore([p])
+                    committed = await consumer.committed(tp)
+                    break
+                except (KafkaError, OSError) as e:
+                    await self.clients.sink.close(p)
+                    async with self.call_lock:
+                        self.pipeline.revoke(p)  # a restore cut short leaves nothing half-restored
+                    log.warning("input partition %d: recovery failed (%s: %s); again in %.1fs", p,
+                                type(e).__name__, e, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RECOVER_BACKOFF_MAX_S)
+            # No wait from here on: the position, the assignment and fetching change together.
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+            self.assigned.add(tp)
+            if not self.backpressure.paused:
+                consumer.resume(tp)
+            log.info("input partition %d recovered: state restored, reading again from offset %s", p, committed)
+        finally:
+            self._recovering.pop(p, None)
+
+    def _stop_recovering(self, partitions: set[int]) -> None:
+        for p in partitions:
+            task = self._recovering.pop(p, None)
+            if task is not None:
+                task.cancel()
+
+    def close(self) -> None:
+        self._stop_recovering(set(self._recovering))
+
     async def restore(self, partitions: list[int]) -> None:
         """Before newly assigned partitions are processed: their streams' state from the changelog."""
+        async with self._restore_lock:  # one reader: a second restore would take its assignment away
+            await self._restore(partitions)
+
+    async def _restore(self, partitions: list[int]) -> None:
         restorer = self.clients.restorer
         assert restorer is not None
         last_log = [time.monotonic()]
