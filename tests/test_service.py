@@ -1,4 +1,5 @@
-"""The daemon in-process, with fake Kafka clients: the checkpoint's order and guards, and revocation under a call.
+"""The daemon in-process, with fake Kafka clients: the checkpoint's order and guards, revocation under a call,
+and exactly-once's transactions (their content, an aborted one's recovery, fencing).
 
 The real ``Daemon``, ``Pipeline`` and a real trained bundle (the product recipe); only the
 Kafka clients are fakes, handed to the daemon through its client factory. Every call that
@@ -59,6 +60,9 @@ class FakeConsumer:
     def subscribe(self, topics: list[str], listener: Any) -> None:
         self.listener = listener
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TP0}  # what the tests assign (``started``)
+
     def feed(self, tp: TopicPartition, values: list[tuple[bytes, bytes]]) -> None:
         start = self.high.get(tp, 0)
         records = [Fetched(k, v, start + i, int(time.time() * 1000)) for i, (k, v) in enumerate(values)]
@@ -95,6 +99,9 @@ class FakeConsumer:
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.high.get(tp)
 
+    def last_stable_offset(self, tp: TopicPartition) -> int | None:
+        return self.high.get(tp)
+
     async def position(self, tp: TopicPartition) -> int:
         return 0
 
@@ -116,6 +123,9 @@ class FakeReader:
     def highwater(self, tp: Any) -> int:
         return 0
 
+    def last_stable_offset(self, tp: Any) -> int:
+        return 0
+
     async def position(self, tp: Any) -> int:
         return 0
 
@@ -135,7 +145,7 @@ class FakeSink:
         self.flushes = 0
         self.fail_flushes: set[int] = set()
 
-    async def send_many(self, topic: str, items, partitions=None, headers=None) -> None:
+    async def send_many(self, topic: str, items, partitions=None, headers=None, sources=None) -> None:
         if not items:
             return
         self.pending += [(topic, item[0], item[1]) for item in items]
@@ -411,6 +421,227 @@ def test_a_revocation_past_its_budget_still_waits_for_the_running_call(recipe_bu
         assert log.index(("revoke", 0)) > commit
         assert calls_running_at(log, ("revoke", 0)) == 0
         assert daemon.pipeline.streams.active == 0 and not daemon.assigned
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+# --- exactly-once: one transaction per input partition -----------------------------------------------
+
+class FakeTxnProducer:
+    """One input partition's transactional producer: what it was asked, in the shared log.
+
+    A commit makes its partition sink's records "committed" (what a read_committed reader
+    would see) and its offset the group's committed offset; ``fakes.fail_commits[p]`` makes
+    the partition's next commit raise that error instead, as a broker would.
+    """
+
+    def __init__(self, fakes: TxnFakes, transactional_id: str) -> None:
+        self.fakes = fakes
+        self.partition = int(transactional_id.rsplit(".", 1)[-1]) if transactional_id[-1].isdigit() else -1
+        self.sink: FakeSink | None = None
+        self.offset: int | None = None
+        self.open = False
+
+    @property
+    def _txn_manager(self) -> Any:  # what quirks.in_transaction reads
+        producer = self
+
+        class Manager:
+            def is_in_transaction(self) -> bool:
+                return producer.open
+
+        return Manager()
+
+    async def start(self) -> None:
+        self.fakes.log.append(("txn-start", self.partition))
+
+    async def begin_transaction(self) -> None:
+        self.open = True
+
+    async def send_offsets_to_transaction(self, offsets: dict, group_id: str) -> None:
+        [(_, self.offset)] = offsets.items()
+
+    async def commit_transaction(self) -> None:
+        await asyncio.sleep(ROUND_TRIP_S)
+        error = self.fakes.fail_commits.pop(self.partition, None)
+        if error is not None:
+            raise error
+        assert self.sink is not None
+        self.fakes.committed += self.sink.acked
+        self.sink.acked = []
+        if self.offset is not None:
+            self.fakes.group.committed_offsets[self.partition] = self.offset
+        self.fakes.log.append(("txn-commit", self.partition, self.offset))
+        self.offset, self.open = None, False
+
+    async def abort_transaction(self) -> None:
+        self.fakes.log.append(("txn-abort", self.partition))
+        self.open = False
+
+    async def stop(self) -> None: ...
+
+
+class CommittedReader(FakeReader):
+    """The changelog restorer over what committed transactions wrote to the changelog."""
+
+    def __init__(self, fakes: TxnFakes) -> None:
+        self.fakes = fakes
+        self.read: dict[Any, int] = {}
+
+    def _records(self, tp: Any) -> list[Fetched]:
+        topic = tp.topic
+        rows = [(k, v) for t, k, v in self.fakes.committed if t == topic]
+        return [Fetched(k, v, i, 0) for i, (k, v) in enumerate(rows)]
+
+    def assign(self, tps: list) -> None:
+        self.read = dict.fromkeys(tps, 0)
+
+    async def getmany(self, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        out = {}
+        for tp in tps:
+            recs = self._records(tp)[self.read[tp]:]
+            if recs:
+                out[tp] = recs
+                self.read[tp] += len(recs)
+        return out
+
+    def highwater(self, tp: Any) -> int:
+        return len(self._records(tp))
+
+    def last_stable_offset(self, tp: Any) -> int:
+        return len(self._records(tp))
+
+    async def position(self, tp: Any) -> int:
+        return self.read.get(tp, 0)
+
+
+class TxnFakes(FakeClients):
+    """The factory for exactly-once: transactional producers, a sink per partition, a consumer that re-reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_commits: dict[int, BaseException] = {}
+        self.committed: list[tuple[str, bytes | None, bytes | None]] = []
+        self.group.history = {}
+        self.group.committed_offsets = {}
+        feed, seek = self.group.feed, self.group.seek
+
+        def remembering_feed(tp: TopicPartition, values: list[tuple[bytes, bytes]]) -> None:
+            feed(tp, values)
+            self.group.history.setdefault(tp, []).extend(self.group.queued[tp][-len(values):])
+
+        def rereading_seek(tp: TopicPartition, offset: int) -> None:
+            seek(tp, offset)
+            self.group.queued[tp] = list(self.group.history.get(tp, [])[offset:])
+            self.group.fed.set()
+
+        async def committed(tp: TopicPartition) -> int | None:
+            return self.group.committed_offsets.get(tp.partition)
+
+        self.group.feed, self.group.seek, self.group.committed = remembering_feed, rereading_seek, committed
+        self.sinks: dict[int, FakeSink] = {}
+
+    def transactional_producer(self, cfg: ServeConfig, transactional_id: str) -> FakeTxnProducer:
+        return FakeTxnProducer(self, transactional_id)
+
+    def sink(self, producer: Any, on_error: Callable[[], None]) -> FakeSink:
+        sink = FakeSink(self.log)
+        producer.sink = self.sinks[producer.partition] = sink
+        return sink
+
+    def restorer(self, cfg: ServeConfig) -> FakeReader:
+        return CommittedReader(self)
+
+    def committed_outputs(self) -> list[dict]:
+        return [orjson.loads(v) for t, _, v in self.committed if t == OUT]
+
+
+def test_exactly_once_commits_a_partitions_outputs_state_and_offset_in_one_transaction(recipe_bundle) -> None:
+    """Dead letters and state records join the outputs in the partition's transaction; the offset is
+    committed with it (never by the consumer), and nothing is visible before the commit."""
+    fakes = TxnFakes()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
+        run = await started(daemon, fakes)
+        assert ("txn-start", -1) in fakes.log  # the probe, before any partition's producer
+        assert fakes.log.index(("txn-start", 0)) < len(fakes.log)
+        fakes.group.feed(TP0, [*values(b"a", 0.5, 0.25), (b"bad", b"not json"), *values(b"b", 1.0),
+                               *values(b"c", -1.0, 2.0)])
+        await until(lambda: len(fakes.sinks[0].outputs()) == 5 and not daemon.pipeline.busy())
+        assert fakes.committed == []
+        mark = len(fakes.log)
+        await daemon.checkpointer.checkpoint()
+        assert since(fakes.log, mark, "send", "flush", "commit", "txn-commit") == [
+            ("send", f"{IN}.dlq", 1),
+            ("send", daemon.changelog_topic, 3),
+            ("flush", True, {OUT: 5, f"{IN}.dlq": 1, daemon.changelog_topic: 3}),
+            ("txn-commit", 0, 6),
+        ]
+        assert fakes.group.commits == []
+        assert len(fakes.committed_outputs()) == 5
+        assert daemon.metrics.registry.get_sample_value("rnnd_transactions_total", {"outcome": "committed"}) == 1
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_commit_is_aborted_and_the_partition_resumes_from_its_last_commit(recipe_bundle) -> None:
+    """The second transaction's commit fails: the partition's streams are dropped, its transaction
+    aborted, its producer started again, its state restored from the committed changelog and its
+    input re-read from the committed offset. What the aborted transaction held is made again,
+    identical, and committed once."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    fakes = TxnFakes()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
+        run = await started(daemon, fakes)
+        fakes.group.feed(TP0, [*values(b"a", 0.5, 0.25), *values(b"b", 1.0)])
+        await until(lambda: len(fakes.sinks[0].outputs()) == 3 and not daemon.pipeline.busy())
+        await daemon.checkpointer.checkpoint()
+        fakes.group.feed(TP0, [*values(b"a", 0.75), *values(b"c", 0.125)])
+        await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())  # uncommitted
+        doomed = sorted((o["key"], o["step"], o["prediction"]["values"]) for o in fakes.sinks[0].outputs())
+        mark = len(fakes.log)
+        fakes.fail_commits[0] = KafkaTimeoutError()
+        await daemon.checkpointer.checkpoint()
+        await until(lambda: TP0 in daemon.assigned and len(fakes.sinks[0].outputs()) == 2  # a new producer's sink
+                    and not daemon.pipeline.busy())
+        assert since(fakes.log, mark, "revoke", "txn-abort", "txn-start", "seek") == [
+            ("revoke", 0), ("txn-abort", 0), ("txn-start", 0), ("seek", 0, 3)]
+        await daemon.checkpointer.checkpoint()
+        outputs = fakes.committed_outputs()
+        assert sorted((o["key"], o["step"]) for o in outputs) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("c", 0)]
+        again = sorted((o["key"], o["step"], o["prediction"]["values"]) for o in outputs[3:])
+        assert again == doomed  # the restored state made the same predictions
+        assert daemon.metrics.registry.get_sample_value("rnnd_transactions_total", {"outcome": "aborted"}) == 1
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_a_fenced_partition_is_left_to_its_new_owner(recipe_bundle) -> None:
+    """ProducerFenced: another replica started the partition's producer (a rebalance this one has not
+    seen yet). The partition is dropped and paused, and not started again here."""
+    from aiokafka.errors import ProducerFenced
+
+    fakes = TxnFakes()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
+        run = await started(daemon, fakes)
+        fakes.group.feed(TP0, values(b"a", 0.5, 0.25))
+        await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())
+        mark = len(fakes.log)
+        fakes.fail_commits[0] = ProducerFenced()
+        await daemon.checkpointer.checkpoint()
+        await asyncio.sleep(0.2)
+        assert since(fakes.log, mark, "revoke", "txn-start") == [("revoke", 0)]
+        assert not daemon.assigned and TP0 in fakes.group.paused
+        assert fakes.committed == []
         await stopped(daemon, run)
 
     asyncio.run(scenario())

@@ -193,6 +193,11 @@ class Rebalancer(ConsumerRebalanceListener):
             if not self.backpressure.paused:
                 consumer.resume(tp)
             log.info("input partition %d recovered: state restored, reading again from offset %s", p, committed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: the partition would stay paused for good, so stop (the orchestrator restarts)
+            log.exception("input partition %d: recovery failed unexpectedly", p)
+            self.on_fatal(1)
         finally:
             self._recovering.pop(p, None)
 
@@ -213,6 +218,7 @@ class Rebalancer(ConsumerRebalanceListener):
     async def _restore(self, partitions: list[int]) -> None:
         restorer = self.clients.restorer
         assert restorer is not None
+        log.info("restoring partitions %s from %s", partitions, self.clients.changelog_topic)
         last_log = [time.monotonic()]
 
         def progress(n: int) -> None:

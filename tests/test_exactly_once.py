@@ -1,0 +1,179 @@
+"""Exactly-once predictions on Apache Kafka, judged by `rnnd verify` reading ``read_committed``.
+
+The schedule is the one at-least-once is held to (kill -9s at random moments, some while a
+partition's state is being restored, then three replicas with one killed), run in both
+modes on the same broker: exactly-once must show no duplicate at all, at-least-once no
+missing and no wrong prediction (its duplicates are printed, for the comparison). A frozen
+replica (SIGSTOP past its session timeout) shows the fencing: its partitions' new owner
+started their transactional producers, so what the zombie tries to commit when it wakes
+is refused. Tansu has no transactions: there the setting is refused at start, in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_harness import DaemonProcess
+from test_durability import LiveProducer, verify, wait_complete, workload
+
+from rnnd.daemon import config
+from rnnd.daemon.errors import ConfigError
+from rnnd.embedded_broker import create_topics
+
+GUARANTEES = ("at_least_once", "exactly_once")
+
+
+def topics(bootstrap: str, prefix: str, partitions: int) -> tuple[str, str]:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    asyncio.run(create_topics(bootstrap, {f"{name}-in": partitions, f"{name}-out": partitions}))
+    return f"{name}-in", f"{name}-out"
+
+
+def wait_for_line(d: DaemonProcess, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in d.log():
+        assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout}s:\n{d.log()[-3000:]}"
+        time.sleep(0.02)
+
+
+def check(report: dict[str, Any], steps: int, guarantee: str) -> None:
+    assert report["expected"] == steps
+    assert report["missing"] == 0 and report["wrong"] == 0 and report["unexpected"] == 0, report
+    assert report["max_error"] <= 1e-4
+    if guarantee == "exactly_once":
+        assert report["duplicated"] == 0, report
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_kill_9s_restores_and_replicas(guarantee: str, apache_kafka: Any, recipe_bundle: Any, tmp_path: Path) -> None:
+    bootstrap = apache_kafka.bootstrap_servers
+    bundle = recipe_bundle("product")
+    topic_in, topic_out = topics(bootstrap, "eos", 6)
+    items, steps = workload(keys=300, messages=18_000, seed=11)
+    assert steps >= 20_000
+    group = f"g-{topic_in}"
+    mode = ("--processing-guarantee", guarantee)
+
+    def daemon() -> DaemonProcess:
+        return DaemonProcess(bundle, bootstrap, topic_in, topic_out, *mode, group=group, log_dir=tmp_path)
+
+    producer = LiveProducer(bootstrap, topic_in, items, rate=400)  # ~45 s: spans the whole schedule
+    producer.start()
+    rng = random.Random(7)
+    logs: list[str] = []
+    for kill in range(6):
+        d = daemon()
+        if kill in (1, 4):  # the moment a restore begins (once the changelog holds state)
+            d.start(wait_ready=False)
+            wait_for_line(d, "restoring partitions")
+        else:  # mid-batch, mid-checkpoint, mid-transaction
+            d.start()
+            time.sleep(rng.uniform(0.3, 2.5))
+        assert d.kill() == -9
+        logs.append(d.log())
+    assert producer.is_alive(), "the input ended before the replicas started: lower the rate"
+    a, b, c = daemon().start(), daemon().start(), daemon().start()
+    time.sleep(3)
+    assert b.kill() == -9  # its partitions move after the session timeout; their transactions are aborted
+    producer.join(120)
+    assert producer.error is None and producer.sent == len(items)
+    wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
+    if guarantee == "exactly_once":
+        assert a.metric("rnnd_transactions_total", outcome="committed") + c.metric(
+            "rnnd_transactions_total", outcome="committed") > 0
+    assert a.stop() == 0 and c.stop() == 0
+    logs += [a.log(), b.log(), c.log()]
+    assert "restored" in "".join(logs)
+    assert not [line for log in logs for line in log.splitlines() if "Traceback" in line]
+    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    check(report, steps, guarantee)
+    assert code == 0
+    print(f"{guarantee}: after 7 kill -9s, {report['duplicated']} duplicated predictions "
+          f"({report['duplicated_identical']} identical), max error {report['max_error']:.1e}")
+
+
+def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bundle: Any, tmp_path: Path) -> None:
+    """SIGSTOP one of two replicas past its session timeout: the other takes its partitions (and fences its
+    producers); woken, the zombie's commits are refused, it rejoins, and no prediction is written twice."""
+    bootstrap = apache_kafka.bootstrap_servers
+    bundle = recipe_bundle("product")
+    topic_in, topic_out = topics(bootstrap, "zombie", 4)
+    items, steps = workload(keys=200, messages=6000, seed=12)
+    group = f"g-{topic_in}"
+
+    def daemon() -> DaemonProcess:
+        return DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", "exactly_once",
+                             group=group, log_dir=tmp_path)
+
+    producer = LiveProducer(bootstrap, topic_in, items, rate=600)
+    producer.start()
+    a, b = daemon().start(), daemon().start()
+    time.sleep(2)
+    a.send_signal(signal.SIGSTOP)
+    wait_for_line(b, "restored", timeout=60)  # b took a's partitions: a's transactional ids are b's now
+    time.sleep(1)
+    a.send_signal(signal.SIGCONT)
+    producer.join(120)
+    assert producer.error is None
+    wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=120)
+    assert a.stop() == 0 and b.stop() == 0
+    assert "another replica now writes their transactions" in a.log() or "revoked" in a.log(), a.log()[-3000:]
+    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    check(report, steps, "exactly_once")
+    assert code == 0
+
+
+def test_exactly_once_survives_a_broker_restart(recipe_bundle: Any, tmp_path: Path) -> None:
+    """Mid-stream, the broker stops and starts again (its log persists): open transactions fail and are aborted,
+    their partitions come back from their last commit, and the outputs stay exactly once."""
+    from rnnd.apache_kafka import ApacheKafka
+
+    bundle = recipe_bundle("product")
+    with ApacheKafka(tmp_path / "kafka") as broker:
+        bootstrap = broker.bootstrap_servers
+        topic_in, topic_out = topics(bootstrap, "restart", 4)
+        items, steps = workload(keys=100, messages=5000, seed=13)
+        producer = LiveProducer(bootstrap, topic_in, items, rate=500)
+        producer.start()
+        with DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", "exactly_once",
+                           log_dir=tmp_path) as d:
+            d.start()
+            time.sleep(3)
+            broker.restart()
+            assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
+            producer.join(180)
+            assert producer.error is None and producer.sent == len(items)
+            wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
+            assert d.stop() == 0
+            assert "Traceback" not in d.log()
+        code, report = verify(bundle, bootstrap, topic_in, topic_out)
+        check(report, steps, "exactly_once")
+        assert code == 0
+
+
+def test_exactly_once_is_refused_on_a_broker_without_transactions(bootstrap: str, topic_factory: Any,
+                                                                  recipe_bundle: Any, tmp_path: Path) -> None:
+    """Tansu (the default test broker) has no transactions: exit 2 and one line that says what to do."""
+    topic_in, topic_out = topic_factory("refuse-in", 2), topic_factory("refuse-out", 2)
+    d = DaemonProcess(recipe_bundle("product"), bootstrap, topic_in, topic_out, "--processing-guarantee",
+                      "exactly_once", log_dir=tmp_path).start(wait_ready=False)
+    assert d.wait(60) == 2
+    log = d.log()
+    assert "Traceback" not in log
+    [line] = [x for x in log.splitlines() if "processing_guarantee=exactly_once cannot work" in x]
+    assert "no transactions" in line and "processing_guarantee=at_least_once" in line
+
+
+def test_exactly_once_needs_the_changelog() -> None:
+    argv = {"model": "m.onnx", "input_topic": "in", "output_topic": "out", "processing_guarantee": "exactly_once",
+            "changelog": False}
+    with pytest.raises(ConfigError, match="exactly_once needs changelog=true"):
+        config.load(argv_values=argv, env={})
