@@ -125,7 +125,7 @@ def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bund
     assert producer.error is None
     wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=120)
     assert a.stop() == 0 and b.stop() == 0
-    assert "another replica now writes their transactions" in a.log() or "revoked" in a.log(), a.log()[-3000:]
+    assert "another producer took their transactional ids" in a.log() or "revoked" in a.log(), a.log()[-3000:]
     code, report = verify(bundle, bootstrap, topic_in, topic_out)
     check(report, steps, "exactly_once")
     assert code == 0

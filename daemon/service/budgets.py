@@ -32,6 +32,12 @@ TRANSACTION_PROBE_S = 15.0
 #: and its state restored, doubled per failure up to the max (a broker restart takes seconds).
 RECOVER_BACKOFF_S = 0.5
 RECOVER_BACKOFF_MAX_S = 10.0
+#: A fenced partition (another producer took its transactional id) is taken back after this many
+#: session timeouts unless a revocation comes first. A real new owner means this member was
+#: dropped from the group, which its consumer learns at the next heartbeat (well within one
+#: session timeout); two leave room for a slow rejoin. No revocation by then means there was no
+#: new owner: the broker had aborted a transaction that ran past its timeout.
+FENCED_WAIT_SESSIONS = 2
 
 # --- rebalance ---------------------------------------------------------------------------------
 #: A revocation finishes the partition's queued steps before its checkpoint, as a shutdown does

@@ -30,6 +30,7 @@ from ..errors import ChangelogError
 from ..metrics import Metrics
 from ..pipeline import Pipeline
 from .budgets import (
+    FENCED_WAIT_SESSIONS,
     RECOVER_BACKOFF_MAX_S,
     RECOVER_BACKOFF_S,
     RESTORE_LOG_EVERY_S,
@@ -149,24 +150,31 @@ class Rebalancer(ConsumerRebalanceListener):
     async def recover(self, failed: dict[int, BaseException]) -> None:
         """Abort the failed transactions; bring each partition back from its last commit, in the background.
 
-        A partition whose producer was fenced has a newer owner (a rebalance this replica has
-        not seen yet): it is left to that owner, and the coming rebalance takes it from here.
+        A partition whose producer was fenced most likely has a newer owner (a rebalance this
+        replica has not seen yet; its consumer learns at the next heartbeat, and the revocation
+        cancels the recovery). The same error also means the broker aborted the transaction for
+        running past its timeout, with no new owner: so a fenced partition is taken back only
+        after ``FENCED_WAIT_SESSIONS`` session timeouts without that revocation.
         """
         sink = self.clients.sink
         for p in failed:
             await sink.close(p)
         fenced = {p for p, e in failed.items() if sink.fenced(e)}
+        wait = FENCED_WAIT_SESSIONS * self.cfg.session_timeout_ms / 1000
         if fenced:
-            log.warning("input partitions %s: another replica now writes their transactions (a rebalance moved "
-                        "them); left to it", sorted(fenced))
-        for p in sorted(set(failed) - fenced):
+            log.warning("input partitions %s: another producer took their transactional ids (a rebalance moved "
+                        "them) or their transactions timed out: left to the new owner, or taken back in %.0fs "
+                        "if no rebalance comes", sorted(fenced), wait)
+        for p in sorted(failed):
             if p not in self._recovering:
-                self._recovering[p] = asyncio.create_task(self._come_back(p), name=f"recover-{p}")
+                self._recovering[p] = asyncio.create_task(self._come_back(p, wait if p in fenced else 0.0),
+                                                          name=f"recover-{p}")
 
-    async def _come_back(self, p: int) -> None:
+    async def _come_back(self, p: int, delay: float) -> None:
         tp = TopicPartition(self.cfg.input_topic, p)
         backoff = RECOVER_BACKOFF_S
         try:
+            await asyncio.sleep(delay)
             while True:
                 consumer = self.clients.consumer
                 if consumer is None or tp not in consumer.assignment():
