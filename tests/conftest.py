@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -19,7 +20,8 @@ MODELS = TESTS / "models"
 sys.path.insert(0, str(MODELS))  # the test-only user models: `import user_models`
 sys.path.insert(0, str(TESTS))  # kafka_fixtures, daemon_harness
 
-from kafka_fixtures import *  # noqa: E402, F403 - broker, bootstrap, topic_factory
+from kafka_fixtures import *  # noqa: E402, F403 - broker, bootstrap, topic_factory, apache_kafka, ...
+from kafka_fixtures import BOOTSTRAP_ENV, BROKER_KINDS, EXTERNAL  # noqa: E402
 
 
 @dataclass
@@ -83,15 +85,53 @@ def window_bundle(tmp_path_factory) -> Path:
     return out
 
 
+# --- brokers -----------------------------------------------------------------------------------
+# A module opts into running its broker tests on several brokers with a module-level
+# ``BROKERS = ("tansu", "kafka")``; one test with ``@pytest.mark.brokers("tansu", "kafka")``.
+# Each test that uses the broker (`broker_kind`, through `bootstrap` or `topic_factory`) then
+# runs once per broker: ids [tansu] and [kafka]. The parameter is session-scoped, so pytest
+# runs all [tansu] instances of the session together and all [kafka] ones together, and each
+# broker is set up once.
+
+
+def _opted_brokers(metafunc: pytest.Metafunc) -> tuple[str, ...] | None:
+    marker = metafunc.definition.get_closest_marker("brokers")
+    kinds = tuple(marker.args) if marker is not None else getattr(metafunc.module, "BROKERS", None)
+    if kinds is None:
+        return None
+    where = f"{metafunc.definition.nodeid}: " + ("@pytest.mark.brokers" if marker is not None else "BROKERS")
+    if not kinds or isinstance(kinds, str) or not set(kinds) <= set(BROKER_KINDS) or len(set(kinds)) != len(kinds):
+        raise pytest.UsageError(f"{where} = {kinds!r}: give a tuple of distinct brokers out of {BROKER_KINDS}")
+    return tuple(kinds)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run an opted-in test once per broker; against an external cluster once, as [external]."""
+    if "broker_kind" not in metafunc.fixturenames:
+        return
+    kinds = _opted_brokers(metafunc)
+    if kinds is None:
+        return  # broker_kind's default: Tansu, or the external cluster
+    if os.environ.get(BOOTSTRAP_ENV):
+        kinds = (EXTERNAL,)
+    metafunc.parametrize("broker_kind", kinds, indirect=True, scope="session")
+
+
 # --- markers ------------------------------------------------------------------------------------
 # Every test gets its markers from what it uses, so that nobody has to remember to add them and
 # `make test-fast` (`-m unit`) stays fast as tests are added. tests/test_markers.py holds every
-# collected test to exactly one of `unit` / (one or more of broker, torch, slow).
+# collected test to exactly one of `unit` / (one or more of broker, torch, slow). `kafka` is not a
+# cost but a place: every test instance that runs on Apache Kafka has it (`-m "not kafka"` is the
+# Tansu-only run), and it always comes with a cost marker.
 
-#: The fixtures that reach the Kafka broker (tests/kafka_fixtures.py); others reach it through these.
-BROKER_FIXTURES = frozenset({"broker", "bootstrap", "topic_factory", "kafka_topics"})
+#: The fixtures that reach the Apache Kafka node of the session (tests/kafka_fixtures.py).
+KAFKA_FIXTURES = frozenset({"apache_kafka", "kafka_security"})
+#: The fixtures that reach a Kafka broker (tests/kafka_fixtures.py); others reach it through these.
+BROKER_FIXTURES = frozenset({"broker", "bootstrap", "topic_factory", "kafka_topics", *KAFKA_FIXTURES})
+#: A name whose use starts an Apache Kafka node of the test's own.
+KAFKA_NAMES = frozenset({"ApacheKafka"})
 #: Names whose use starts another process: a daemon, a venv build, a child interpreter, make.
-PROCESS_NAMES = frozenset({"subprocess", "DaemonProcess", "Popen", "EmbeddedBroker"})
+PROCESS_NAMES = frozenset({"subprocess", "DaemonProcess", "Popen", "EmbeddedBroker", *KAFKA_NAMES})
 #: Modules whose functions start processes: bench.harness runs every contender as its own process.
 PROCESS_MODULES = frozenset({"subprocess", "bench.harness"})
 #: The cost markers; a test without any of them is `unit`.
@@ -150,10 +190,20 @@ def _reached_names(fn: Any, seen: set[int]) -> set[str]:
     return names
 
 
+def _runs_on_kafka(item: pytest.Function) -> bool:
+    """The [kafka] instance of an opted-in test, or a test that uses the session's node directly."""
+    callspec = getattr(item, "callspec", None)
+    return (callspec is not None and callspec.params.get("broker_kind") == "kafka") or bool(
+        KAFKA_FIXTURES & set(item.fixturenames))
+
+
 def _cost_markers(item: pytest.Function) -> set[str]:
+    """The cost markers, and ``kafka`` (see :func:`_runs_on_kafka`, or a test starting its own node)."""
     found: set[str] = set()
     if BROKER_FIXTURES & set(item.fixturenames):
         found.add("broker")
+    if _runs_on_kafka(item):
+        found.add("kafka")
     functions = [item.function]
     for defs in item._fixtureinfo.name2fixturedefs.values():  # every fixture the test uses, transitively
         functions += [d.func for d in defs if str(TESTS) in (getattr(d.func, "__code__", None) or _NO_CODE).co_filename
@@ -166,6 +216,8 @@ def _cost_markers(item: pytest.Function) -> set[str]:
         found.add("torch")
     if PROCESS_NAMES & names:
         found.add("slow")
+    if KAFKA_NAMES & names:
+        found.add("kafka")
     return found
 
 
@@ -177,9 +229,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not isinstance(item, pytest.Function):
             continue
-        explicit = {m.name for m in item.iter_markers() if m.name in (*COST_MARKERS, "unit")}
+        explicit = {m.name for m in item.iter_markers() if m.name in (*COST_MARKERS, "unit", "kafka")}
         found = _cost_markers(item)
         for name in sorted(found - explicit):
             item.add_marker(name)
-        if not explicit and not found:
+        if not (explicit | found) & {*COST_MARKERS, "unit"}:
             item.add_marker("unit")

@@ -1,12 +1,18 @@
-"""Kafka fixtures: one embedded Tansu broker per test session, or an external cluster.
+"""Kafka fixtures: one embedded Tansu broker and one Apache Kafka node per test session, or an external cluster.
 
 Loaded by ``tests/conftest.py`` (``sys.path.insert(0, str(TESTS))`` then
 ``from kafka_fixtures import *``); the tests run with ``--import-mode=importlib``, so this
 module is found through that path entry, not as a package.
 
-Set ``RNND_TEST_BOOTSTRAP=host:port`` to run the same tests against a real Apache Kafka
-(e.g. the one in deploy/); otherwise a Tansu broker is started on a free port for the
-session and stopped at its end.
+Tests reach the broker through :func:`bootstrap` (and :func:`topic_factory`). Which broker
+that is, is :func:`broker_kind`: Tansu unless a module opts into more with a module-level
+``BROKERS = ("tansu", "kafka")`` (or a test with ``@pytest.mark.brokers("tansu", "kafka")``),
+in which case each of its tests runs once per broker, ids ``[tansu]`` and ``[kafka]``
+(tests/conftest.py's ``pytest_generate_tests``). Both brokers start lazily, the first time a
+test needs them, and live until the session ends.
+
+Set ``RNND_TEST_BOOTSTRAP=host:port`` to run the same tests against an external cluster
+(e.g. the one in deploy/) instead: every opted-in test then runs once, as ``[external]``.
 """
 
 from __future__ import annotations
@@ -17,16 +23,28 @@ import os
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from rnnd.apache_kafka import ApacheKafka, TlsListener
+from rnnd.daemon.errors import BrokerSetupError
 from rnnd.embedded_broker import EmbeddedBroker, create_topics
 
-__all__ = ["BOOTSTRAP_ENV", "TopicFactory", "bootstrap", "broker", "kafka_topics", "run_async", "topic_factory"]
+__all__ = ["BOOTSTRAP_ENV", "BROKER_KINDS", "EXTERNAL", "SCRAM_USER", "KafkaListeners", "TopicFactory",
+           "apache_kafka", "bootstrap", "broker", "broker_kind", "kafka_security", "kafka_topics", "run_async",
+           "start_or_fail", "topic_factory"]
 
 #: Environment variable naming external bootstrap servers to test against instead of Tansu.
 BOOTSTRAP_ENV = "RNND_TEST_BOOTSTRAP"
+#: The brokers a module can opt into (``BROKERS = (...)``); the first is what other tests get.
+BROKER_KINDS = ("tansu", "kafka")
+#: :func:`broker_kind` when ``$RNND_TEST_BOOTSTRAP`` is set: the one broker every test gets.
+EXTERNAL = "external"
+#: The SCRAM (and PLAIN) user of the session's Apache Kafka node.
+SCRAM_USER = "rnnd-test"
 
 
 class TopicFactory(Protocol):
@@ -83,14 +101,125 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker 
         b.stop()
 
 
+def start_or_fail(node: ApacheKafka) -> ApacheKafka:
+    """Start ``node``; a machine without Java or the jars FAILS the test with the one-line fix.
+
+    Not a skip: a suite that silently skips its Apache Kafka runs looks green while it tests
+    only Tansu. ``BrokerSetupError``'s message is the fix (install a JDK, ``make kafka``).
+    """
+    try:
+        return node.start()
+    except BrokerSetupError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@dataclass(frozen=True)
+class KafkaListeners:
+    """The session's Apache Kafka node with what a client needs for each of its listeners.
+
+    ``ssl_bootstrap_servers`` demands a client certificate signed by ``ca`` (``client_cert`` /
+    ``client_key`` is one, key unencrypted); ``sasl_bootstrap_servers`` is SASL_SSL (server
+    TLS only) for ``username`` / ``password`` with SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN;
+    ``password_file`` holds the password for ``--sasl-password-file``. ``pki`` (a
+    ``tls_certs.CA``) issues more certificates from the same CA.
+    """
+
+    node: ApacheKafka
+    ca: Path
+    client_cert: Path
+    client_key: Path
+    username: str
+    password: str
+    password_file: Path
+    pki: Any
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.node.bootstrap_servers
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        return self.node.ssl_bootstrap_servers
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        return self.node.sasl_bootstrap_servers
+
+    def ssl_flags(self) -> list[str]:
+        """``rnnd serve/produce/tail`` flags for mutual TLS on :attr:`ssl_bootstrap_servers`."""
+        return ["--security-protocol", "SSL", "--ssl-cafile", str(self.ca), "--ssl-certfile", str(self.client_cert),
+                "--ssl-keyfile", str(self.client_key)]
+
+    def sasl_flags(self, mechanism: str = "SCRAM-SHA-512") -> list[str]:
+        """The same flags for SASL_SSL on :attr:`sasl_bootstrap_servers`; the password from its file."""
+        return ["--security-protocol", "SASL_SSL", "--ssl-cafile", str(self.ca), "--sasl-mechanism", mechanism,
+                "--sasl-username", self.username, "--sasl-password-file", str(self.password_file)]
+
+
 @pytest.fixture(scope="session")
-def bootstrap(broker: EmbeddedBroker | None) -> str:
-    """Bootstrap servers for the session: ``$RNND_TEST_BOOTSTRAP`` or the embedded broker's."""
+def kafka_security(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaListeners]:
+    """The session's Apache Kafka node with TLS and SASL listeners, started at first use.
+
+    One node for the whole session (a JVM costs ~5 s and ~400 MB); its log and
+    ``server.log`` lie in pytest's temporary folder, kept for the last few sessions.
+    Started whatever ``$RNND_TEST_BOOTSTRAP`` says: the tests that ask for it test this
+    node's own listeners, which an external cluster may not have.
+    """
+    from tls_certs import make_ca
+
+    pki = make_ca(tmp_path_factory.mktemp("kafka-pki"))
+    server = pki.issue("apache-kafka", hosts=("127.0.0.1", "localhost"))
+    client = pki.issue("rnnd-test-client", client=True)
+    password = "scram-" + uuid.uuid4().hex  # unique, so a test can look for it in logs and output
+    password_file = pki.folder / "sasl-password"
+    password_file.write_text(password + "\n")
+    node = ApacheKafka(tmp_path_factory.mktemp("apache-kafka"), tls=TlsListener(server.cert, server.key, pki.cert),
+                       scram_users={SCRAM_USER: password})
+    start_or_fail(node)
+    try:
+        yield KafkaListeners(node, pki.cert, client.cert, client.key, SCRAM_USER, password, password_file, pki)
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(kafka_security: KafkaListeners) -> ApacheKafka:
+    """The session's Apache Kafka node (:func:`kafka_security`'s), for tests that need no listener but PLAINTEXT.
+
+    Never restart or kill it: every later Kafka test of the session uses it. A test that
+    must, starts its own ``ApacheKafka`` (through :func:`start_or_fail`).
+    """
+    return kafka_security.node
+
+
+@pytest.fixture(scope="session")
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Which broker :func:`bootstrap` is: ``"tansu"``, ``"kafka"`` or ``"external"``.
+
+    Parametrised by tests/conftest.py for the modules and tests that opt into several
+    brokers; any other test gets Tansu (or the external cluster when one is set).
+    """
+    default = EXTERNAL if os.environ.get(BOOTSTRAP_ENV) else BROKER_KINDS[0]
+    return str(getattr(request, "param", default))
+
+
+@pytest.fixture(scope="session")
+def bootstrap(request: pytest.FixtureRequest, broker_kind: str) -> str:
+    """Bootstrap servers of :func:`broker_kind`'s broker: ``$RNND_TEST_BOOTSTRAP``, Tansu's, or Kafka's PLAINTEXT.
+
+    The brokers are looked up by name, not depended on, so that a run of Kafka tests only
+    never starts Tansu and a run of Tansu tests never starts a JVM.
+    """
     external = os.environ.get(BOOTSTRAP_ENV)
     if external:
         return external
-    assert broker is not None
-    return broker.bootstrap_servers
+    if broker_kind == "kafka":
+        node: ApacheKafka = request.getfixturevalue("apache_kafka")
+        return node.bootstrap_servers
+    assert broker_kind == "tansu", broker_kind
+    tansu: EmbeddedBroker | None = request.getfixturevalue("broker")
+    assert tansu is not None
+    return tansu.bootstrap_servers
 
 
 @pytest.fixture
@@ -98,9 +227,9 @@ def topic_factory(bootstrap: str) -> Iterator[TopicFactory]:
     """A callable that creates a fresh, uniquely named topic and returns its name.
 
     Topics are always created explicitly because the broker would otherwise auto-create
-    them on first use with a default partition count (4 on Tansu). On an external cluster
-    the topics are deleted again at teardown (best effort); the embedded broker's memory
-    storage disappears with it anyway.
+    them on first use with a default partition count (4 on Tansu); Apache Kafka here never
+    creates one implicitly. On an external cluster the topics are deleted again at teardown
+    (best effort); the embedded brokers' storage disappears with them anyway.
     """
     created: list[str] = []
 

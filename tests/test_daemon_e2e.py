@@ -20,6 +20,8 @@ from rnnd.daemon.heads import softmax
 from rnnd.daemon.runtime import BundleModel
 from rnnd.daemon.tokenizer import Tokenizer
 
+#: Every broker test here runs on Tansu and on Apache Kafka (tests/conftest.py).
+BROKERS = ("tansu", "kafka")
 N_STREAMS = 1000
 
 

@@ -1,10 +1,13 @@
 """Kafka security (daemon/security.py): TLS and SASL settings → aiokafka, refusals, and secrets.
 
 The TLS tests use real PEM files (tests/tls_certs.py) loaded into real SSL contexts, real
-handshakes against a local TLS server, and one end-to-end run in which the daemon, ``rnnd
-produce`` and ``rnnd tail`` talk to a broker only through a TLS endpoint that demands their
-client certificate. The secrets tests run the real daemon process with debug logging and look
-for the password in everything it prints and exports.
+handshakes against a local TLS server, and end-to-end runs in which the daemon, ``rnnd
+produce`` and ``rnnd tail`` talk to a broker only through an endpoint that makes them
+authenticate: a TLS proxy in front of Tansu that demands their client certificate, and Apache
+Kafka's own listeners (mutual TLS; SASL_SSL with SCRAM-SHA-256 and -512), which must also
+refuse a client without a certificate or with a wrong password. The secrets tests run the
+real daemon process with debug logging and look for the password in everything it prints and
+exports.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from typing import Any
 import orjson
 import pytest
 from daemon_harness import DaemonProcess, free_port
+from kafka_fixtures import KafkaListeners
 from tls_certs import CA, make_ca
 
 from rnnd import tools
 from rnnd.daemon import config, kafka, security
 from rnnd.daemon.config import ConfigError
 from rnnd.daemon.security import KafkaSecurity, SecurityError, client_kwargs
+from rnnd.embedded_broker import create_topics
 
 REQUIRED = {"model": "m.onnx", "input_topic": "in", "output_topic": "out"}
 SECRET = "hunter2-" + uuid.uuid4().hex  # unique: if it shows up anywhere, it leaked
@@ -518,9 +523,17 @@ class TlsProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.ctx))
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                                   ssl=self.ctx))
         self._ready.set()
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:  # close the listening socket and the connections still piped, or the GC reports them later
+            server.close()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(self.loop), return_exceptions=True))
+            self.loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cert = writer.get_extra_info("peercert")
@@ -570,6 +583,51 @@ def tls_broker(tmp_path: Path, ca: CA) -> Iterator[tuple[str, TlsProxy]]:
         log.close()
 
 
+def create_topics_over(servers: str, sec: KafkaSecurity, *names: str) -> None:
+    """Create two-partition topics through the secured endpoint itself (the admin client's TLS/SASL too)."""
+
+    async def make() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers, **client_kwargs(sec))
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(n, 2, 1) for n in names])
+        finally:
+            await admin.close()
+
+    asyncio.run(make())
+
+
+def rnnd_command(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """``python -m rnnd ...`` as its own process, as an operator runs the tools."""
+    return subprocess.run([sys.executable, "-m", "rnnd", *map(str, argv)], capture_output=True, text=True, timeout=90)
+
+
+def serve_produce_and_tail(bundle: Path, servers: str, flags: list[str], topic_in: str, topic_out: str,
+                           tmp_path: Path) -> tuple[list[dict[str, Any]], str]:
+    """``rnnd produce`` 5 steps of 2 streams, the daemon predicts, ``rnnd tail`` reads them: all with ``flags``.
+
+    Returns the tailed predictions and everything the three commands printed or logged.
+    """
+    data = tmp_path / "steps.csv"
+    data.write_text("key,x\n" + "".join(f"s{i % 2},{0.1 * i:.1f}\n" for i in range(5)))
+    produced = rnnd_command("produce", data, "--topic", topic_in, "--bootstrap-servers", servers, "--key-column", "key",
+                            *flags)
+    assert produced.returncode == 0, produced.stderr
+    assert "sent 5 messages" in produced.stderr
+    with DaemonProcess(bundle, servers, topic_in, topic_out, *flags, log_dir=tmp_path, group=f"g-{topic_in}") as d:
+        d.start(timeout=90)
+        tailed = rnnd_command("tail", "--topic", topic_out, "--bootstrap-servers", servers, "--from-beginning",
+                              "--limit", "5", "--json", *flags)
+        assert tailed.returncode == 0, tailed.stderr
+        predictions = [orjson.loads(line) for line in tailed.stdout.splitlines()]
+        assert d.stop() == 0, d.log()[-3000:]
+    assert sorted((p["key"], p["step"]) for p in predictions) == [("s0", 0), ("s0", 1), ("s0", 2), ("s1", 0),
+                                                                   ("s1", 1)]
+    return predictions, produced.stdout + produced.stderr + tailed.stderr + d.log()
+
+
 def test_serve_produce_and_tail_over_mutual_tls(recipe_bundle: Callable[[str], Path], tls_broker: tuple[str, TlsProxy],
                                                 ca: CA, tmp_path: Path) -> None:
     servers, proxy = tls_broker
@@ -579,36 +637,99 @@ def test_serve_produce_and_tail_over_mutual_tls(recipe_bundle: Callable[[str], P
            "--ssl-keyfile", str(client.key), "--ssl-password-file", str(pw)]
     sec = KafkaSecurity(security_protocol="SSL", ssl_cafile=str(ca.cert), ssl_certfile=str(client.cert),
                         ssl_keyfile=str(client.key), ssl_password_file=str(pw))
-
-    async def make_topics() -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=servers, **client_kwargs(sec))
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic("tls-in", 2, 1), NewTopic("tls-out", 2, 1)])
-        finally:
-            await admin.close()
-
-    asyncio.run(make_topics())
-    data = tmp_path / "steps.csv"
-    data.write_text("key,x\n" + "".join(f"s{i % 2},{0.1 * i:.1f}\n" for i in range(5)))
-    rnnd = [sys.executable, "-m", "rnnd"]
-    produced = subprocess.run([*rnnd, "produce", str(data), "--topic", "tls-in", "--bootstrap-servers", servers,
-                               "--key-column", "key", *tls], capture_output=True, text=True, timeout=60)
-    assert produced.returncode == 0, produced.stderr
-    assert "sent 5 messages" in produced.stderr
-    with DaemonProcess(recipe_bundle("product"), servers, "tls-in", "tls-out", *tls, log_dir=tmp_path,
-                       group="rnnd-tls") as d:
-        d.start(timeout=90)
-        tailed = subprocess.run([*rnnd, "tail", "--topic", "tls-out", "--bootstrap-servers", servers,
-                                 "--from-beginning", "--limit", "5", "--json", *tls],
-                                capture_output=True, text=True, timeout=90)
-        assert tailed.returncode == 0, tailed.stderr
-        predictions = [orjson.loads(line) for line in tailed.stdout.splitlines()]
-        assert d.stop() == 0, d.log()[-3000:]
-    assert sorted((p["key"], p["step"]) for p in predictions) == [("s0", 0), ("s0", 1), ("s0", 2), ("s1", 0),
-                                                                   ("s1", 1)]
+    create_topics_over(servers, sec, "tls-in", "tls-out")
+    _, printed = serve_produce_and_tail(recipe_bundle("product"), servers, tls, "tls-in", "tls-out", tmp_path)
     # every connection — admin, producer, daemon (admin, producer, consumers), tail — presented our certificate
     assert len(proxy.clients) >= 5 and set(proxy.clients) == {"rnnd-client"}
-    assert SECRET not in d.log()
+    assert SECRET not in printed
+
+
+# --- end to end on Apache Kafka's own listeners: mutual TLS, SASL_SSL with SCRAM -----------------------
+
+
+def _kafka_client(kafka_security: KafkaListeners, how: str, tmp_path: Path) -> tuple[str, list[str], KafkaSecurity,
+                                                                                     str]:
+    """(bootstrap servers, flags, the same settings for an admin client, the secret) for one way in.
+
+    Mutual TLS uses a client key encrypted with a password from a file, as the proxy test does.
+    """
+    k = kafka_security
+    if how == "mutual TLS":
+        client = k.pki.issue(f"rnnd-client-{uuid.uuid4().hex[:6]}", client=True, password=SECRET)
+        pw = secret_file(tmp_path, SECRET + "\n")
+        sec = KafkaSecurity(security_protocol="SSL", ssl_cafile=str(k.ca), ssl_certfile=str(client.cert),
+                            ssl_keyfile=str(client.key), ssl_password_file=str(pw))
+        flags = ["--security-protocol", "SSL", "--ssl-cafile", str(k.ca), "--ssl-certfile", str(client.cert),
+                 "--ssl-keyfile", str(client.key), "--ssl-password-file", str(pw)]
+        return k.ssl_bootstrap_servers, flags, sec, SECRET
+    sec = KafkaSecurity(security_protocol="SASL_SSL", ssl_cafile=str(k.ca), sasl_mechanism=how,
+                        sasl_username=k.username, sasl_password_file=str(k.password_file))
+    return k.sasl_bootstrap_servers, k.sasl_flags(how), sec, k.password
+
+
+@pytest.mark.parametrize("how", ["mutual TLS", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_serve_produce_and_tail_on_apache_kafka(recipe_bundle: Callable[[str], Path], kafka_security: KafkaListeners,
+                                                tmp_path: Path, how: str) -> None:
+    """Kafka's own TLS and SASL/SCRAM, not a proxy: the listener only admits a client that authenticates."""
+    servers, flags, sec, secret = _kafka_client(kafka_security, how, tmp_path)
+    topic_in, topic_out = f"sec-in-{uuid.uuid4().hex[:8]}", f"sec-out-{uuid.uuid4().hex[:8]}"
+    create_topics_over(servers, sec, topic_in, topic_out)
+    _, printed = serve_produce_and_tail(recipe_bundle("product"), servers, flags, topic_in, topic_out, tmp_path)
+    assert secret not in printed
+    assert "Traceback" not in printed
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess[str], command: str, servers: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rnnd {command}: error: cannot reach Kafka at {servers}"), lines
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("how", ["no client certificate", "wrong SCRAM-SHA-256 password",
+                                 "wrong SCRAM-SHA-512 password"])
+def test_apache_kafka_refuses_a_client_that_does_not_authenticate(
+        recipe_bundle: Callable[[str], Path], kafka_security: KafkaListeners, tmp_path: Path, how: str) -> None:
+    """The same listener, the same settings but for the certificate or the password: refused.
+
+    The right credentials work first (so the refusal is the broker's verdict, not a wrong
+    address); then ``rnnd produce`` and ``rnnd tail`` exit 1 with one line, and the daemon
+    retries, one line per try, not ready, until it is stopped. No traceback, and neither the
+    wrong password nor the right one appears in anything they print.
+    """
+    k = kafka_security
+    wrong = "wrong-" + SECRET
+    if how == "no client certificate":
+        servers, good = k.ssl_bootstrap_servers, k.ssl_flags()
+        bad = ["--security-protocol", "SSL", "--ssl-cafile", str(k.ca)]
+    else:
+        mechanism = how.split()[1]
+        servers, good = k.sasl_bootstrap_servers, k.sasl_flags(mechanism)
+        bad = [*good[:-1], str(secret_file(tmp_path, wrong + "\n", "wrong-password"))]
+        assert good[-2] == bad[-2] == "--sasl-password-file"
+    topic = f"refused-{uuid.uuid4().hex[:8]}"
+    asyncio.run(create_topics(k.bootstrap_servers, {topic: 2, f"{topic}-out": 2}))
+    data = tmp_path / "steps.csv"
+    data.write_text("key,x\ns0,0.1\n")
+    ok = rnnd_command("produce", data, "--topic", topic, "--bootstrap-servers", servers, "--key-column", "key", *good)
+    assert ok.returncode == 0, ok.stderr
+    printed = _one_line_refusal(rnnd_command("produce", data, "--topic", topic, "--bootstrap-servers", servers,
+                                             "--key-column", "key", *bad), "produce", servers)
+    printed += _one_line_refusal(rnnd_command("tail", "--topic", topic, "--bootstrap-servers", servers,
+                                              "--from-beginning", "--limit", "1", *bad), "tail", servers)
+    with DaemonProcess(recipe_bundle("product"), servers, topic, f"{topic}-out", *bad, log_dir=tmp_path) as d:
+        d.start(wait_ready=False)
+        deadline = time.monotonic() + 60
+        while d.log().count("not reachable") < 2 and time.monotonic() < deadline:
+            assert d.proc is not None and d.proc.poll() is None, d.log()
+            time.sleep(0.2)
+        tries = [line for line in d.log().splitlines() if "not reachable" in line]
+        assert len(tries) >= 2, d.log()[-3000:]
+        assert d.http("/healthz")[0] == 200 and d.http("/readyz")[0] == 503
+        assert d.stop() == 0
+    printed += d.log()
+    assert all(line.startswith("20") for line in d.log().splitlines()), d.log()[-3000:]  # one line per record
+    assert "Traceback" not in printed
+    assert wrong not in printed and k.password not in printed
+
+

@@ -23,6 +23,8 @@ from rnnd.daemon.bundle import BundleSpec, InputSpec, ModelInfo, OutputSpec, Sta
 from rnnd.daemon.codec import Decoder, Record
 from rnnd.daemon.config import ServeConfig
 
+#: Every broker test here runs on Tansu and on Apache Kafka (tests/conftest.py).
+BROKERS = ("tansu", "kafka")
 EXAMPLES = Path(__file__).parent.parent / "schemas" / "examples"
 Capsys = pytest.CaptureFixture[str]
 
