@@ -102,7 +102,8 @@ def test_kill_9s_restores_and_replicas(guarantee: str, apache_kafka: Any, recipe
 
 def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bundle: Any, tmp_path: Path) -> None:
     """SIGSTOP one of two replicas past its session timeout: the other takes its partitions (and fences its
-    producers); woken, the zombie's commits are refused, it rejoins, and no prediction is written twice."""
+    producers). Woken, the zombie learns of the rebalance or has its commit refused, whichever comes first
+    (the refusal itself: ``test_a_partitions_new_producer_fences_the_old_one``); no prediction is written twice."""
     bootstrap = apache_kafka.bootstrap_servers
     bundle = recipe_bundle("product")
     topic_in, topic_out = topics(bootstrap, "zombie", 4)
@@ -116,9 +117,13 @@ def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bund
     producer = LiveProducer(bootstrap, topic_in, items, rate=600)
     producer.start()
     a, b = daemon().start(), daemon().start()
-    time.sleep(2)
+    time.sleep(3)  # both serve their share
+    restores = b.log().count("restored")
     a.send_signal(signal.SIGSTOP)
-    wait_for_line(b, "restored", timeout=60)  # b took a's partitions: a's transactional ids are b's now
+    deadline = time.monotonic() + 60
+    while b.log().count("restored") == restores:  # b took a's partitions: a's transactional ids are b's now
+        assert time.monotonic() < deadline, b.log()[-3000:]
+        time.sleep(0.05)
     time.sleep(1)
     a.send_signal(signal.SIGCONT)
     producer.join(120)
@@ -177,3 +182,48 @@ def test_exactly_once_needs_the_changelog() -> None:
             "changelog": False}
     with pytest.raises(ConfigError, match="exactly_once needs changelog=true"):
         config.load(argv_values=argv, env={})
+
+
+def test_a_partitions_new_producer_fences_the_old_one(apache_kafka: Any) -> None:
+    """The mechanism under the zombie test, on the real broker: the second ``TransactionalSink`` to open a
+    partition aborts what the first left open and fences it — the first's commit fails with ProducerFenced,
+    and a read_committed reader sees only the second's records."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from rnnd.daemon import kafka
+    from rnnd.daemon.kafka.quirks import fetched_end
+
+    bootstrap = apache_kafka.bootstrap_servers
+    topic_in, topic_out = topics(bootstrap, "fence", 1)
+    group = f"g-{topic_in}"
+
+    def sink() -> kafka.TransactionalSink:
+        return kafka.TransactionalSink(
+            lambda p: AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=kafka.transactional_id(
+                group, topic_in, p), transaction_timeout_ms=kafka.TRANSACTION_TIMEOUT_MS),
+            kafka.Sink, group, topic_in)
+
+    async def scenario() -> list[bytes]:
+        old, new = sink(), sink()
+        await old.open(0)
+        await old.send_many(topic_out, [(b"k", b"zombie")], sources=[0])
+        await new.open(0)  # fences `old`, aborts its open transaction
+        await new.send_many(topic_out, [(b"k", b"owner")], sources=[0])
+        done, failed = await new.commit({0: 1})
+        assert done == {0} and not failed
+        done, failed = await old.commit({0: 1})
+        assert not done and kafka.TransactionalSink.fenced(failed[0]), failed
+        await old.close_all()
+        await new.close_all()
+        reader = kafka.reader({"bootstrap_servers": bootstrap}, "fence-check")
+        await reader.start()
+        try:
+            tp = TopicPartition(topic_out, 0)
+            seen: list[bytes] = []
+            await kafka.read_to_end(reader, [tp], lambda _, recs: seen.extend(r.value for r in recs))
+            assert fetched_end(reader, tp) is not None
+            return seen
+        finally:
+            await reader.stop()
+
+    assert asyncio.run(scenario()) == [b"owner"]

@@ -144,6 +144,7 @@ class FakeSink:
         self.acked: list[tuple[str, bytes | None, bytes | None]] = []
         self.flushes = 0
         self.fail_flushes: set[int] = set()
+        self.last_error: BaseException | None = None
 
     async def send_many(self, topic: str, items, partitions=None, headers=None, sources=None) -> None:
         if not items:

@@ -52,6 +52,7 @@ class Sink:
         self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
         self._tails: dict[tuple[str, int], asyncio.Task] = {}  # the last hand-over per partition
         self._handing: deque[asyncio.Task] = deque()  # hand-overs, oldest first
+        self.last_error: BaseException | None = None  # why the last unacknowledged record was refused
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None,
                    partition: int | None = None) -> None:
@@ -199,6 +200,7 @@ class Sink:
             if not failed and not unfinished:
                 return True
             if failed:
+                self.last_error = _error(failed[0][0])
                 if self.on_error:
                     self.on_error()
                 log.warning("%d record(s) not acknowledged (%s); sending them again", sum(len(s[3]) for s in failed),
@@ -230,6 +232,12 @@ def _settle(delivery: asyncio.Future, fut: asyncio.Future) -> None:
         delivery.set_exception(error)
     else:
         delivery.set_result(fut.result())
+
+
+def _error(fut: asyncio.Future) -> BaseException:
+    if fut.cancelled():
+        return KafkaError("delivery cancelled")
+    return fut.exception() or KafkaError("?")
 
 
 def _reason(fut: asyncio.Future) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from .quirks import in_transaction
 from .sink import Headers, Sink
@@ -179,7 +179,8 @@ class TransactionalSink:
 
     async def _commit_one(self, part: _Partition, offset: int | None) -> None:
         if not await part.sink.flush(stopping=lambda: True):  # 1. acknowledged, or the transaction is lost
-            raise KafkaError(f"records of input partition {part.partition} not acknowledged")
+            # The broker's reason, not a summary: ProducerFenced here means a newer owner (see fenced()).
+            raise part.sink.last_error or KafkaError(f"records of input partition {part.partition} not acknowledged")
         producer = part.producer
         if offset is not None:  # 2. the input offset, in the same transaction
             await producer.send_offsets_to_transaction({TopicPartition(self.input_topic, part.partition): offset},
@@ -191,7 +192,7 @@ class TransactionalSink:
     @staticmethod
     def fenced(error: BaseException) -> bool:
         """Whether ``error`` says another producer took the partition's transactional id (a newer owner)."""
-        return isinstance(error, ProducerFenced)
+        return isinstance(error, ProducerFenced | InvalidProducerEpoch)
 
     @property
     def unacknowledged(self) -> int:
