@@ -42,6 +42,7 @@ from tls_certs import make_ca
 
 from rnnd.daemon import config, security
 from rnnd.daemon.config import ServeConfig
+from rnnd.daemon.kafka.transactions import TRANSACTION_TIMEOUT_MS
 from rnnd.embedded_broker import create_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,9 +173,26 @@ def test_compose_topics_job_creates_every_topic_the_replicas_use() -> None:
         assert cfg.create_topics is False  # the job made them all: a typo must fail, not create a topic
     kafka_env = env_of(doc["services"]["kafka"])
     assert kafka_env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
-    assert doc["services"]["kafka"]["image"].startswith("apache/kafka:3.9.")
+    # the Kafka the test suite runs (rnnd.apache_kafka.VERSION), in both the broker and the topics job
+    for service in ("kafka", "topics"):
+        assert doc["services"][service]["image"].startswith("apache/kafka:4.4."), service
     assert "broker,controller" in kafka_env["KAFKA_PROCESS_ROLES"]  # KRaft, one node
     assert len(base64.urlsafe_b64decode(kafka_env["CLUSTER_ID"] + "==")) == 16, "a KRaft cluster id is 16 bytes"
+
+
+def test_compose_stack_can_run_exactly_once() -> None:
+    """The documented switch to exactly_once works on this stack as it is: the settings load, the broker has room."""
+    doc = compose()
+    text = (DEPLOY / "compose.yaml").read_text()
+    assert "# RNND_PROCESSING_GUARANTEE: exactly_once" in text, "the stack documents the exactly_once switch"
+    for name, service in daemon_services(doc).items():
+        cfg = load_settings({**env_of(service), "RNND_PROCESSING_GUARANTEE": "exactly_once"})
+        assert cfg.exactly_once and cfg.changelog, name
+    kafka_env = env_of(doc["services"]["kafka"])
+    # one node: the transaction state log's defaults (3 replicas, min ISR 2) would fail every transaction
+    assert kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "1"
+    assert kafka_env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "1"
+    assert int(kafka_env.get("KAFKA_TRANSACTION_MAX_TIMEOUT_MS", "900000")) >= TRANSACTION_TIMEOUT_MS
 
 
 def test_compose_demo_jobs_fit_together() -> None:
