@@ -5,8 +5,9 @@
     python -m bench --quick    # the same in ≤ 60 s, smaller workloads (bench/results/quick.json)
     rnnd bench [--quick]       # the same, through the rnnd command
 
-Every contender is a real program over the real (embedded Tansu) broker, started as its own
-process so that its CPU time is its own; all read the same input topic with the same model.
+Every contender is a real program over a real broker (the embedded Tansu, or Apache Kafka with
+``--broker kafka``), started as its own process so that its CPU time is its own; all read the
+same input topic with the same model.
 See docs/benchmarks.md for the method and the latest numbers, ``bench.harness`` for the
 measurement rule, and ``bench.contenders`` for the programs.
 """
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                    help="write docs/benchmarks.md and docs/img/*.png (default: on in full mode)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-run limit in seconds")
+    p.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                   help="the broker: Tansu (default; the targets' table) or Apache Kafka 4.4 (its rows go to "
+                        "bench/results/kafka.json and their own section of docs/benchmarks.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,18 +57,19 @@ def run(args: argparse.Namespace) -> int:
 
     opts = suite.Options(quick=args.quick, cache=args.cache or workloads.DEFAULT_CACHE, only=split(args.only),
                          contenders=split(args.contenders), repeat=max(1, args.repeat), profile=args.profile,
-                         live_seconds=args.live_seconds, timeout=args.timeout,
+                         live_seconds=args.live_seconds, timeout=args.timeout, broker=args.broker,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
     results = suite.run(opts)
     prog = "python -m bench" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
     results["command"] = " ".join([prog, *sys.argv[1:]])
-    out = args.out or report.RESULTS / ("quick.json" if args.quick else "latest.json")
+    kafka = args.broker == "kafka"
+    out = args.out or report.RESULTS / ("quick.json" if args.quick else "kafka.json" if kafka else "latest.json")
     report.write_json(results, out)
     print(report.table(results))
-    print(report.targets_text(results))
+    print(report.kafka_targets_text(results) if kafka else report.targets_text(results))
     write_docs = (not args.quick) if args.write_docs is None else args.write_docs
     if write_docs:
-        written = report.write_docs(results)
+        written = report.write_kafka_section(results) if kafka else report.write_docs(results)
         print("written: " + ", ".join(str(p) for p in [out, *written]), file=sys.stderr)
     else:
         print(f"written: {out}", file=sys.stderr)

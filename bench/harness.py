@@ -86,7 +86,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("rnnd", "rnnd serve", kind="rnnd"),
 ]}
 # Variants the suite runs under their own names (bench.suite._contender): not separate programs.
-VARIANTS = ("rnnd-changelog", "rnnd-uvloop", "passthrough-uvloop", "passthrough-batch", "passthrough-fw50")
+VARIANTS = ("rnnd-changelog", "rnnd-eos", "rnnd-uvloop", "passthrough-uvloop", "passthrough-batch",
+            "passthrough-fw50")
 
 
 @dataclass

@@ -39,6 +39,7 @@ class Options:
     repeat: int = 1
     profile: bool | None = None  # None: on in full mode
     live_seconds: float = 0.0  # 0: 15 s full, 4 s quick
+    broker: str = "tansu"  # or "kafka": Apache Kafka 4.4, one KRaft node (rnnd.apache_kafka)
     timeout: float = 300.0
     workdir: Path | None = None
     log: Any = field(default=print)
@@ -124,9 +125,12 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
     instead of aiokafka's 500 (live mode: what the client setting alone does to latency on Tansu);
     ``passthrough-uvloop`` the same on uvloop; ``passthrough-batch`` produces one record batch per
     partition per round (create_batch/send_batch), the produce path the daemon uses;
-    ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop."""
+    ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop; ``rnnd-eos`` is
+    ``rnnd-changelog`` with ``processing_guarantee=exactly_once`` (Apache Kafka only: ``--broker kafka``)."""
     if name == "rnnd-changelog":
         return CONTENDERS["rnnd"], ("--changelog",)
+    if name == "rnnd-eos":
+        return CONTENDERS["rnnd"], ("--changelog", "--processing-guarantee", "exactly_once")
     if name == "passthrough-fw50":
         return CONTENDERS["passthrough-orjson"], ("--fetch-max-wait-ms", "50")
     if name == "passthrough-uvloop":
@@ -139,8 +143,6 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from rnnd.embedded_broker import EmbeddedBroker
-
     t_start = time.monotonic()
     say = opts.log
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="rnnd-bench-"))
@@ -167,9 +169,13 @@ def run(opts: Options) -> dict[str, Any]:
             for r in doc["results"]:
                 say(f"    B={r['batch']:5d}: {r['steps_per_s']:>10,.0f} steps/s ({r['us_per_call']:.0f} µs per call)")
 
-    with EmbeddedBroker(log_dir=workdir) as broker:
+    results["broker"] = opts.broker
+    with _broker(opts.broker, workdir) as broker:
         runner = Runner(broker.bootstrap_servers, broker.pid, workdir, timeout=opts.timeout, log=say)
-        say(f"broker: Tansu at {broker.bootstrap_servers}; rnnd flags: {' '.join(runner.rnnd_args) or '(defaults)'}")
+        say(f"broker: {opts.broker} at {broker.bootstrap_servers}; rnnd flags: "
+            f"{' '.join(runner.rnnd_args) or '(defaults)'}")
+        if opts.broker != "kafka" and "rnnd-eos" in opts.contenders:
+            raise SystemExit("rnnd-eos needs transactions: run it with --broker kafka")
 
         def backlog(wl: Workload, names: tuple[str, ...], data: workloads.Data | None = None,
                     label: str | None = None) -> list[RunResult]:
@@ -246,6 +252,17 @@ def run(opts: Options) -> dict[str, Any]:
 
     results["seconds"] = time.monotonic() - t_start
     return results
+
+
+def _broker(kind: str, workdir: Path) -> Any:
+    """The broker every contender shares: Tansu (instant, in memory) or Apache Kafka (a JVM, a log on disk)."""
+    if kind == "kafka":
+        from rnnd.apache_kafka import ApacheKafka
+
+        return ApacheKafka(workdir / "kafka")
+    from rnnd.embedded_broker import EmbeddedBroker
+
+    return EmbeddedBroker(log_dir=workdir)
 
 
 def _has_quix() -> bool:

@@ -183,11 +183,13 @@ class ApacheKafka:
     by :meth:`restart`, so clients bootstrapped before a restart find the broker again.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, tls: TlsListener | None = None,
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, port: int | None = None,
+                 tls: TlsListener | None = None,
                  scram_users: Mapping[str, str] | None = None, heap_mb: int = 768,
                  configs: Mapping[str, str] | None = None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="rnnd-kafka-"))
+        self.requested_port = port  # the PLAINTEXT port (None: a free one); the others are always free ones
         self.tls = tls
         self.scram_users = dict(scram_users or {})
         if self.scram_users and tls is None:
@@ -329,6 +331,8 @@ class ApacheKafka:
         if not self._ports:
             names = ["PLAINTEXT", "CONTROLLER"] + (["SSL", "SASL_SSL"] if self.tls is not None else [])
             self._ports = {n: _free_port() for n in names}
+            if self.requested_port:
+                self._ports["PLAINTEXT"] = self.requested_port
         config = self._write_config()
         self._format(config)
         with self.log_path.open("ab") as log:

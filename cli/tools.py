@@ -140,6 +140,20 @@ def _quiet_client_logs() -> None:
     """
     if not logging.getLogger().handlers:
         logging.getLogger("aiokafka").addHandler(logging.NullHandler())
+    from rnnd.daemon.kafka import watch_login_refusals
+
+    watch_login_refusals()
+
+
+def _unreachable(bootstrap: str, e: BaseException) -> ToolError:
+    """A broker that refused the login (exit 2: fix the settings) or that could not be reached (exit 1)."""
+    from rnnd.daemon.kafka import login_refused
+
+    refused = login_refused()
+    if refused:
+        return ToolError(f"Kafka at {bootstrap} refused the login ({refused}): check --sasl-mechanism, "
+                         "--sasl-username and the password")
+    return ToolError(f"cannot reach Kafka at {bootstrap}: {e}", exit_code=1)
 
 
 def _fail(command: str, e: ToolError) -> int:
@@ -455,7 +469,7 @@ async def _produce(args: argparse.Namespace, first: Message | None, rows: Iterat
     except KafkaError as e:
         with contextlib.suppress(Exception):
             await producer.stop()
-        raise ToolError(f"cannot reach Kafka at {args.bootstrap_servers}: {e}", exit_code=1) from None
+        raise _unreachable(args.bootstrap_servers, e) from None
 
     errors: list[BaseException] = []
 
@@ -599,7 +613,7 @@ async def _partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None =
         await client.start()
         existing = await topic_partitions(client)
     except KafkaError as e:
-        raise ToolError(f"cannot reach Kafka at {bootstrap}: {e}", exit_code=1) from None
+        raise _unreachable(bootstrap, e) from None
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -625,7 +639,7 @@ async def _tail(args: argparse.Namespace, out: TextIO, kafka: dict[str, Any] | N
         try:
             await consumer.start()
         except KafkaError as e:
-            raise ToolError(f"cannot reach Kafka at {args.bootstrap_servers}: {e}", exit_code=1) from None
+            raise _unreachable(args.bootstrap_servers, e) from None
         consumer.assign(tps)
         if args.from_beginning:
             await consumer.seek_to_beginning(*tps)

@@ -26,5 +26,11 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiokafka logs every connection error at ERROR while it retries; ours says it once.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if level != "debug" else logging.DEBUG)
+    # aiokafka logs every connection error at ERROR while it retries; ours says it once, with the
+    # broker's reason when it refused the login (kept by the quirks module's handler).
+    from .kafka.quirks import watch_login_refusals
+
+    aiokafka = logging.getLogger("aiokafka")
+    aiokafka.setLevel(logging.DEBUG if level == "debug" else logging.ERROR)
+    aiokafka.propagate = level == "debug"
+    watch_login_refusals()

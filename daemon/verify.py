@@ -8,8 +8,10 @@ and checks every expected prediction id against the output topic:
 
 * missing    an expected id that is not in the output topic (exit 1)
 * wrong      an output whose prediction differs from the reference by more than the tolerance (exit 1)
-* duplicated an id seen more than once — allowed (delivery is at-least-once); reported with
-             whether the copies are identical
+* duplicated an id seen more than once — allowed under at_least_once, reported with whether
+             the copies are identical; a failure (exit 1) when the daemon's configuration says
+             processing_guarantee = exactly_once. The output topic is read read_committed, as a
+             downstream consumer of exactly-once outputs reads it
 * unexpected an id the reference does not produce (exit 1)
 * nonfinite  a prediction the reference also finds NaN or infinite, written by the daemon as
              nulls with "nonfinite": true — consistent, so not wrong; counted on its own (a
@@ -63,10 +65,11 @@ class Report:
     unexpected: list[str] = field(default_factory=list)
     nonfinite: int = 0
     max_error: float = 0.0
+    exactly_once: bool = False  # the daemon's processing_guarantee: then a duplicate fails the check
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.wrong or self.unexpected)
+        return not (self.missing or self.wrong or self.unexpected or (self.exactly_once and self.duplicated))
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "inputs": self.inputs, "expected": self.expected, "received": self.received,
@@ -81,7 +84,8 @@ class Report:
             f"missing     {len(self.missing)}" + (f"  e.g. {', '.join(self.missing[:3])}" if self.missing else ""),
             f"wrong       {len(self.wrong)}" + (f"  e.g. {self.wrong[0][0]} off by {self.wrong[0][1]:.3g}"
                                                  if self.wrong else "") + f"  (max error {self.max_error:.2e})",
-            f"duplicated  {self.duplicated} ({self.duplicated_identical} identical)",
+            f"duplicated  {self.duplicated} ({self.duplicated_identical} identical)"
+            + ("  (exactly_once: none allowed)" if self.exactly_once else ""),
             f"unexpected  {len(self.unexpected)}" + (f"  e.g. {', '.join(self.unexpected[:3])}"
                                                      if self.unexpected else ""),
             f"nonfinite   {self.nonfinite}  (NaN/inf in the reference too: marked \"nonfinite\", not wrong)",
@@ -213,7 +217,8 @@ def _model_space(model: BundleModel, pred: dict[str, Any], ref: np.ndarray) -> n
 def compare(model: BundleModel, cfg: config.ServeConfig, inputs: dict[int, list], outputs: dict[str, list[bytes]],
             tolerance: float) -> Report:
     expected, count = expected_predictions(model, cfg, inputs)
-    report = Report(inputs=count, expected=len(expected), received=sum(len(v) for v in outputs.values()))
+    report = Report(inputs=count, expected=len(expected), received=sum(len(v) for v in outputs.values()),
+                    exactly_once=cfg.exactly_once)
     kind = model.spec.output.kind
     for pid, ref in expected.items():
         copies = outputs.get(pid)

@@ -20,7 +20,7 @@ from rnnd.embedded_broker import EmbeddedBroker, broker_binary, create_topics
 
 if "kafka_fixtures" not in sys.modules:  # conftest.py has not loaded the Kafka fixtures (yet)
     sys.path.insert(0, str(Path(__file__).parent))
-    from kafka_fixtures import bootstrap, broker, topic_factory  # noqa: F401
+    from kafka_fixtures import bootstrap, broker, broker_kind, topic_factory  # noqa: F401
 
 N_MESSAGES = 200
 N_KEYS = 23

@@ -12,6 +12,7 @@ is refused. Tansu has no transactions: there the setting is refused at start, in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
@@ -44,6 +45,11 @@ def wait_for_line(d: DaemonProcess, text: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def verify_as(guarantee: str, bundle: Path, bootstrap: str, topic_in: str, topic_out: str) -> tuple[int, dict]:
+    """`rnnd verify` with the daemon's guarantee: under exactly_once a duplicate fails it (exit 1)."""
+    return verify(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", guarantee)
+
+
 def check(report: dict[str, Any], steps: int, guarantee: str) -> None:
     assert report["expected"] == steps
     assert report["missing"] == 0 and report["wrong"] == 0 and report["unexpected"] == 0, report
@@ -70,30 +76,31 @@ def test_kill_9s_restores_and_replicas(guarantee: str, apache_kafka: Any, recipe
     rng = random.Random(7)
     logs: list[str] = []
     for kill in range(6):
-        d = daemon()
-        if kill in (1, 4):  # the moment a restore begins (once the changelog holds state)
-            d.start(wait_ready=False)
-            wait_for_line(d, "restoring partitions")
-        else:  # mid-batch, mid-checkpoint, mid-transaction
-            d.start()
-            time.sleep(rng.uniform(0.3, 2.5))
-        assert d.kill() == -9
-        logs.append(d.log())
+        with daemon() as d:
+            if kill in (1, 4):  # the moment a restore begins (once the changelog holds state)
+                d.start(wait_ready=False)
+                wait_for_line(d, "restoring partitions")
+            else:  # mid-batch, mid-checkpoint, mid-transaction
+                d.start()
+                time.sleep(rng.uniform(0.3, 2.5))
+            assert d.kill() == -9
+            logs.append(d.log())
     assert producer.is_alive(), "the input ended before the replicas started: lower the rate"
-    a, b, c = daemon().start(), daemon().start(), daemon().start()
-    time.sleep(3)
-    assert b.kill() == -9  # its partitions move after the session timeout; their transactions are aborted
-    producer.join(120)
-    assert producer.error is None and producer.sent == len(items)
-    wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
-    if guarantee == "exactly_once":
-        assert a.metric("rnnd_transactions_total", outcome="committed") + c.metric(
-            "rnnd_transactions_total", outcome="committed") > 0
-    assert a.stop() == 0 and c.stop() == 0
+    with contextlib.ExitStack() as running:  # a failed assertion leaves no replica behind
+        a, b, c = (running.enter_context(daemon()).start() for _ in range(3))
+        time.sleep(3)
+        assert b.kill() == -9  # its partitions move after the session timeout; their transactions are aborted
+        producer.join(120)
+        assert producer.error is None and producer.sent == len(items)
+        wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
+        if guarantee == "exactly_once":
+            assert a.metric("rnnd_transactions_total", outcome="committed") + c.metric(
+                "rnnd_transactions_total", outcome="committed") > 0
+        assert a.stop() == 0 and c.stop() == 0
     logs += [a.log(), b.log(), c.log()]
     assert "restored" in "".join(logs)
     assert not [line for log in logs for line in log.splitlines() if "Traceback" in line]
-    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    code, report = verify_as(guarantee, bundle, bootstrap, topic_in, topic_out)
     check(report, steps, guarantee)
     assert code == 0
     print(f"{guarantee}: after 7 kill -9s, {report['duplicated']} duplicated predictions "
@@ -116,22 +123,25 @@ def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bund
 
     producer = LiveProducer(bootstrap, topic_in, items, rate=600)
     producer.start()
-    a, b = daemon().start(), daemon().start()
-    time.sleep(3)  # both serve their share
-    restores = b.log().count("restored")
-    a.send_signal(signal.SIGSTOP)
-    deadline = time.monotonic() + 60
-    while b.log().count("restored") == restores:  # b took a's partitions: a's transactional ids are b's now
-        assert time.monotonic() < deadline, b.log()[-3000:]
-        time.sleep(0.05)
-    time.sleep(1)
-    a.send_signal(signal.SIGCONT)
-    producer.join(120)
-    assert producer.error is None
-    wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=120)
-    assert a.stop() == 0 and b.stop() == 0
+    with daemon() as a, daemon() as b:
+        a.start(), b.start()
+        time.sleep(3)  # both serve their share
+        restores = b.log().count("restored")
+        a.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while b.log().count("restored") == restores:  # b took a's partitions: a's transactional ids are b's now
+                assert time.monotonic() < deadline, b.log()[-3000:]
+                time.sleep(0.05)
+            time.sleep(1)
+        finally:
+            a.send_signal(signal.SIGCONT)
+        producer.join(120)
+        assert producer.error is None
+        wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=120)
+        assert a.stop() == 0 and b.stop() == 0
     assert "another producer took their transactional ids" in a.log() or "revoked" in a.log(), a.log()[-3000:]
-    code, report = verify(bundle, bootstrap, topic_in, topic_out)
+    code, report = verify_as("exactly_once", bundle, bootstrap, topic_in, topic_out)
     check(report, steps, "exactly_once")
     assert code == 0
 
@@ -159,7 +169,7 @@ def test_exactly_once_survives_a_broker_restart(recipe_bundle: Any, tmp_path: Pa
             wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
             assert d.stop() == 0
             assert "Traceback" not in d.log()
-        code, report = verify(bundle, bootstrap, topic_in, topic_out)
+        code, report = verify_as("exactly_once", bundle, bootstrap, topic_in, topic_out)
         check(report, steps, "exactly_once")
         assert code == 0
 
@@ -227,3 +237,12 @@ def test_a_partitions_new_producer_fences_the_old_one(apache_kafka: Any) -> None
             await reader.stop()
 
     assert asyncio.run(scenario()) == [b"owner"]
+
+
+def test_verify_counts_a_duplicate_as_a_failure_only_under_exactly_once() -> None:
+    from rnnd.daemon.verify import Report
+
+    assert Report(expected=2, received=3, duplicated=1).ok
+    strict = Report(expected=2, received=3, duplicated=1, exactly_once=True)
+    assert not strict.ok and "exactly_once: none allowed" in strict.text() and strict.text().endswith("FAILED")
+    assert Report(expected=2, received=2, exactly_once=True).ok

@@ -679,10 +679,17 @@ def test_serve_produce_and_tail_on_apache_kafka(recipe_bundle: Callable[[str], P
     assert "Traceback" not in printed
 
 
-def _one_line_refusal(result: subprocess.CompletedProcess[str], command: str, servers: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr)
+def _one_line_refusal(result: subprocess.CompletedProcess[str], command: str, servers: str, login: bool) -> str:
+    """``login``: a refused SASL login, said as such (exit 2: a setting to fix); else an unreachable broker (1)."""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"rnnd {command}: error: cannot reach Kafka at {servers}"), lines
+    if login:
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"rnnd {command}: error: Kafka at {servers} refused the "
+                                                       "login (SaslAuthenticationFailed:"), lines
+        assert "--sasl-username and the password" in lines[0]
+    else:
+        assert result.returncode == 1, (result.returncode, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"rnnd {command}: error: cannot reach Kafka at {servers}"), lines
     return result.stdout + result.stderr
 
 
@@ -693,8 +700,9 @@ def test_apache_kafka_refuses_a_client_that_does_not_authenticate(
     """The same listener, the same settings but for the certificate or the password: refused.
 
     The right credentials work first (so the refusal is the broker's verdict, not a wrong
-    address); then ``rnnd produce`` and ``rnnd tail`` exit 1 with one line, and the daemon
-    retries, one line per try, not ready, until it is stopped. No traceback, and neither the
+    address); then ``rnnd produce`` and ``rnnd tail`` fail with one line — a refused login said as
+    such (exit 2), a refused handshake as an unreachable broker (exit 1) — and the daemon retries,
+    one line per try, not ready, until it is stopped. No traceback, and neither the
     wrong password nor the right one appears in anything they print.
     """
     k = kafka_security
@@ -713,17 +721,19 @@ def test_apache_kafka_refuses_a_client_that_does_not_authenticate(
     data.write_text("key,x\ns0,0.1\n")
     ok = rnnd_command("produce", data, "--topic", topic, "--bootstrap-servers", servers, "--key-column", "key", *good)
     assert ok.returncode == 0, ok.stderr
+    login = how != "no client certificate"
     printed = _one_line_refusal(rnnd_command("produce", data, "--topic", topic, "--bootstrap-servers", servers,
-                                             "--key-column", "key", *bad), "produce", servers)
+                                             "--key-column", "key", *bad), "produce", servers, login)
     printed += _one_line_refusal(rnnd_command("tail", "--topic", topic, "--bootstrap-servers", servers,
-                                              "--from-beginning", "--limit", "1", *bad), "tail", servers)
+                                              "--from-beginning", "--limit", "1", *bad), "tail", servers, login)
+    said = "refused the login (SaslAuthenticationFailed" if login else "not reachable"
     with DaemonProcess(recipe_bundle("product"), servers, topic, f"{topic}-out", *bad, log_dir=tmp_path) as d:
         d.start(wait_ready=False)
         deadline = time.monotonic() + 60
-        while d.log().count("not reachable") < 2 and time.monotonic() < deadline:
+        while d.log().count(said) < 2 and time.monotonic() < deadline:
             assert d.proc is not None and d.proc.poll() is None, d.log()
             time.sleep(0.2)
-        tries = [line for line in d.log().splitlines() if "not reachable" in line]
+        tries = [line for line in d.log().splitlines() if said in line]
         assert len(tries) >= 2, d.log()[-3000:]
         assert d.http("/healthz")[0] == 200 and d.http("/readyz")[0] == 503
         assert d.stop() == 0

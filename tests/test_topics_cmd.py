@@ -154,6 +154,62 @@ def test_broker_prints_its_address_serves_clients_and_stops_on_sigterm(tmp_path:
         proc.communicate()  # reaps it and closes its pipes
 
 
+def test_broker_kind_kafka_is_apache_kafka_with_transactions_and_a_log_it_keeps(tmp_path: Path) -> None:
+    """``rnnd broker --kind kafka``: its address first, a transactional producer works (Tansu refuses one), and
+    a second run on the same --data-dir finds the topic the first made."""
+    from aiokafka import AIOKafkaProducer
+
+    from rnnd.embedded_broker import create_topics
+
+    async def transaction(address: str) -> None:
+        p = AIOKafkaProducer(bootstrap_servers=address, transactional_id="rnnd-broker-check")
+        await p.start()
+        try:
+            async with p.transaction():
+                await p.send_and_wait("kept", b"v", key=b"k")
+        finally:
+            await p.stop()
+
+    async def partitions(address: str) -> dict[str, list[int]]:
+        from rnnd.daemon.kafka import admin, topic_partitions
+
+        client = admin({"bootstrap_servers": address}, "rnnd-broker-check")
+        await client.start()
+        try:
+            return await topic_partitions(client)
+        finally:
+            await client.close()
+
+    for run in range(2):
+        proc = subprocess.Popen([*RNND, "broker", "--kind", "kafka", "--port", "0", "--data-dir", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            address = _read_bootstrap(proc)
+            if run == 0:
+                asyncio.run(create_topics(address, {"kept": 2}))
+                asyncio.run(asyncio.wait_for(transaction(address), timeout=60))
+            else:
+                assert asyncio.run(partitions(address))["kept"] == [0, 1]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+            assert not _connectable(address)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate()
+        assert "Apache Kafka 4.4.0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (("--kind", "kafka", "--log-dir", "/tmp"), "--log-dir is Tansu's"),
+    (("--data-dir", "/tmp"), "--data-dir is Apache Kafka's"),
+])
+def test_broker_refuses_the_other_kinds_folder_option(flags: tuple[str, ...], says: str) -> None:
+    proc = subprocess.run([*RNND, "broker", "--port", "0", *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert says in one_line(proc.stderr)
+
+
 def test_broker_on_a_taken_port_says_to_use_port_0() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

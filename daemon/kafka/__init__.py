@@ -28,10 +28,12 @@ from .quirks import (
     broker_answers,
     fetched_end,
     known_partition_count,
+    login_refused,
     partitions_of,
     position_at_end,
     topic_partitions,
     transactions_supported,
+    watch_login_refusals,
 )
 from .reading import read_to_end
 from .sink import Headers, Sink
@@ -56,6 +58,7 @@ __all__ = [
     "ensure_topics",
     "fetched_end",
     "known_partition_count",
+    "login_refused",
     "partitions_of",
     "position_at_end",
     "producer_settings",
@@ -65,4 +68,5 @@ __all__ = [
     "transactional_id",
     "transactional_producer_settings",
     "transactions_supported",
+    "watch_login_refusals",
 ]

@@ -26,6 +26,11 @@ one of them works on one broker and fails on the other. Measured on Tansu 0.6 wi
   watermark would wait for the transaction. Every fetch response carries both; with no
   transaction open they are equal (always, on Tansu), so :func:`fetched_end` reads the
   last stable offset.
+* aiokafka turns a login the broker refuses (SASL: a wrong password, an unknown user) into the
+  same ``KafkaConnectionError("Unable to bootstrap ...")`` as a broker that is down, and logs
+  the broker's reason (``SaslAuthenticationFailed: ... invalid credentials ...``) at ERROR on its
+  own logger. rnnd keeps that logger off the terminal, so :func:`watch_login_refusals` keeps the
+  last such reason and :func:`login_refused` hands it to the message that says what to fix.
 * aiokafka has no public way to ask a consumer for the partitions of all topics (its
   ``topics()`` keeps only the names), to read what a producer already knows about a topic's
   partitions without a request, to send one small request to any broker, or to ask a
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -170,3 +177,35 @@ async def broker_answers(client: Any, timeout: float) -> bool:
         return True
     except (KafkaError, OSError, TimeoutError):
         return False
+
+
+_REFUSED = re.compile(r"SaslAuthenticationFailed: [^\n]*")
+
+
+class _LoginRefusals(logging.Handler):
+    """On aiokafka's logger: the broker's reason for the last refused login (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reason: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = _REFUSED.search(record.getMessage())
+        if m:
+            self.reason = m.group(0)
+
+
+_LOGIN_REFUSALS = _LoginRefusals()
+
+
+def watch_login_refusals() -> None:
+    """Keep the reason of every login aiokafka sees refused (once per process; idempotent)."""
+    logger = logging.getLogger("aiokafka")
+    if _LOGIN_REFUSALS not in logger.handlers:
+        logger.addHandler(_LOGIN_REFUSALS)
+
+
+def login_refused() -> str | None:
+    """The broker's reason for the last refused login since the last call, or None (and forget it)."""
+    reason, _LOGIN_REFUSALS.reason = _LOGIN_REFUSALS.reason, None
+    return reason

@@ -139,8 +139,13 @@ class Daemon:
             except (KafkaError, OSError) as e:
                 await self.clients.close()
                 self.metrics.kafka_errors.labels("connect").inc()
-                log.warning("Kafka at %s not reachable (%s: %s); retrying in %.1fs", cfg.bootstrap_servers,
-                            type(e).__name__, e, backoff)
+                refused = kafka.login_refused()
+                if refused:  # reachable, but the login is wrong: retried (a rotated secret file is re-read)
+                    log.warning("Kafka at %s refused the login (%s): check sasl_mechanism, sasl_username and the "
+                                "password; retrying in %.1fs", cfg.bootstrap_servers, refused, backoff)
+                else:
+                    log.warning("Kafka at %s not reachable (%s: %s); retrying in %.1fs", cfg.bootstrap_servers,
+                                type(e).__name__, e, backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, CONNECT_BACKOFF_MAX_S)
