@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,18 +26,19 @@ log = logging.getLogger("rnnd.kafka")
 
 
 Headers = list[tuple[str, bytes]]
-# A batch handed to the producer: its delivery future, and what to send again if it fails
-# (topic, partition, the records, their headers).
+# A part of a send_many queued for a partition: its delivery future, and what to send again if it
+# fails (topic, partition, the records, their headers).
 _Sent = tuple[asyncio.Future, str, int, list[tuple], "list[Headers] | None"]
 
 
 class Sink:
     """The producer, plus the bookkeeping that makes ``flush`` mean 'everything acknowledged'.
 
-    Records go to the producer as whole record batches, one per partition per ``send_many``
-    (aiokafka's ``create_batch``/``send_batch``), not one ``send()`` per record: per record,
-    ``send()`` costs a partition-set lookup, a pure-Python murmur2 hash, a future and an
-    accumulator append — together more than the model's share of a step (docs/benchmarks.md).
+    Records go to the producer as whole record batches (aiokafka's ``create_batch``/
+    ``send_batch``), not one ``send()`` per record: per record, ``send()`` costs a
+    partition-set lookup, a pure-Python murmur2 hash, a future and an accumulator append —
+    together more than the model's share of a step (docs/benchmarks.md). A pump per partition
+    hands them over in the background, everything that queued up meanwhile in one go (``_pump``).
     Partitions follow Kafka's default partitioner (murmur2 of the key), cached per key, so a
     stream's predictions land where any Kafka client would have put them.
     """
@@ -50,8 +50,11 @@ class Sink:
         self._sent: list[_Sent] = []
         self._partitions: dict[str, int] = {}  # topic → partition count
         self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
-        self._tails: dict[tuple[str, int], asyncio.Task] = {}  # the last hand-over per partition
-        self._handing: deque[asyncio.Task] = deque()  # hand-overs, oldest first
+        # Per partition: the records waiting for its pump, and the pump (one task, while any wait).
+        self._queued: dict[tuple[str, int], list[tuple[list[tuple], list[Headers] | None, asyncio.Future]]] = {}
+        self._pumps: dict[tuple[str, int], asyncio.Task] = {}
+        self._queued_count = 0
+        self._room = asyncio.Event()  # set when a pump takes queued records
         self.last_error: BaseException | None = None  # why the last unacknowledged record was refused
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None,
@@ -97,73 +100,87 @@ class Sink:
             for p, idx in by_partition.items():
                 self._sent += self._send_partition(topic, p, [items[i] for i in idx],
                                                    None if headers is None else [headers[i] for i in idx])
-        while len(self._handing) > _MAX_HANDING:  # the producer is behind: wait here, not in memory
-            await asyncio.wait([self._handing[0]])
-            self._drop_handed()
+        while self._queued_count > _MAX_QUEUED:  # the producer is behind: wait here, not in memory
+            self._room.clear()
+            await self._room.wait()
 
     def _send_partition(self, topic: str, partition: int, items: list[tuple],
                         headers: list[Headers] | None) -> list[_Sent]:
-        """Cut ``items`` into record batches and hand each to the producer; what to track for each."""
-        producer = self.producer
-        handed: list[_Sent] = []
-        i, n = 0, len(items)
-        while i < n:
-            start = i
-            batch = producer.create_batch()
-            append = batch.append
-            while i < n:
-                item = items[i]
-                h = headers[i] if headers is not None else _NO_HEADERS
-                if append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
-                    break  # full: the rest goes in the next batch
-                i += 1
-            if i == start:  # one record larger than a batch: the producer's own path sizes (or refuses) it
-                i += 1
-                batch = None
-            else:
-                batch.close()  # complete: sent at once, no linger
-            chunk = items[start:i]
-            hs = None if headers is None else headers[start:i]
-            handed.append((self._hand_over(topic, partition, batch, chunk, hs), topic, partition, chunk, hs))
-        return handed
-
-    def _hand_over(self, topic: str, partition: int, batch: Any, items: list[tuple],
-                   headers: list[Headers] | None) -> asyncio.Future:
-        """Give a batch to the producer in the background; the returned future is its delivery.
-
-        ``send_batch`` waits until the partition's previous batch has left for the broker. Awaited
-        in line, that wait (a produce round trip) would hold up the next model call; in the
-        background, batches of one partition still go out in order, chained one behind the other.
-        """
-        loop = asyncio.get_running_loop()
-        delivery = loop.create_future()
+        """Queue ``items`` for the partition's pump; what to track for them (one delivery for all)."""
+        delivery = asyncio.get_running_loop().create_future()
         tp = (topic, partition)
-        task = loop.create_task(self._submit(self._tails.get(tp), topic, partition, batch, items, headers, delivery))
-        self._tails[tp] = task
-        self._handing.append(task)
-        self._drop_handed()
-        return delivery
+        self._queued.setdefault(tp, []).append((items, headers, delivery))
+        self._queued_count += 1
+        if tp not in self._pumps:
+            self._pumps[tp] = asyncio.get_running_loop().create_task(self._pump(topic, partition))
+        return [(delivery, topic, partition, items, headers)]
 
-    async def _submit(self, previous: asyncio.Task | None, topic: str, partition: int, batch: Any,
-                      items: list[tuple], headers: list[Headers] | None, delivery: asyncio.Future) -> None:
-        if previous is not None and not previous.done():
-            await asyncio.wait([previous])  # the partition's order
+    async def _pump(self, topic: str, partition: int) -> None:
+        """Hand the partition's queued records to the producer, everything queued so far at once.
+
+        aiokafka keeps one produce request in flight per broker and takes a partition's next
+        batch only when the previous one has left (``send_batch`` waits for that). Queued
+        records therefore go out together, in as few batches as they fit: outputs of several
+        model calls made during one produce round trip share the next request, instead of each
+        call's batch waiting for a round trip of its own (under live load that queue was
+        rnnd's latency). Order within the partition is kept: one pump per partition.
+        """
+        tp = (topic, partition)
+        queue = self._queued[tp]
         try:
-            if batch is not None:
-                fut = await self.producer.send_batch(batch, topic, partition=partition)
-            else:
-                fut = await self.producer.send(topic, value=items[0][1], key=items[0][0],
-                                               headers=headers[0] if headers else None, partition=partition)
-        except Exception as e:  # accumulator full past request_timeout_ms, producer closed: flush resends
-            if not delivery.done():
-                delivery.set_exception(e if isinstance(e, KafkaError) else KafkaError(repr(e)))
-            return
-        fut.add_done_callback(lambda f: _settle(delivery, f))
+            while queue:
+                entries, queue[:] = list(queue), []
+                self._queued_count -= len(entries)
+                self._room.set()
+                await self._send_entries(topic, partition, entries)
+        finally:
+            self._pumps.pop(tp, None)
 
-    def _drop_handed(self) -> None:
-        handing = self._handing
-        while handing and handing[0].done():
-            handing.popleft()
+    async def _send_entries(self, topic: str, partition: int,
+                            entries: list[tuple[list[tuple], list[Headers] | None, asyncio.Future]]) -> None:
+        producer = self.producer
+        waiters = [_Delivery(d) for _, _, d in entries]
+        batch: Any = None
+        members: list[_Delivery] = []
+
+        async def submit(send: Any, holders: list[_Delivery]) -> None:
+            for w in holders:
+                w.pending += 1
+            try:
+                fut = await send
+            except Exception as e:  # accumulator full past request_timeout_ms, producer closed: flush resends
+                err = e if isinstance(e, KafkaError) else KafkaError(repr(e))
+                for w in holders:
+                    w.failed(err)
+                return
+            def settle(f: asyncio.Future, holders: list[_Delivery] = holders) -> None:
+                for w in holders:
+                    w.settled(f)
+
+            fut.add_done_callback(settle)
+
+        for (items, headers, _), w in zip(entries, waiters, strict=True):
+            for i, item in enumerate(items):
+                h = headers[i] if headers is not None else _NO_HEADERS
+                if batch is None:
+                    batch, members = producer.create_batch(), []
+                if batch.append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                    if members:  # full: this one goes out, the record starts the next
+                        batch.close()
+                        await submit(producer.send_batch(batch, topic, partition=partition), members)
+                        batch, members = producer.create_batch(), []
+                    if batch.append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                        # larger than a batch: the producer's own path sizes (or refuses) it
+                        await submit(producer.send(topic, value=item[1], key=item[0], headers=h or None,
+                                                   partition=partition), [w])
+                        continue
+                if not members or members[-1] is not w:
+                    members.append(w)
+        if batch is not None and members:
+            batch.close()  # complete: sent at once, no linger
+            await submit(producer.send_batch(batch, topic, partition=partition), members)
+        for w in waiters:
+            w.sealed()
 
     async def _partition_count(self, topic: str) -> int:
         n = self._partitions.get(topic)
@@ -220,18 +237,44 @@ class Sink:
 
 
 _NO_HEADERS: Headers = []  # never mutated: aiokafka only iterates it
-_MAX_HANDING = 256  # batches given to the background before send_many waits
+_MAX_QUEUED = 256  # send_many calls' records waiting for their pumps before send_many waits
 
 
-def _settle(delivery: asyncio.Future, fut: asyncio.Future) -> None:
-    if delivery.done():
-        return
-    if fut.cancelled():
-        delivery.set_exception(KafkaError("delivery cancelled"))
-    elif (error := fut.exception()) is not None:
-        delivery.set_exception(error)
-    else:
-        delivery.set_result(fut.result())
+class _Delivery:
+    """One queued ``send_many`` part: its delivery resolves when every batch holding its records is acknowledged."""
+
+    __slots__ = ("delivery", "error", "open", "pending")
+
+    def __init__(self, delivery: asyncio.Future) -> None:
+        self.delivery = delivery
+        self.pending = 0  # batches handed over, not yet settled
+        self.open = True  # more batches may still take its records
+        self.error: BaseException | None = None
+
+    def failed(self, error: BaseException) -> None:
+        self.pending -= 1
+        self.error = self.error or error
+        self._maybe_done()
+
+    def settled(self, fut: asyncio.Future) -> None:
+        self.pending -= 1
+        if fut.cancelled():
+            self.error = self.error or KafkaError("delivery cancelled")
+        elif fut.exception() is not None:
+            self.error = self.error or fut.exception()
+        self._maybe_done()
+
+    def sealed(self) -> None:
+        self.open = False
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.open or self.pending or self.delivery.done():
+            return
+        if self.error is not None:
+            self.delivery.set_exception(self.error)
+        else:
+            self.delivery.set_result(None)
 
 
 def _error(fut: asyncio.Future) -> BaseException:
