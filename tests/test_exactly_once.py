@@ -1,125 +1,25 @@
-"""Exactly-once predictions on Apache Kafka, judged by `rnnd verify` reading ``read_committed``.
+"""Exactly-once on Apache Kafka, beyond the crash schedule (tests/test_durability.py runs that in both
+guarantees): fencing, a broker restart, the refusal on Tansu, and `rnnd verify`'s strictness.
 
-The schedule is the one at-least-once is held to (kill -9s at random moments, some while a
-partition's state is being restored, then three replicas with one killed), run in both
-modes on the same broker: exactly-once must show no duplicate at all, at-least-once no
-missing and no wrong prediction (its duplicates are printed, for the comparison). A frozen
-replica (SIGSTOP past its session timeout) shows the fencing: its partitions' new owner
-started their transactional producers, so what the zombie tries to commit when it wakes
-is refused. Tansu has no transactions: there the setting is refused at start, in one line.
+A frozen replica (SIGSTOP past its session timeout) shows the fencing end to end; the fencing itself
+is shown on the broker by two transactional sinks opening one partition. Tansu has no
+transactions: there the setting is refused at start, in one line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import random
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess
-from test_durability import LiveProducer, verify, wait_complete, workload
+from test_durability import LiveProducer, check, topics, verify_as, wait_complete, workload
 
 from rnnd.daemon import config
 from rnnd.daemon.errors import ConfigError
-from rnnd.embedded_broker import create_topics
-
-GUARANTEES = ("at_least_once", "exactly_once")
-
-
-def topics(bootstrap: str, prefix: str, partitions: int) -> tuple[str, str]:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    asyncio.run(create_topics(bootstrap, {f"{name}-in": partitions, f"{name}-out": partitions}))
-    return f"{name}-in", f"{name}-out"
-
-
-def wait_for_line(d: DaemonProcess, text: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in d.log():
-        assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
-        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout}s:\n{d.log()[-3000:]}"
-        time.sleep(0.02)
-
-
-def verify_as(guarantee: str, bundle: Path, bootstrap: str, topic_in: str, topic_out: str) -> tuple[int, dict]:
-    """`rnnd verify` with the daemon's guarantee: under exactly_once a duplicate fails it (exit 1)."""
-    return verify(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", guarantee)
-
-
-def check(report: dict[str, Any], steps: int, guarantee: str) -> None:
-    assert report["expected"] == steps
-    assert report["missing"] == 0 and report["wrong"] == 0 and report["unexpected"] == 0, report
-    assert report["max_error"] <= 1e-4
-    if guarantee == "exactly_once":
-        assert report["duplicated"] == 0, report
-
-
-def crash_schedule(guarantee: str, bootstrap: str, bundle: Path, tmp_path: Path) -> tuple[int, dict[str, Any], int]:
-    """6 kill -9s (two at the moment a restore begins), then 3 replicas with one killed and one leaving;
-    then `rnnd verify` with the daemons' guarantee. Returns its exit code, its report and the steps sent."""
-    topic_in, topic_out = topics(bootstrap, f"eos-{guarantee}", 6)
-    items, steps = workload(keys=300, messages=18_000, seed=11)
-    assert steps >= 20_000
-    group = f"g-{topic_in}"
-    mode = ("--processing-guarantee", guarantee)
-    folder = tmp_path / guarantee
-    folder.mkdir()
-
-    def daemon() -> DaemonProcess:
-        return DaemonProcess(bundle, bootstrap, topic_in, topic_out, *mode, group=group, log_dir=folder)
-
-    producer = LiveProducer(bootstrap, topic_in, items, rate=330)  # ~55 s: spans the whole schedule
-    producer.start()
-    rng = random.Random(7)
-    logs: list[str] = []
-    for kill in range(6):
-        with daemon() as d:
-            if kill in (1, 4):  # the moment a restore begins (once the changelog holds state)
-                d.start(wait_ready=False)
-                wait_for_line(d, "restoring partitions")
-            else:  # mid-batch, mid-checkpoint, mid-transaction
-                d.start()
-                time.sleep(rng.uniform(0.3, 2.5))
-            assert d.kill() == -9
-            logs.append(d.log())
-    assert producer.is_alive(), "the input ended before the replicas started: lower the rate"
-    with contextlib.ExitStack() as running:  # a failed assertion leaves no replica behind
-        a, b, c = (running.enter_context(daemon()).start() for _ in range(3))
-        time.sleep(3)
-        assert b.kill() == -9  # its partitions move after the session timeout; their transactions are aborted
-        time.sleep(1)
-        committed = a.metric("rnnd_transactions_total", outcome="committed")
-        assert a.stop() == 0  # leaves gracefully while b's partitions are still to move: c takes everything
-        producer.join(120)
-        assert producer.error is None and producer.sent == len(items)
-        wait_complete(bundle, bootstrap, topic_in, topic_out, steps, timeout=180)
-        committed += c.metric("rnnd_transactions_total", outcome="committed")
-        assert (committed > 0) == (guarantee == "exactly_once")
-        assert c.stop() == 0
-    logs += [a.log(), b.log(), c.log()]
-    assert "restored" in "".join(logs)
-    assert not [line for log in logs for line in log.splitlines() if "Traceback" in line]
-    code, report = verify_as(guarantee, bundle, bootstrap, topic_in, topic_out)
-    return code, report, steps
-
-
-def test_kill_9s_restores_and_replicas(apache_kafka: Any, recipe_bundle: Any, tmp_path: Path) -> None:
-    """The schedule in both guarantees at once, on their own topics and groups: the same broker, the
-    same moments, the same machine load — and half the wall time of one after the other."""
-    bootstrap, bundle = apache_kafka.bootstrap_servers, recipe_bundle("product")
-    with concurrent.futures.ThreadPoolExecutor(len(GUARANTEES)) as pool:
-        runs = {g: pool.submit(crash_schedule, g, bootstrap, bundle, tmp_path) for g in GUARANTEES}
-        results = {g: f.result() for g, f in runs.items()}
-    for guarantee, (code, report, steps) in results.items():
-        check(report, steps, guarantee)
-        assert code == 0, report
-        print(f"{guarantee}: after 7 kill -9s and a graceful leave, {report['duplicated']} duplicated "
-              f"predictions ({report['duplicated_identical']} identical), max error {report['max_error']:.1e}")
 
 
 def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bundle: Any, tmp_path: Path) -> None:
