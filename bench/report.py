@@ -229,9 +229,11 @@ def _verdict(t: dict[str, Any]) -> str:
     return "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
 
 
-def targets_text(results: dict[str, Any]) -> str:
-    lines = ["", "targets, ratios from this run:"]
-    for t in targets(results):
+def targets_text(results: dict[str, Any], title: str = "targets, ratios from this run:",
+                 of: Any = None) -> str:
+    """The targets as printed after a run; ``of`` picks them (default :func:`targets`)."""
+    lines = ["", title]
+    for t in (of or targets)(results):
         gap = f" — {t['gap']}" if t.get("gap") else ""
         lines.append(f"  [{_verdict(t):>12}] {t['target']}: {t['measured']}{gap}")
     return "\n".join(lines)
@@ -282,11 +284,7 @@ def kafka_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def kafka_targets_text(results: dict[str, Any]) -> str:
-    lines = ["", "targets on Apache Kafka, ratios from this run:"]
-    for t in kafka_targets(results):
-        gap = f" — {t['gap']}" if t.get("gap") else ""
-        lines.append(f"  [{_verdict(t):>12}] {t['target']}: {t['measured']}{gap}")
-    return "\n".join(lines)
+    return targets_text(results, "targets on Apache Kafka, ratios from this run:", kafka_targets)
 
 
 KAFKA_BEGIN, KAFKA_END = "<!-- kafka:begin -->", "<!-- kafka:end -->"

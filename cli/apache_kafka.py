@@ -38,11 +38,10 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from rnnd.daemon.errors import BrokerSetupError
 
-from .embedded_broker import _LIVE, _LIVE_LOCK, _can_connect, _free_port, _parent_death_signal
+from .broker_process import BrokerProcess, can_connect, free_port, parent_death_signal
 
 __all__ = ["VERSION", "ApacheKafka", "TlsListener", "classpath", "fetch", "java", "libs_dir"]
 
@@ -173,7 +172,7 @@ class TlsListener:
     ca: Path
 
 
-class ApacheKafka:
+class ApacheKafka(BrokerProcess):
     """One Apache Kafka node (broker and controller) in ``data_dir``, started and stopped by pid.
 
     Listeners on 127.0.0.1: ``PLAINTEXT`` always (:attr:`bootstrap_servers`), and with ``tls``
@@ -188,6 +187,7 @@ class ApacheKafka:
                  scram_users: Mapping[str, str] | None = None, heap_mb: int = 768,
                  configs: Mapping[str, str] | None = None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        super().__init__()
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="rnnd-kafka-"))
         self.requested_port = port  # the PLAINTEXT port (None: a free one); the others are always free ones
         self.tls = tls
@@ -198,7 +198,6 @@ class ApacheKafka:
         self.configs = dict(configs or {})
         self.startup_timeout_s = startup_timeout_s
         self._ports: dict[str, int] = {}
-        self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses and state ----------------------------------------------------------------
 
@@ -222,14 +221,6 @@ class ApacheKafka:
     @property
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -330,47 +321,35 @@ class ApacheKafka:
             return self
         if not self._ports:
             names = ["PLAINTEXT", "CONTROLLER"] + (["SSL", "SASL_SSL"] if self.tls is not None else [])
-            self._ports = {n: _free_port() for n in names}
+            self._ports = {n: free_port() for n in names}
             if self.requested_port:
                 self._ports["PLAINTEXT"] = self.requested_port
         config = self._write_config()
         self._format(config)
         with self.log_path.open("ab") as log:
             offset = log.tell()
-            self._proc = subprocess.Popen([*self._jvm(), "kafka.Kafka", str(config)], stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_parent_death_signal())
-        with _LIVE_LOCK:
-            _LIVE.add(self)  # type: ignore[arg-type]  # stopped at exit like the Tansu brokers
+            proc = subprocess.Popen([*self._jvm(), "kafka.Kafka", str(config)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=parent_death_signal())
+        self._started(proc)
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
-            code = self._proc.poll()
+            code = proc.poll()
             if code is not None:
                 self._forget()
                 raise RuntimeError(f"Apache Kafka exited with status {code} while starting. "
-                                   f"Last lines of {self.log_path}:\n{self._tail(offset)}")
-            if _READY_MARKER in self._read_log(offset) and _can_connect(self._ports["PLAINTEXT"]):
+                                   f"Last lines of {self.log_path}:\n{self._tail(offset, 25)}")
+            if _READY_MARKER in self._read_log(offset) and can_connect(self._ports["PLAINTEXT"]):
                 return self
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"Apache Kafka did not start within {self.startup_timeout_s:.0f} s. "
-                                   f"Last lines of {self.log_path}:\n{self._tail(offset)}")
+                                   f"Last lines of {self.log_path}:\n{self._tail(offset, 25)}")
             time.sleep(0.05)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM (a controlled shutdown), then SIGKILL after ``grace_s``. Safe to call repeatedly."""
-        proc, self._proc = self._proc, None
-        self._forget()
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+        super().stop(grace_s)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies mid-write; the next :meth:`start` recovers its log."""
@@ -385,28 +364,6 @@ class ApacheKafka:
         """Stop and start again on the same ports and log dir: everything on the log survives."""
         self.stop()
         return self.start()
-
-    def _forget(self) -> None:
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def _read_log(self, offset: int) -> bytes:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read()
-        except OSError:
-            return b""
-
-    def _tail(self, offset: int, lines: int = 25) -> str:
-        return "\n".join(self._read_log(offset).decode("utf-8", "replace").splitlines()[-lines:])
-
-    def __enter__(self) -> ApacheKafka:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"ApacheKafka({self.data_dir}, {'pid=' + str(self.pid) if self.running else 'stopped'})"

@@ -21,21 +21,18 @@ rnnd's own code works around the first three in one place, ``rnnd.daemon.kafka.q
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import importlib.resources
 import os
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
+
+from .broker_process import BrokerProcess, can_connect, free_port, parent_death_signal
 
 __all__ = ["EmbeddedBroker", "broker_binary", "create_topics"]
 
@@ -96,63 +93,7 @@ def broker_binary() -> Path:
     return path
 
 
-def _free_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1.
-
-    There is a short window in which another process could take the port before Tansu
-    binds it; :meth:`EmbeddedBroker.start` detects that (Tansu exits) and reports it.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _can_connect(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes Linux send SIGTERM to the broker when its parent dies.
-
-    ``atexit`` does not run when Python is killed with SIGKILL or crashes hard; this covers
-    that case so no orphan broker keeps the port. Linux delivers the signal when the *thread*
-    that forked exits, so it is only used when starting from the main thread: a broker started
-    from a worker thread (``asyncio.to_thread``) would otherwise die with that thread.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-
-    return set_pdeathsig
-
-
-#: Brokers started and not yet stopped, stopped at interpreter exit so none outlive the process.
-_LIVE: set[EmbeddedBroker] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for b in live:
-        with contextlib.suppress(Exception):
-            b.stop(grace_s=2.0)
-
-
-class EmbeddedBroker:
+class EmbeddedBroker(BrokerProcess):
     """One Tansu broker process listening on ``127.0.0.1:port`` with in-memory storage.
 
     Use it as a context manager, or call :meth:`start` / :meth:`stop` yourself::
@@ -182,13 +123,13 @@ class EmbeddedBroker:
         :param startup_timeout_s: how long :meth:`start` waits for the broker to accept connections.
         :param env: extra environment variables for the broker process (e.g. ``RUST_LOG``).
         """
+        super().__init__()
         self._requested_port = port
         self._port: int | None = port
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self._log_path: Path | None = None
         self._startup_timeout_s = startup_timeout_s
         self._env = dict(env or {})
-        self._proc: subprocess.Popen[bytes] | None = None
 
     # -- properties -------------------------------------------------------------------------
 
@@ -205,21 +146,11 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        """The broker process id while it runs, else None."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
     def log_path(self) -> Path:
         """The file that holds the broker's stdout and stderr (appended across restarts)."""
         if self._log_path is None:
             raise RuntimeError("EmbeddedBroker has no log yet: call start() first")
         return self._log_path
-
-    @property
-    def running(self) -> bool:
-        """True while the broker process is alive."""
-        return self.pid is not None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -234,7 +165,7 @@ class EmbeddedBroker:
             return self
         binary = broker_binary()
         if self._port is None:
-            self._port = _free_port()
+            self._port = free_port()
         if self._log_path is None:
             log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="rnnd-tansu-"))
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +192,7 @@ class EmbeddedBroker:
             log_offset = log.tell()
             log.write(f"--- rnnd: starting {' '.join(argv)}\n".encode())
             log.flush()
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -271,21 +202,20 @@ class EmbeddedBroker:
                 # order, instead of killing the broker under a still-running daemon.
                 start_new_session=True,
                 # Only calls prctl(), which is safe between fork and exec even with threads running.
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=parent_death_signal(),
             )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        self._started(proc)
 
         deadline = time.monotonic() + self._startup_timeout_s
         while True:
-            code = self._proc.poll()
+            code = proc.poll()
             if code is not None:
                 self._forget()
                 raise RuntimeError(
                     f"Tansu broker exited with status {code} while starting on port {self._port} "
                     f"(port taken?). Last log lines from {self._log_path}:\n{self._tail(log_offset)}"
                 )
-            if self._ready_in_log(log_offset) and _can_connect(self._port):
+            if self._ready_in_log(log_offset) and can_connect(self._port):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -301,19 +231,7 @@ class EmbeddedBroker:
         Waits for the process to exit, so the port is free again when this returns (Tansu
         exits within milliseconds of SIGTERM; the SIGKILL is a safety net).
         """
-        proc, self._proc = self._proc, None
-        self._forget()
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        super().stop(grace_s)
 
     def restart(self) -> EmbeddedBroker:
         """Stop the broker and start it again on the SAME port; return self.
@@ -327,37 +245,8 @@ class EmbeddedBroker:
         self.stop()
         return self.start()
 
-    def _forget(self) -> None:
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def _read_log(self, offset: int) -> bytes:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read()
-        except OSError:
-            return b""
-
     def _ready_in_log(self, offset: int) -> bool:
         return _READY_MARKER in self._read_log(offset)
-
-    def _tail(self, offset: int, lines: int = 20) -> str:
-        text = self._read_log(offset).decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    # -- context manager --------------------------------------------------------------------
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"
