@@ -9,6 +9,7 @@ transactions: there the setting is refused at start, in one line.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_a_frozen_replica_is_fenced_when_it_wakes(apache_kafka: Any, recipe_bund
         return DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", "exactly_once",
                              group=group, log_dir=tmp_path)
 
-    producer = LiveProducer(bootstrap, topic_in, items, rate=600)
+    producer = LiveProducer(bootstrap, topic_in, items, rate=600, idempotent=True)
     producer.start()
     with daemon() as a, daemon() as b:
         a.start(), b.start()
@@ -71,7 +72,7 @@ def test_exactly_once_survives_a_broker_restart(recipe_bundle: Any, tmp_path: Pa
         bootstrap = broker.bootstrap_servers
         topic_in, topic_out = topics(bootstrap, "restart", 4)
         items, steps = workload(keys=100, messages=5000, seed=13)
-        producer = LiveProducer(bootstrap, topic_in, items, rate=500)
+        producer = LiveProducer(bootstrap, topic_in, items, rate=500, idempotent=True)
         producer.start()
         with DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--processing-guarantee", "exactly_once",
                            log_dir=tmp_path) as d:
@@ -129,6 +130,7 @@ def test_a_partitions_new_producer_fences_the_old_one(apache_kafka: Any) -> None
             kafka.Sink, group, topic_in)
 
     async def scenario() -> list[bytes]:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
         old, new = sink(), sink()
         await old.open(0)
         await old.send_many(topic_out, [(b"k", b"zombie")], sources=[0])
@@ -151,7 +153,10 @@ def test_a_partitions_new_producer_fences_the_old_one(apache_kafka: Any) -> None
         finally:
             await reader.stop()
 
+    unhandled: list[dict] = []  # e.g. a fenced producer's error that nobody took ("never retrieved")
     assert asyncio.run(scenario()) == [b"owner"]
+    gc.collect()  # what the scenario dropped is collected now, its loop's handler still set
+    assert not unhandled, [(c.get("future"), c.get("source_traceback")) for c in unhandled]
 
 
 def test_verify_counts_a_duplicate_as_a_failure_only_under_exactly_once() -> None:

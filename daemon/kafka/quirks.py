@@ -31,11 +31,19 @@ one of them works on one broker and fails on the other. Measured on Tansu 0.6 wi
   the broker's reason (``SaslAuthenticationFailed: ... invalid credentials ...``) at ERROR on its
   own logger. rnnd keeps that logger off the terminal, so :func:`watch_login_refusals` keeps the
   last such reason and :func:`login_refused` hands it to the message that says what to fix.
+* When a transactional aiokafka producer is fenced (a newer owner of its id), its sender task
+  ends and fails everything it holds: the error lands on its transaction manager's waiter (only
+  the next ``begin``/``commit`` would await it) and on the drain waiter of every batch still
+  queued (awaited only by a later batch of the same partition). A producer closed after the
+  failure awaits none of them, and asyncio prints each as "Future exception was never
+  retrieved", with a traceback, when it is collected. :func:`forget_failure` takes them before
+  the producer is dropped.
 * aiokafka has no public way to ask a consumer for the partitions of all topics (its
   ``topics()`` keeps only the names), to read what a producer already knows about a topic's
   partitions without a request, to send one small request to any broker, or to ask a
-  transactional producer whether a transaction is open. Those go through the client object
-  (``consumer._client``, ``producer.client``, ``producer._txn_manager``) here and nowhere else.
+  transactional producer whether a transaction is open or what its fatal error was. Those go
+  through the client object (``consumer._client``, ``producer.client``, ``producer._txn_manager``)
+  here and nowhere else.
 """
 
 from __future__ import annotations
@@ -106,6 +114,20 @@ def in_transaction(producer: Any) -> bool:
     """Whether a transactional producer has a transaction open (aiokafka keeps that in its manager only)."""
     manager = getattr(producer, "_txn_manager", None)
     return bool(manager is not None and manager.is_in_transaction())
+
+
+def forget_failure(producer: Any) -> None:
+    """Take the error a failed transactional producer left on futures nobody will await.
+
+    The caller already holds the same error from the call that failed; taking it here only
+    keeps asyncio from printing it again as never retrieved."""
+    waiters = [getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)]
+    accumulator = getattr(producer, "_message_accumulator", None)
+    for queue in getattr(accumulator, "_batches", {}).values():
+        waiters += [getattr(batch, "_drain_waiter", None) for batch in queue]
+    for waiter in waiters:
+        if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
+            waiter.exception()
 
 
 async def transactions_supported(producer: Any, timeout_s: float) -> str | None:

@@ -108,6 +108,7 @@ class Sink:
                         headers: list[Headers] | None) -> list[_Sent]:
         """Queue ``items`` for the partition's pump; what to track for them (one delivery for all)."""
         delivery = asyncio.get_running_loop().create_future()
+        delivery.add_done_callback(_taken)
         tp = (topic, partition)
         self._queued.setdefault(tp, []).append((items, headers, delivery))
         self._queued_count += 1
@@ -275,6 +276,14 @@ class _Delivery:
             self.delivery.set_exception(self.error)
         else:
             self.delivery.set_result(None)
+
+
+def _taken(fut: asyncio.Future) -> None:
+    """Mark a delivery's error as seen: :meth:`Sink.flush` reads deliveries by polling, and one that
+    fails after its sink gave up on it (a fenced transaction, a stop) would otherwise be printed
+    by asyncio as "never retrieved" when collected."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _error(fut: asyncio.Future) -> BaseException:

@@ -38,7 +38,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
-from .quirks import in_transaction
+from .quirks import forget_failure, in_transaction
 from .sink import Headers, Sink
 
 __all__ = ["TransactionalSink", "transactional_id"]
@@ -125,6 +125,7 @@ class TransactionalSink:
                     await asyncio.wait_for(part.producer.abort_transaction(), ABORT_S)
             with contextlib.suppress(Exception, TimeoutError):
                 await asyncio.wait_for(part.producer.stop(), ABORT_S)
+            forget_failure(part.producer)
 
     async def close_all(self) -> None:
         await asyncio.gather(*(self.close(p) for p in {*self._open, *(d.partition for d in self._detached)}))
