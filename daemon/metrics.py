@@ -99,6 +99,11 @@ class Metrics:
         self.gc_pause = BulkHistogram("rnnd_gc_pause_seconds", "Python garbage-collection pauses (every generation): "
                                       "they stop the event loop, so they show in latency (see gc_threshold).",
                                       registry=r, buckets=_TIME_BUCKETS)
+        self.loop_lag = BulkHistogram("rnnd_event_loop_lag_seconds", "How late the event loop woke a timer: how long "
+                                      "one piece of work (intake, encoding, a GC pause) held it, during which "
+                                      "fetches, outputs and /metrics waited.", registry=r, buckets=_TIME_BUCKETS)
+        self.loop_lag_max = Gauge("rnnd_event_loop_lag_max_seconds", "The largest event-loop lag since start.",
+                                  registry=r)
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason)
         for reason in REASONS:

@@ -9,7 +9,12 @@ round makes at most log2(max_chunk)+1 calls; what does not fit runs in the next 
 
 Dispatch is eager: ``next_batch`` is called whenever the model is free, so the batch grows
 with load and a lone step is never held back waiting for company (unless max_wait_ms asks
-for that, see app.py).
+for that, see ``service.loops.Inferrer``).
+
+A round is also held to ``max_steps`` steps in all. Its outputs are encoded and handed to the
+producer on the event loop, a few microseconds per step; an unbounded round over a backlog
+(1024 streams × 64 steps) would hold the loop for most of a second, with no fetch, output or
+/metrics answer meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ import numpy as np
 
 from .codec import Record
 from .state import Streams
+
+#: Most steps in one round (all its calls together): ~5-8 µs of event-loop work each (encoding,
+#: producing, gathering) keeps a round's hold on the loop near 25 ms, half the 50 ms a fetch or a
+#: scrape may wait. Large enough that ONNX Runtime's per-call cost stays negligible (a call of
+#: 64 streams already runs at 10× a call of one, see docs/benchmarks.md's compute ceiling).
+MAX_ROUND_STEPS = 4096
 
 
 @dataclass
@@ -43,10 +54,11 @@ class Group:
 class Scheduler:
     def __init__(self, streams: Streams, max_batch: int, max_chunk: int,
                  on_reset: Callable[[int, Record], None] | None = None,
-                 on_end: Callable[[int, Record], None] | None = None) -> None:
+                 on_end: Callable[[int, Record], None] | None = None, max_steps: int = MAX_ROUND_STEPS) -> None:
         self.streams = streams
         self.max_batch = max_batch
         self.max_chunk = max_chunk
+        self.max_steps = max(max_steps, max_chunk)  # a stream's full chunk always fits
         self.queues: dict[int, deque[Record]] = {}
         self.ready: dict[int, None] = {}  # insertion-ordered set: streams with work, oldest first
         self.inflight = 0  # steps and controls accepted but not yet applied
@@ -65,19 +77,24 @@ class Scheduler:
     def next_batch(self) -> list[Group]:
         """Take work for the next round: groups keyed by chunk length T."""
         groups: dict[int, Group] = {}
-        taken = 0
+        taken = steps_taken = 0
         ready, queues = self.ready, self.queues
-        while taken < self.max_batch and ready:
+        room = self.max_steps - self.max_chunk  # below it, the next stream's chunk still fits
+        while taken < self.max_batch and ready and steps_taken <= room:
             # Oldest first, no more than the batch can hold: the rest stay ready for the next round.
             for slot in list(islice(ready, self.max_batch - taken)):
+                if steps_taken > room:
+                    break
                 del ready[slot]
                 q = queues[slot]
                 self._apply_controls(slot, q)
                 if not q:
                     del queues[slot]
                     continue
-                if self._take(slot, q, groups):
+                t = self._take(slot, q, groups)
+                if t:
                     taken += 1
+                    steps_taken += t
         steps = self.streams.steps
         for g in groups.values():
             g.first_step = steps[g.slots].tolist()

@@ -35,6 +35,7 @@ class Harness:
     max_batch: int = 64
     max_chunk: int = 8
     capacity: int = 256
+    max_steps: int = 1 << 30  # the round budget: out of the way unless a test sets it
     streams: Streams = field(init=False)
     sched: Scheduler = field(init=False)
     trace: dict[bytes, list] = field(default_factory=lambda: defaultdict(list))
@@ -45,7 +46,8 @@ class Harness:
 
     def __post_init__(self) -> None:
         self.streams = Streams(spec(), self.capacity)
-        self.sched = Scheduler(self.streams, self.max_batch, self.max_chunk, on_reset=self._reset, on_end=self._end)
+        self.sched = Scheduler(self.streams, self.max_batch, self.max_chunk, on_reset=self._reset, on_end=self._end,
+                               max_steps=self.max_steps)
 
     def _reset(self, slot: int, r: Record) -> None:
         assert self.streams.keys[slot] == r.key
@@ -315,3 +317,32 @@ def test_as_array_shapes() -> None:
     np.testing.assert_array_equal(x[1, 0], [5, 6])
     ids = as_array([1, 2, 3, 4, 5, 6], 3, 2, numeric=False)
     assert ids.dtype == np.int64 and ids.tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_a_round_is_held_to_its_step_budget_and_the_rest_follows_in_order() -> None:
+    """A backlog larger than a round's step budget runs over several rounds, none above the budget
+    and each as full as the next chunk allows; the streams left over go first in the next round,
+    and every stream still sees its steps in order (the harness checks continuity)."""
+    h = Harness(max_batch=64, max_chunk=8, capacity=256, max_steps=100)
+    rng = random.Random(3)
+    sent: dict[bytes, list] = defaultdict(list)
+    for i in range(400):
+        key = f"k{rng.randrange(60)}".encode()
+        steps = [[float(i * 10 + j)] for j in range(rng.choice((1, 3, 8)))]
+        sent[key] += [s for s in steps]
+        h.add(key, steps)
+    order: list[list[int]] = []
+    while h.sched.ready:
+        first = list(h.sched.ready)
+        groups = h.plan()
+        steps = sum(g.size * g.t for g in groups)
+        assert steps <= 100
+        assert steps > 100 - 8 or not h.sched.ready or len(first) == sum(g.size for g in groups), steps
+        # oldest first: the round took a prefix of the streams that were ready
+        taken = [slot for g in groups for slot in g.slots]
+        assert sorted(taken) == sorted(first[:len(taken)])
+        order.append(taken)
+        h.complete(groups)
+    assert len(order) > 1
+    assert {k: [x for x in v if x not in ("R", "E")] for k, v in h.trace.items()} == dict(sent)
+    h.assert_settled()

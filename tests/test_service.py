@@ -374,6 +374,122 @@ def calls_running_at(log: list[tuple], entry: tuple) -> int:
     return before.count(("call", "start")) - before.count(("call", "end"))
 
 
+def log_intake_and_rounds(daemon: Daemon, log: list[tuple], after_slice: Callable[[int], None] = lambda n: None,
+                          ) -> None:
+    """Log each slice the fetcher took in (when it is in), each round's plan and finish (the three run
+    on the event loop, so the log has them in the order the loop ran them), and each model call's
+    end (on the worker thread: when the call ended). ``after_slice(k)`` runs after the k-th slice."""
+    pipeline = daemon.pipeline
+    accept, plan, execute, finish = pipeline.accept_many, pipeline.plan, pipeline.execute, pipeline.finish
+    slices = 0
+
+    def logged_accept(partition: int, records: Any) -> int:
+        nonlocal slices
+        taken = accept(partition, records)
+        slices += 1
+        log.append(("accept", taken))
+        after_slice(slices)
+        return taken
+
+    def logged_plan() -> list:
+        calls = plan()
+        log.append(("plan", sum(c.group.size * c.group.t for c in calls)))
+        return calls
+
+    def logged_execute(calls: list) -> list:
+        done = execute(calls)
+        log.append(("call-end",))
+        return done
+
+    def logged_finish(calls: list) -> list:
+        log.append(("finish", len(calls)))
+        return finish(calls)
+
+    pipeline.accept_many = logged_accept  # type: ignore[method-assign]
+    pipeline.plan = logged_plan  # type: ignore[method-assign]
+    pipeline.execute = logged_execute  # type: ignore[method-assign]
+    pipeline.finish = logged_finish  # type: ignore[method-assign]
+
+
+def test_a_backlog_is_taken_in_slices_with_model_rounds_between(recipe_bundle) -> None:
+    """Fair scheduling: one fetch of 6,000 records (3,000 streams) is decoded and queued at most
+    ``INTAKE_SLICE`` records at a time; the first round is planned right after the first slice; a
+    model call that ends while the rest is taken in is finished (its outputs encoded and sent)
+    after at most two more slices, not after the whole backlog.
+
+    So that a call does end mid-intake whatever the machine's speed, the second slice waits
+    (blocking the loop, as slow work would) until the first call has ended."""
+    from rnnd.daemon.service.budgets import INTAKE_SLICE
+
+    fakes = FakeClients()
+    n = 6000
+    call_ended = threading.Event()
+
+    def after_slice(k: int) -> None:
+        if k == 2:
+            assert call_ended.wait(20), "the first model call never ended"
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes)
+        log_intake_and_rounds(daemon, fakes.log, after_slice)
+        execute = daemon.pipeline.execute
+
+        def signalled(calls: list) -> list:
+            done = execute(calls)
+            call_ended.set()
+            return done
+
+        daemon.pipeline.execute = signalled  # type: ignore[method-assign]
+        run = await started(daemon, fakes)
+        mark = len(fakes.log)
+        fakes.group.feed(TP0, [(f"k{i % 3000}".encode(), orjson.dumps({"x": [i / n]})) for i in range(n)])
+        await until(lambda: len(fakes.out.outputs()) == n and not daemon.pipeline.busy())
+        events = since(fakes.log, mark, "accept", "plan", "call-end", "finish")
+        accepted = [e[1] for e in events if e[0] == "accept"]
+        assert sum(accepted) == n and max(accepted) <= INTAKE_SLICE < n
+        assert [e[0] for e in events[:2]] == ["accept", "plan"], events[:3]  # a round starts on the first slice
+        last_accept = max(i for i, e in enumerate(events) if e[0] == "accept")
+        ends = [i for i, e in enumerate(events[:last_accept]) if e[0] == "call-end"]
+        assert ends, "no model call ended while the backlog was taken in"
+        for i in ends:
+            finish = next(j for j in range(i, len(events)) if events[j][0] == "finish")
+            waited = sum(e[1] for e in events[i:finish] if e[0] == "accept")
+            assert waited <= 2 * INTAKE_SLICE, (waited, events[i:finish])
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_a_fetch_taken_away_mid_intake_is_not_taken_in_further(recipe_bundle) -> None:
+    """A rebalance that takes the partition away between two slices of a fetch, and gives it back,
+    ends that fetch's intake: its rest belongs to the partition's re-read from the restored
+    position, not to this stale list (taken in, it would run ahead of steps still to be re-read)."""
+    from rnnd.daemon.service.budgets import INTAKE_SLICE
+
+    fakes = FakeClients()
+    daemon_ref: list[Daemon] = []
+
+    def after_slice(k: int) -> None:
+        if k == 2:  # what the rebalancer does to the shared assignment: revoked, then assigned again
+            daemon_ref[0].assigned.take_away({TP0})
+            daemon_ref[0].assigned.add(TP0)
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes)
+        daemon_ref.append(daemon)
+        log_intake_and_rounds(daemon, fakes.log, after_slice)
+        run = await started(daemon, fakes)
+        fakes.group.feed(TP0, [(b"k", orjson.dumps({"x": [i / 100]})) for i in range(5 * INTAKE_SLICE)])
+        await until(lambda: len(since(fakes.log, 0, "accept")) >= 2 and not daemon.pipeline.busy())
+        await asyncio.sleep(0.2)  # time for a wrong third slice to show up
+        assert since(fakes.log, 0, "accept") == [("accept", INTAKE_SLICE)] * 2
+        fakes.group.feed(TP0, [(b"k", orjson.dumps({"x": [0.5]}))])  # the next fetch is taken in
+        await until(lambda: len(since(fakes.log, 0, "accept")) == 3)
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
 def test_a_revocation_finishes_the_partitions_steps_then_checkpoints_then_drops(recipe_bundle) -> None:
     """A revocation during a model call waits for that call and for the partition's queued steps,
     has their outputs acknowledged and their offsets committed, and only then drops the streams."""

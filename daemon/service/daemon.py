@@ -16,7 +16,6 @@ import logging
 import signal
 import time
 
-from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from .. import changelog, kafka
@@ -26,8 +25,8 @@ from ..pipeline import Pipeline
 from .budgets import CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S, DRAIN_POLL_S, DRAIN_S
 from .checkpoint import Checkpointer, Locks
 from .clients import AiokafkaFactory, ClientFactory, Clients
-from .housekeeping import BrokerWatch, Housekeeper, Readiness
-from .loops import Backpressure, Fetcher, Inferrer
+from .housekeeping import BrokerWatch, Housekeeper, LoopWatch, Readiness
+from .loops import Assignment, Backpressure, Fetcher, Inferrer
 from .models import open_model, report_model
 from .publish import Publisher
 from .rebalance import Rebalancer
@@ -50,7 +49,7 @@ class Daemon:
         self.http = HttpServer(metrics, self.is_ready, cfg.http_host, cfg.http_port)
         self.factory = factory = clients or AiokafkaFactory()
         self.clients = kc = Clients(factory, cfg, self.group_id, self.changelog_topic)
-        self.assigned: set[TopicPartition] = set()  # shared, updated in place by the rebalancer
+        self.assigned = Assignment()  # shared, updated in place by the rebalancer
         self.locks = locks = Locks()
         self._stopping = asyncio.Event()
         self._work = asyncio.Event()
@@ -67,6 +66,7 @@ class Daemon:
         self.checkpointer.recovery = self.rebalancer  # exactly-once: a failed transaction's partition comes back
         self.housekeeper = Housekeeper(cfg, pipeline, metrics, kc, self.assigned)
         self.broker_watch = BrokerWatch(cfg, metrics, kc, factory, readiness)
+        self.loop_watch = LoopWatch(metrics)
         report_model(metrics, self.model, self.provider)
         metrics.messages.labels(cfg.input_topic)  # a series at 0 before the first message
         metrics.ready.set_function(lambda: float(self.is_ready()))  # what /readyz answers, when scraped
@@ -93,7 +93,8 @@ class Daemon:
                 return 0
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("fetch", self.fetcher.run()), ("infer", self.inferrer.run()), ("checkpoint", self.checkpointer.run()),
-                ("housekeep", self.housekeeper.run()), ("watch", self.broker_watch.run()))]
+                ("housekeep", self.housekeeper.run()), ("watch", self.broker_watch.run()),
+                ("loop-watch", self.loop_watch.run()))]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in done:

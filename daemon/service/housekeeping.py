@@ -1,9 +1,13 @@
-"""What the daemon does besides serving: readiness, TTL eviction and its log, consumer lag, the broker watch.
+"""What the daemon does besides serving: readiness, TTL eviction and its log, consumer lag, the broker
+watch, the event-loop watch.
 
 Readiness (/readyz) is "connected, in the group, the last Kafka call worked, a broker answered
 within ``broker_unreachable_s``, not stopping". The broker watch supplies the last of these:
 a fetch that finds no broker returns empty-handed like one that finds no data, so the fetch
 loop alone cannot tell an outage from a quiet topic.
+
+The event-loop watch measures what every other part only suffers: while one piece of work
+holds the loop, no fetch, output, commit or /metrics request is served.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from .. import kafka
 from ..config import ServeConfig
 from ..metrics import Metrics
 from ..pipeline import Pipeline
-from .budgets import BROKER_CHECK_INTERVAL_S, BROKER_CHECK_TIMEOUT_S, HOUSEKEEP_INTERVAL_S, LAG_POSITION_TIMEOUT_S
+from .budgets import (
+    BROKER_CHECK_INTERVAL_S,
+    BROKER_CHECK_TIMEOUT_S,
+    HOUSEKEEP_INTERVAL_S,
+    LAG_POSITION_TIMEOUT_S,
+    LOOP_LAG_PROBE_S,
+)
 from .clients import ClientFactory, Clients
 
 log = logging.getLogger("rnnd.daemon")
@@ -140,3 +150,24 @@ class BrokerWatch:
                 log.warning("no broker at %s has answered for %.1fs: not ready (/readyz 503) until one does "
                             "(broker_unreachable_s=%g); outputs wait in memory, nothing is lost", cfg.bootstrap_servers,
                             silent, cfg.broker_unreachable_s)
+
+
+class LoopWatch:
+    """Event-loop lag: a timer asks to be woken every ``LOOP_LAG_PROBE_S``; how late it is woken is
+    how long the loop was held. Observed into ``rnnd_event_loop_lag_seconds`` (and its maximum)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.histogram = metrics.loop_lag
+        self.maximum = metrics.loop_lag_max
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        clock = time.perf_counter
+        while True:
+            asked = clock()
+            await asyncio.sleep(LOOP_LAG_PROBE_S)
+            lag = max(0.0, clock() - asked - LOOP_LAG_PROBE_S)
+            self.histogram.observe(lag)
+            if lag > self.worst:
+                self.worst = lag
+                self.maximum.set(lag)

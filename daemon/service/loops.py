@@ -5,7 +5,14 @@
 * ``Inferrer`` ``pipeline.plan`` → ``execute`` on a worker thread → ``finish`` → outputs to the
                sink. Eager: runs whenever there is work, so batches grow with load.
 
-Everything here runs once per fetch or per model call, never per message, except what
+The two share one event loop, and neither may hold it long: while one works, the other's
+results wait, and so do the producer, the checkpoint and /metrics. So the fetcher takes a
+fetch in slices of ``INTAKE_SLICE`` records and yields after each one (a model call that
+finished meanwhile is finished and the next one started before the next slice), and a round
+of model calls is held to ``scheduler.MAX_ROUND_STEPS`` steps. ``rnnd_event_loop_lag_seconds``
+measures what is left.
+
+Everything here runs once per slice or per model call, never per message, except what
 ``accept_many`` does; the per-round work is written flat (locals bound before the loops).
 """
 
@@ -22,7 +29,7 @@ from aiokafka.errors import KafkaError
 from ..config import ServeConfig
 from ..metrics import Metrics
 from ..pipeline import Pipeline
-from .budgets import FETCH_POLL_MS, FETCH_RETRY_S, SLOT_WAIT_S
+from .budgets import FETCH_POLL_MS, FETCH_RETRY_S, INTAKE_SLICE, SLOT_WAIT_S
 from .clients import Clients
 from .housekeeping import Readiness
 from .publish import Publisher
@@ -30,11 +37,31 @@ from .publish import Publisher
 log = logging.getLogger("rnnd.daemon")
 
 
+class Assignment(set[TopicPartition]):
+    """The input partitions assigned and ready to serve (the rebalancer keeps it current, in place),
+    and how often each has been taken away (revoked, or dropped after a failed transaction).
+
+    A fetch is taken in slices, and the loop runs other tasks between them: a rebalance may
+    take a partition away mid-fetch, and even give it back. The rest of that fetch then
+    belongs to the partition's next owner (or to this member's own re-read, from its restored
+    position), so the fetcher checks the count, not only membership, before each slice.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken_away: dict[int, int] = {}
+
+    def take_away(self, tps: set[TopicPartition] | list[TopicPartition]) -> None:
+        self.difference_update(tps)
+        for tp in tps:
+            self.taken_away[tp.partition] = self.taken_away.get(tp.partition, 0) + 1
+
+
 class Backpressure:
     """Pauses the assigned partitions above ``max_inflight_steps`` waiting steps, resumes them below half."""
 
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline, metrics: Metrics, clients: Clients,
-                 assigned: set[TopicPartition]) -> None:
+                 assigned: Assignment) -> None:
         self.limit = cfg.max_inflight_steps
         self.scheduler = pipeline.scheduler
         self.gauge = metrics.paused
@@ -57,7 +84,7 @@ class Backpressure:
 class Fetcher:
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline, metrics: Metrics, clients: Clients,
                  backpressure: Backpressure, publisher: Publisher, readiness: Readiness,
-                 assigned: set[TopicPartition], stopping: asyncio.Event, work: asyncio.Event) -> None:
+                 assigned: Assignment, stopping: asyncio.Event, work: asyncio.Event) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.metrics = metrics
@@ -90,32 +117,36 @@ class Fetcher:
                 continue
             if stopping.is_set():
                 break  # not accepted, not committed: the next owner reads them
-            n = 0
+            taken_away = assigned.taken_away
             for tp, records in batches.items():
                 if tp not in assigned:
                     # Fetched while the partition's state is still being restored: read it again later.
                     with contextlib.suppress(Exception):
                         consumer.seek(tp, records[0].offset)
                     continue
-                taken = accept(tp.partition, records)
-                while taken < len(records):
-                    # All max_streams slots hold streams with queued steps: let the model work
-                    # some off before a new stream can take (or evict) a slot.
+                owned = taken_away.get(tp.partition, 0)
+                for start in range(0, len(records), INTAKE_SLICE):
+                    if taken_away.get(tp.partition, 0) != owned:
+                        break  # taken away meanwhile: the rest is read again by whoever owns it now
+                    part = records[start:start + INTAKE_SLICE]
+                    taken = accept(tp.partition, part)
+                    while taken < len(part):
+                        # All max_streams slots hold streams with queued steps: let the model work
+                        # some off before a new stream can take (or evict) a slot.
+                        work.set()
+                        await asyncio.sleep(SLOT_WAIT_S)
+                        if stopping.is_set():
+                            return
+                        taken += accept(tp.partition, part[taken:])
+                    messages.inc(taken)
                     work.set()
-                    await asyncio.sleep(SLOT_WAIT_S)
-                    if stopping.is_set():
-                        return
-                    taken += accept(tp.partition, records[taken:])
-                n += taken
-            if n:
-                messages.inc(n)
-                work.set()
-                if send_dead_letters:  # exactly-once: only the checkpoint sends them, inside its transactions
-                    await self.publisher.send_side_outputs()
-                # Let the infer task start a model call on what was just accepted. getmany returns
-                # without suspending while fetched data is buffered, so without this yield a backlog
-                # is accepted whole before the first call (and live steps wait behind the fetches).
-                await asyncio.sleep(0)
+                    if send_dead_letters:  # exactly-once: only the checkpoint sends them, inside its transactions
+                        await self.publisher.send_side_outputs()
+                    # Hand the loop on: the infer task finishes a call that ended meanwhile and starts
+                    # the next on what was just accepted. getmany returns without suspending while
+                    # fetched data is buffered, so without this a backlog would be taken in whole
+                    # before the first call, and live steps would wait behind it.
+                    await asyncio.sleep(0)
 
 
 class Inferrer:

@@ -40,7 +40,7 @@ from .budgets import (
 from .checkpoint import Checkpointer
 from .clients import Clients
 from .housekeeping import Readiness
-from .loops import Backpressure
+from .loops import Assignment, Backpressure
 
 log = logging.getLogger("rnnd.daemon")
 
@@ -50,7 +50,7 @@ class Rebalancer(ConsumerRebalanceListener):
 
     def __init__(self, cfg: ServeConfig, spec: BundleSpec, pipeline: Pipeline, metrics: Metrics, clients: Clients,
                  checkpointer: Checkpointer, call_lock: asyncio.Lock, backpressure: Backpressure,
-                 readiness: Readiness, assigned: set[TopicPartition], work: asyncio.Event,
+                 readiness: Readiness, assigned: Assignment, work: asyncio.Event,
                  on_fatal: Callable[[int], None]) -> None:
         self.cfg = cfg
         self.spec = spec
@@ -88,7 +88,7 @@ class Rebalancer(ConsumerRebalanceListener):
         if self.cfg.exactly_once and self.clients.sink is not None:
             for p in mine:
                 await self.clients.sink.close(p)
-        self.assigned.difference_update(revoked)
+        self.assigned.take_away(revoked)
         for p in mine:
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(str(p))
@@ -145,7 +145,7 @@ class Rebalancer(ConsumerRebalanceListener):
             self.pipeline.revoke(p)
             if self.clients.sink is not None:
                 self.clients.sink.detach(p)
-        self.assigned.difference_update(tps)
+        self.assigned.take_away(tps)
 
     async def recover(self, failed: dict[int, BaseException]) -> None:
         """Abort the failed transactions; bring each partition back from its last commit, in the background.
