@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contenders", default="",
                    help="comma-separated contenders to run (default: all); one of: passthrough-json, "
                         "passthrough-orjson, naive-onnx, naive-torch, quix-store, quix-dict, batched, rnnd, "
-                        "rnnd-changelog, passthrough-fw50 (live)")
+                        "rnnd-changelog, passthrough-min, passthrough-fw50 (live)")
     p.add_argument("--repeat", type=int, default=1, help="run each backlog contender N times, interleaved; "
                                                          "the table shows medians")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

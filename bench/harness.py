@@ -9,7 +9,13 @@ The rule, the same for every contender:
 * **end** = the latest timestamp among the contender's output records. Output records carry
   CreateTime, set by the contender's producer when it sends the record (Quix is told to do
   the same; by default it copies the input's timestamp).
-* **throughput** = steps / (end - start); messages/s likewise.
+* **throughput** = steps / (end - start); messages/s likewise. That is clock B, from assignment,
+  which counts what the program does before its first output; clock A (``steps_per_s_a``) runs
+  from the first output to the last, as a harness that only sees the outputs would time it.
+* **first output** = its time after start; **longest gap** = the longest pause between two
+  consecutive outputs (a program that holds its event loop, or takes a backlog in whole before
+  its first model call, shows it here); rnnd's **max loop lag** is its own
+  ``rnnd_event_loop_lag_max_seconds`` at the end.
 * **CPU** = the contender process's user+system CPU time (all its threads, from
   /proc/PID/stat, sampled every 50 ms) between start and end, interpolated; per million steps.
   The broker's CPU over the same window is recorded too.
@@ -86,8 +92,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("rnnd", "rnnd serve", kind="rnnd"),
 ]}
 # Variants the suite runs under their own names (bench.suite._contender): not separate programs.
-VARIANTS = ("rnnd-changelog", "rnnd-eos", "rnnd-uvloop", "passthrough-uvloop", "passthrough-batch",
-            "passthrough-fw50")
+VARIANTS = ("rnnd-changelog", "rnnd-eos", "rnnd-uvloop", "passthrough-min", "passthrough-uvloop",
+            "passthrough-batch", "passthrough-fw50")
 
 
 @dataclass
@@ -103,7 +109,11 @@ class RunResult:
     seconds: float = 0.0  # start → end (see the module docstring)
     steps_per_s: float = 0.0
     messages_per_s: float = 0.0
-    first_to_last_s: float = 0.0  # first output → last output: the same window without the first call
+    first_to_last_s: float = 0.0  # clock A: first output → last output (start-up and the first call not counted)
+    steps_per_s_a: float = 0.0  # outputs / first_to_last_s
+    first_output_ms: float = 0.0  # start (assignment) → first output
+    longest_gap_ms: float = 0.0  # the longest time between two consecutive outputs (by their timestamps)
+    loop_lag_max_ms: float = -1.0  # rnnd: rnnd_event_loop_lag_max_seconds at the end (-1: not measured)
     cpu_s: float = 0.0
     cpu_s_per_m_steps: float = 0.0
     broker_cpu_s: float = 0.0
@@ -337,7 +347,10 @@ class Runner:
         res.wall_s = time.monotonic() - t_wall
         self._measure(res, outputs, assigned, sampler, live)
         if contender.kind == "rnnd" and logf.with_suffix(".metrics").exists():
-            res.batching = rnnd_batching(logf.with_suffix(".metrics").read_text())
+            metrics = logf.with_suffix(".metrics").read_text()
+            res.batching = rnnd_batching(metrics)
+            lag = _metric(metrics, "rnnd_event_loop_lag_max_seconds")
+            res.loop_lag_max_ms = lag * 1000 if lag >= 0 else -1.0
         if not res.ok and not res.error.endswith(_tail(logf)):
             res.error += f" | log: {_tail(logf)}"
         return res
@@ -387,7 +400,9 @@ class Runner:
     def _measure(res: RunResult, outputs: list[kafkaio.Output], assigned: int, sampler: CpuSampler,
                  live: Live | None) -> None:
         res.outputs = len(outputs)
-        res.distinct_ids = len({o.doc.get("id") for o in outputs})
+        # rnnd and the full pass-through carry an id; the minimal one is told apart by its coordinates
+        res.distinct_ids = len({o.doc.get("id") or (o.doc.get("partition"), o.doc.get("offset"), o.doc.get("j"))
+                                for o in outputs})
         res.peak_rss_mb = sampler.peak_rss.get("contender", 0) / 2**20
         if live is not None:
             res.rate = live.rate
@@ -403,6 +418,9 @@ class Runner:
         end, first = int(ts.max()), int(ts.min())
         res.seconds = max(1e-3, (end - assigned) / 1000)
         res.first_to_last_s = (end - first) / 1000
+        res.steps_per_s_a = res.outputs / max(1e-3, res.first_to_last_s)
+        res.first_output_ms = float(first - assigned)
+        res.longest_gap_ms = float(np.diff(np.sort(ts)).max()) if len(ts) > 1 else 0.0
         res.steps_per_s = res.outputs / res.seconds
         res.messages_per_s = res.messages * (res.outputs / max(1, res.steps)) / res.seconds
         res.cpu_s = sampler.cpu_between("contender", assigned, end)

@@ -61,7 +61,8 @@ class Options:
 # Which contenders run on which workload. Every contender runs on `wide` (the targets' table);
 # the others keep to what their targets compare, to stay within the time budget.
 PLAN_FULL = {
-    "wide": ("passthrough-json", "passthrough-orjson", "passthrough-uvloop", "passthrough-batch", "naive-onnx",
+    "wide": ("passthrough-json", "passthrough-orjson", "passthrough-min", "passthrough-uvloop", "passthrough-batch",
+             "naive-onnx",
              "naive-torch", "quix-store", "quix-dict", "batched", "rnnd", "rnnd-changelog", "rnnd-eos", "rnnd-uvloop"),
     "deep": ("passthrough-orjson", "naive-onnx", "naive-torch", "batched", "rnnd"),
     "large": ("naive-onnx", "naive-torch", "batched", "rnnd"),
@@ -123,6 +124,7 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
     """Aliases for variants: ``rnnd-changelog`` is rnnd with durable state on (the daemon's default,
     where it exists); ``passthrough-fw50`` is the orjson pass-through with ``fetch_max_wait_ms=50``
     instead of aiokafka's 500 (live mode: what the client setting alone does to latency on Tansu);
+    ``passthrough-min`` writes the small document a user's own consumer would (``--output minimal``);
     ``passthrough-uvloop`` the same on uvloop; ``passthrough-batch`` produces one record batch per
     partition per round (create_batch/send_batch), the produce path the daemon uses;
     ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop; ``rnnd-eos`` is
@@ -133,6 +135,8 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
         return CONTENDERS["rnnd"], ("--changelog", "--processing-guarantee", "exactly_once")
     if name == "passthrough-fw50":
         return CONTENDERS["passthrough-orjson"], ("--fetch-max-wait-ms", "50")
+    if name == "passthrough-min":
+        return CONTENDERS["passthrough-orjson"], ("--output", "minimal")
     if name == "passthrough-uvloop":
         return CONTENDERS["passthrough-orjson"], ("--loop", "uvloop")
     if name == "passthrough-batch":
