@@ -29,11 +29,12 @@ import numpy as np
 from .codec import Record
 from .state import Streams
 
-#: Most steps in one round (all its calls together): ~5-8 µs of event-loop work each (encoding,
-#: producing, gathering) keeps a round's hold on the loop near 25 ms, half the 50 ms a fetch or a
-#: scrape may wait. Large enough that ONNX Runtime's per-call cost stays negligible (a call of
-#: 64 streams already runs at 10× a call of one, see docs/benchmarks.md's compute ceiling).
-MAX_ROUND_STEPS = 4096
+#: Most steps in one round (all its calls together). Finishing a round (scatter, encode, hand to
+#: the producer) is ~8 µs of event-loop work per step, so 1,024 keep it near 10 ms. On the wide
+#: backlog, 1,024 with the infer loop's yield between rounds took the max loop lag from 77 ms
+#: (2,048, no yield) to 23 ms, and throughput did not drop. ONNX Runtime's
+#: fixed cost per call (~30 µs) stays small next to a call's ~1 ms of work at this size.
+MAX_ROUND_STEPS = 1024
 
 
 @dataclass
