@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import config
 
@@ -27,11 +28,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.from_args(args)
     from . import logs
 
-    logs.setup(cfg.log_format, cfg.log_level)
+    worker = os.environ.get(config.WORKER_ENV, "")
+    logs.setup(cfg.log_format, cfg.log_level, int(worker) if worker.isdigit() else None)
     from .service import Daemon, serve
 
-    if args.check:
+    if args.check:  # with workers > 1 too: each worker would check the same settings and the same model
         daemon = Daemon(cfg)
         print(f"ok: {daemon.model.spec.model.ref} on {daemon.provider.actual}")
         return 0
+    if cfg.workers > 1:
+        from .service.workers import supervise
+
+        return supervise(cfg, debug=args.debug)
     return serve(cfg)

@@ -24,10 +24,11 @@ from . import names, settings
 from .errors import ConfigError, SecurityError
 from .security import KafkaSecurity
 from .security import check as check_security
-from .settings import ENV_NOT_SETTINGS, ENV_PREFIX, opt, spellings
+from .settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV, opt, spellings
 
-__all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "ConfigError", "ServeConfig", "add_arguments", "check_environment",
-           "check_topic_name", "docs_table", "from_args", "load", "opt", "replace", "settings_of", "spellings"]
+__all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "WORKER_ENV", "ConfigError", "ServeConfig", "add_arguments",
+           "check_environment", "check_topic_name", "docs_table", "from_args", "load", "opt", "replace", "settings_of",
+           "spellings"]
 
 #: Kafka's rule for topic names (kafka.common.internals.Topic): at most 249 of these characters.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -105,7 +106,9 @@ class ServeConfig:
                                                      "changelog and a broker with transactions (Apache Kafka, not "
                                                      "Tansu).", choices=("at_least_once", "exactly_once"))
     # --- Kafka client behaviour ---
-    fetch_max_records: int = opt(10_000, "Most records taken from Kafka in one fetch.", ge=1, le=_INT32)
+    fetch_max_records: int = opt(2_000, "Most records taken from Kafka in one fetch. aiokafka parses them on the "
+                                        "event loop in one go: 2,000 keep that under ~10 ms (rnnd_event_loop_lag_"
+                                        "seconds); more saves little per fetch.", ge=1, le=_INT32)
     fetch_max_wait_ms: int = opt(20, "How long the broker may hold a fetch waiting for data. Low keeps live "
                                      "latency low (aiokafka's 500 ms default dominated p99 in docs/benchmarks.md); "
                                      "below the consumer's 40 s request timeout.", ge=0, le=30_000)
@@ -126,6 +129,9 @@ class ServeConfig:
     # --- Kafka security (declared by the security module, shared with `rnnd produce`/`tail`) ---
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     # --- operations ---
+    workers: int = opt(1, "Processes of `rnnd serve` on this machine, in one consumer group (partitions are split "
+                          "among them), stopped together, behind one /metrics with a worker label; each loads "
+                          "the model. 1: this process serves, as without the setting.", ge=1, le=1024)
     http_host: str = opt("0.0.0.0", "Bind address of /metrics, /healthz and /readyz.")
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).", ge=0, le=65535)
     log_format: str = opt("text", "Log lines as text or json.", choices=("text", "json"))

@@ -9,20 +9,30 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        doc: dict[str, str | int] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name,
+                                     "msg": record.getMessage()}
+        if self.worker is not None:
+            doc["worker"] = self.worker
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
-def setup(fmt: str = "text", level: str = "info") -> None:
+def setup(fmt: str = "text", level: str = "info", worker: int | None = None) -> None:
+    """``worker``: the number of a worker of ``rnnd serve --workers N``. The workers write to the
+    supervisor's stdout and stderr, interleaved, so each line says whose it is."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        who = "" if worker is None else f"worker {worker} "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

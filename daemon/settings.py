@@ -31,17 +31,20 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 
-__all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "Setting", "add_arguments", "build", "check_declared",
+__all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "WORKER_ENV", "Setting", "add_arguments", "build", "check_declared",
            "check_environment", "coerce", "docs_table", "flat_access", "layer", "of", "opt", "read_file",
            "redacted", "replace", "spellings", "value", "with_source"]
 
 ENV_PREFIX = "RNND_"
+#: The number of a worker of ``rnnd serve --workers N`` (rnnd.daemon.service.workers), for its log lines.
+WORKER_ENV = f"{ENV_PREFIX}WORKER"
 
 #: ``RNND_*`` environment variables that are not settings but are still rnnd's. Any other
 #: ``RNND_*`` variable is refused as a typo (``RNND_MAX_BACTH``), as an unknown key of the
 #: config file is: otherwise the setting it meant would silently keep its default.
 ENV_NOT_SETTINGS = {
     f"{ENV_PREFIX}CONFIG": "the config file, as --config",
+    WORKER_ENV: "set by `rnnd serve --workers N` on each worker: its number, shown in its log lines",
     f"{ENV_PREFIX}DEBUG": "set by --debug: tracebacks, and `rnnd export` shows the exporter's own output",
     f"{ENV_PREFIX}TEST_BOOTSTRAP": "the test suite's Kafka (tests/kafka_fixtures.py)",
     f"{ENV_PREFIX}KAFKA_LIBS": "where Apache Kafka's jars are cached (rnnd.apache_kafka, requirements/kafka/fetch.py)",

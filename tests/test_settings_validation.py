@@ -148,6 +148,7 @@ RANGES: list[tuple[str, float, float | None, str]] = [
     ("linger_ms", 0, 30_000, "between 0 and 30000"),
     ("session_timeout_ms", 2000, 1_800_000, "between 2000 and 1800000"),
     ("broker_unreachable_s", 0.001, None, "> 0"),
+    ("workers", 1, 1024, "between 1 and 1024"),
     ("http_port", 0, 65535, "between 0 and 65535"),
     ("gc_threshold", 0, INT32, f"between 0 and {INT32}"),
 ]
@@ -344,10 +345,12 @@ def test_unknown_variables_are_listed_with_their_nearest_setting_and_never_their
 def test_rnnd_variables_that_are_not_settings_are_allowed(tmp_path: Path) -> None:
     conf = tmp_path / "rnnd.toml"
     conf.write_text("max_batch = 3\n")
-    env = {"RNND_CONFIG": str(conf), "RNND_DEBUG": "1", "RNND_TEST_BOOTSTRAP": "localhost:1", "OTHER_MAX_BACTH": "x"}
+    env = {"RNND_CONFIG": str(conf), "RNND_DEBUG": "1", "RNND_TEST_BOOTSTRAP": "localhost:1", "RNND_WORKER": "0",
+           "OTHER_MAX_BACTH": "x"}
     assert config.load(argv_values=REQUIRED, env=env).max_batch == 3
     security.from_args(argparse.Namespace(), env=env)
-    assert set(config.ENV_NOT_SETTINGS) == {"RNND_CONFIG", "RNND_DEBUG", "RNND_TEST_BOOTSTRAP", "RNND_KAFKA_LIBS"}
+    assert set(config.ENV_NOT_SETTINGS) == {"RNND_CONFIG", "RNND_DEBUG", "RNND_TEST_BOOTSTRAP", "RNND_KAFKA_LIBS",
+                                            "RNND_WORKER"}
 
 
 def test_every_rnnd_variable_the_repository_uses_is_a_setting_or_allowed() -> None:

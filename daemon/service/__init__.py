@@ -10,6 +10,7 @@
     clients       the Kafka client factory (aiokafka's, or a test's fakes) and the live clients
     budgets       every time budget, named, with the reason for its value
     run           serve(): the process around one Daemon (GC settings, event loop)
+    workers       ``--workers N``: N daemon processes in one group behind one endpoint, stopped together
 
 Five tasks share one event loop: fetch, infer, checkpoint (every ``commit_interval_s``),
 housekeeping and the broker watch. Model calls run on one worker thread.
