@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags (shared by ``python -m bench`` and ``rnnd bench``)."""
     p.add_argument("--quick", action="store_true", help="small workloads, about a minute (for routine use)")
     p.add_argument("--only", default="", help="comma-separated sections: compute, wide, deep, large, memory, "
-                                              "scaling, live, profile (default: all)")
+                                              "scaling, workers, live, profile (default: all)")
     p.add_argument("--contenders", default="",
                    help="comma-separated contenders to run (default: all); one of: passthrough-json, "
                         "passthrough-orjson, naive-onnx, naive-torch, quix-store, quix-dict, batched, rnnd, "

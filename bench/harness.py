@@ -16,8 +16,9 @@ The rule, the same for every contender:
   consecutive outputs (a program that holds its event loop, or takes a backlog in whole before
   its first model call, shows it here); rnnd's **max loop lag** is its own
   ``rnnd_event_loop_lag_max_seconds`` at the end.
-* **CPU** = the contender process's user+system CPU time (all its threads, from
-  /proc/PID/stat, sampled every 50 ms) between start and end, interpolated; per million steps.
+* **CPU** = the contender process's user+system CPU time (all its threads, and its child
+  processes': the workers of ``rnnd serve --workers N``; from /proc/PID/stat, sampled every
+  50 ms) between start and end, interpolated; per million steps. Peak RSS likewise sums them.
   The broker's CPU over the same window is recorded too.
 * **latency** (live mode) = output record timestamp - input record timestamp (``input_ts`` in
   every output document), per step; the first second of traffic is excluded as warm-up.
@@ -153,6 +154,27 @@ def proc_cpu_rss(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (every thread's), from /proc: ``rnnd serve --workers N``'s workers."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return out
+
+
+def tree_cpu_rss(pid: int) -> tuple[float, int]:
+    """:func:`proc_cpu_rss` of ``pid`` and its children together (a child that has exited drops out,
+    so the sampler keeps the running maximum of the sum)."""
+    cpu, rss = proc_cpu_rss(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            c, r = proc_cpu_rss(child)
+            cpu, rss = cpu + c, rss + r
+    return cpu, rss
+
+
 class CpuSampler:
     """CPU seconds and RSS of some processes every ``interval`` s, on a thread of the harness."""
 
@@ -176,8 +198,11 @@ class CpuSampler:
         while True:
             for name, pid in self.procs.items():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    cpu, rss = proc_cpu_rss(pid)
-                    self.samples[name].append((time.time() * 1000, cpu))
+                    cpu, rss = tree_cpu_rss(pid)
+                    samples = self.samples[name]
+                    if samples:  # a worker that exited takes its CPU time out of the sum: keep the total
+                        cpu = max(cpu, samples[-1][1])
+                    samples.append((time.time() * 1000, cpu))
                     self.peak_rss[name] = max(self.peak_rss[name], rss)
             if self._stop.wait(self.interval):
                 return

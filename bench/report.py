@@ -41,9 +41,16 @@ LABELS = {
 }
 
 
+def _workers(contender: str) -> int:
+    """N of ``rnnd-wN`` (rnnd --workers N), else 0."""
+    return int(contender[6:]) if contender.startswith("rnnd-w") and contender[6:].isdigit() else 0
+
+
 def label(contender: str) -> str:
     """The table's name for a contender; ``NAME@25%`` is NAME in a live run at 25% of rnnd's maximum."""
     name, _, at = contender.partition("@")
+    if _workers(name):
+        return f"rnnd --workers {_workers(name)}"
     return LABELS.get(name, name) + (f", at {at} of max" if at else "")
 
 
@@ -227,6 +234,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         out.append({"target": "wide live at 50% of rnnd's max: p99 end to end ≤ 25 ms", "measured": "not measured",
                     "met": None})
+    one = find(rows, "workers", "rnnd-w1")
+    for r in sorted((r for r in rows if r["workload"] == "workers" and _workers(r["contender"]) > 1 and r["ok"]),
+                    key=lambda r: _workers(r["contender"])):
+        n = _workers(r["contender"])
+        if one:
+            ratio_target(f"workers: {n} ≥ 0.8 × {n} × one worker's throughput", r,
+                         {**one, "messages_per_s": n * one["messages_per_s"]}, 0.8)
     ratio_target("deep: rnnd ≥ 10× the naive ONNX consumer in tokens/s", find(rows, "deep", "rnnd"),
                  find(rows, "deep", "naive-onnx"), 10.0, "steps_per_s")
     mem = [m for m in results.get("memory", []) if m["streams"] == 1_000_000]

@@ -127,7 +127,8 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
     ``passthrough-min`` writes the small document a user's own consumer would (``--output minimal``);
     ``passthrough-uvloop`` the same on uvloop; ``passthrough-batch`` produces one record batch per
     partition per round (create_batch/send_batch), the produce path the daemon uses;
-    ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop; ``rnnd-eos`` is
+    ``rnnd-uvloop`` is rnnd on uvloop instead of the standard event loop; ``rnnd-wN`` is rnnd with
+    ``--workers N`` (N processes in one consumer group); ``rnnd-eos`` is
     ``rnnd-changelog`` with ``processing_guarantee=exactly_once`` (Apache Kafka only: ``--broker kafka``)."""
     if name == "rnnd-changelog":
         return CONTENDERS["rnnd"], ("--changelog",)
@@ -143,6 +144,8 @@ def _contender(name: str) -> tuple[harness.Contender, tuple[str, ...]]:
         return CONTENDERS["passthrough-orjson"], ("--produce", "batch")
     if name == "rnnd-uvloop":
         return CONTENDERS["rnnd"], ("--event-loop", "uvloop")
+    if name.startswith("rnnd-w") and name[6:].isdigit():
+        return CONTENDERS["rnnd"], ("--workers", name[6:])
     return CONTENDERS[name], ()
 
 
@@ -248,6 +251,12 @@ def run(opts: Options) -> dict[str, Any]:
                 data = workloads.Data("numeric", keys, msgs, 1, seed=4, key_prefix="s-")
                 for r in backlog(wide, ("rnnd",), data, label=f"scale-{keys // 1000}k"):
                     results["runs"].append(r)
+
+        if opts.wants("workers") and not opts.quick:
+            # 1..N processes, N up to the cores and the input's partitions (4): the scaling table
+            top = max(1, min(os.cpu_count() or 1, 4))
+            results["runs"].extend(backlog(wls["wide"], tuple(f"rnnd-w{n}" for n in range(1, top + 1)),
+                                           label="workers"))
 
         if opts.wants("live"):
             results["runs"].extend(_live(opts, runner, broker.bootstrap_servers, models, results["runs"], say))
