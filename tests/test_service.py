@@ -349,6 +349,46 @@ def test_nothing_is_committed_after_a_failed_flush(recipe_bundle, monkeypatch: p
     asyncio.run(scenario())
 
 
+def test_model_calls_go_on_while_a_periodic_checkpoint_flushes(recipe_bundle) -> None:
+    """Step 4 (the outputs' flush, a produce round trip or more) runs without the call lock: a step
+    fed while the flush waits is applied and its output sent before the flush returns. It is not
+    in this checkpoint: the changelog records were taken at the snapshot (stream a only) and the
+    commit is the snapshot's (the offset after a's input)."""
+    fakes = FakeClients()
+    sink, consumer = fakes.out, fakes.group
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes)
+        run = await started(daemon, fakes)
+        consumer.feed(TP0, values(b"a", 0.5))
+        await until(lambda: len(sink.outputs()) == 1 and not daemon.pipeline.busy())
+        flush = sink.flush
+        fed = False
+
+        async def flush_while_b_arrives(stopping: Callable[[], bool] = lambda: False) -> bool:
+            nonlocal fed
+            if not fed:
+                fed = True
+                consumer.feed(TP0, values(b"b", 0.25))
+                await until(lambda: len(sink.outputs()) == 2, timeout=10)  # b's call ran meanwhile
+            return await flush(stopping)
+
+        sink.flush = flush_while_b_arrives  # type: ignore[method-assign]
+        mark = len(fakes.log)
+        await daemon.checkpointer.checkpoint()
+        assert since(fakes.log, mark, "send", "flush", "commit") == [
+            ("send", OUT, 1),  # b's output, during the flush
+            ("flush", True, {OUT: 2}),
+            ("send", daemon.changelog_topic, 1),  # a's state only
+            ("flush", True, {daemon.changelog_topic: 1}),
+            ("commit", {0: 1}),
+        ]
+        assert [k for t, k, _ in sink.acked if t == daemon.changelog_topic] == [b"a"]
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
 async def revoke_during_a_held_call(daemon: Daemon, fakes: FakeClients) -> HeldCalls:
     """Three inputs of one stream (one step per call: max_chunk=1); the first call is held while
     the partition is revoked; then each call is released as it starts, until the revocation is done."""

@@ -2,28 +2,36 @@
 
 A checkpoint runs every ``commit_interval_s`` (``Checkpointer.run``), for the revoked
 partitions on a revocation, and once more on shutdown (``final``). It holds the commit lock
-throughout and the call lock for steps 1-4 (no model call runs then).
+throughout and the call lock for the snapshot (no model call runs then).
 
 At-least-once (``processing_guarantee=at_least_once``), in order:
 
 1. snapshot the commit points (per partition, the first input not yet fully applied);
 2. side outputs: the dead letters decoded up to the snapshot go to the sink (taken right
    after it, with no wait between, so none of a record below a commit point is left behind);
-3. flush the outputs: every prediction and dead letter handed to the sink so far is
-   acknowledged (failures are resent) — stop here if not;
-4. changelog records: every stream changed since the last checkpoint (tombstones first) goes
-   to the sink; no step was applied since step 1, so this state is exactly that of the snapshot;
-5. flush the changelog: those records are acknowledged — stop here if not;
+3. changelog records: every stream changed since the last checkpoint (tombstones first), taken
+   and encoded now, so they hold exactly the state of the snapshot. The periodic checkpoint
+   releases the call lock here: model calls go on during the flushes below (a flush is a
+   produce round trip or more; holding the model for it stalled every output, once a
+   second), and what they apply belongs to the next checkpoint. A revocation's and the
+   final checkpoint keep the lock through step 4, so no step of a partition about to move
+   is applied after its snapshot (a graceful rebalance repeats nothing);
+4. flush the outputs: every prediction and dead letter handed to the sink so far (those of
+   the snapshot's steps among them) is acknowledged, failures resent — stop here if not,
+   keeping step 3's records for the next checkpoint, which sends them ahead of its own;
+5. send the changelog records and flush them: acknowledged — stop here if not;
 6. commit the input offsets of step 1, for the partitions this daemon still owns.
 
-A crash between 3 and 5 replays inputs onto the previous changelog state: the same outputs
-again (same ids). Between 5 and 6: the restored state already holds the replayed steps, so
-they are skipped, and their outputs were acknowledged at step 3. A checkpoint that stops
-early commits nothing; the next one covers what it left (the sink keeps unacknowledged
-records, the changelog's streams stay changed until taken).
+The changelog records go out only after the outputs of every step they include are
+acknowledged (4 before 5): a crash between 4 and 5 replays inputs onto the previous changelog
+state, giving the same outputs again (same ids). Between 5 and 6: the restored state already
+holds the replayed steps, so they are skipped, and their outputs were acknowledged at step 4.
+A checkpoint that stops early commits nothing; the next one covers what it left (the sink
+keeps unacknowledged records; step 3's records wait, older first, ahead of the next ones).
 
-Exactly-once (``exactly_once``): steps 1, 2 and 4 as above, every record going to the open
-transaction of the input partition it came from; then, still under the call lock,
+Exactly-once (``exactly_once``): steps 1, 2 and 3 as above, every record going to the open
+transaction of the input partition it came from (there is no separate flush: a transaction's
+commit acknowledges all of it); then, still under the call lock,
 
 5. commit each owned partition's transaction with its offset of step 1
    (``TransactionalSink.commit``: acknowledged, offset added, committed, next one begun);
@@ -66,9 +74,9 @@ class Locks:
 
     * ``call``: held from ``plan()`` to the outputs' hand-over to the sink (the infer loop),
       and around anything that changes streams besides a model call (revoke, restore). A
-      checkpoint holds it from its snapshot to its changelog records (to its commit, with
-      exactly-once), so no step is applied in between and no partition's streams are dropped
-      under a running model call.
+      checkpoint holds it from its snapshot to its changelog records (a revocation's and the
+      final one through the outputs' flush; with exactly-once, to its commit), so no step is
+      applied in between and no partition's streams are dropped under a running model call.
     * ``commit``: one checkpoint at a time (the periodic one, a revocation's, the final one),
       so their commits never interleave and an older commit point never follows a newer one.
     """
@@ -102,6 +110,8 @@ class Checkpointer:
         self.assigned = assigned  # shared with the rebalancer, which keeps it current
         self.changelog_topic = changelog_topic
         self.recovery: Recovery | None = None  # exactly-once: the rebalancer, handed over by the daemon
+        # At-least-once: changelog records taken at a snapshot whose outputs' flush failed (step 4)
+        self._unsent: list[tuple[int, bytes, bytes | None]] = []
 
     async def run(self) -> None:
         """Every ``commit_interval_s``; a checkpoint that fails is simply retried by the next."""
@@ -131,19 +141,35 @@ class Checkpointer:
             return final and time.monotonic() > give_up
 
         pipeline = self.pipeline
+        hold = partitions is not None or final  # the call lock through step 4 (module docstring)
         async with self.locks.commit:  # LOCK ORDER: commit, then call (see Locks)
-            async with self.locks.call:  # no step is applied while the snapshot is taken
+            call = self.locks.call
+            await call.acquire()  # no step is applied while the snapshot is taken
+            held = True
+            records: list[tuple[int, bytes, bytes | None]] = []
+            try:
                 points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
                 await self.publisher.send_side_outputs()  # 2. side outputs
-                if not await sink.flush(stopping):  # 3. flush the outputs
-                    return
-                records = pipeline.changelog_records() if self.cfg.changelog else []  # 4. changelog records
-                await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],
-                                     partitions=[p for p, _, _ in records])
-            # Steps 5 and 6 need no snapshot: model calls may run meanwhile.
+                taken = pipeline.changelog_records() if self.cfg.changelog else []  # 3. changelog records
+                records, self._unsent = self._unsent + taken, []
+                if not hold:
+                    call.release()  # model calls go on: what they apply belongs to the next checkpoint
+                    held = False
+                flushed = await sink.flush(stopping)  # 4. flush the outputs
+            except BaseException:
+                self._unsent = records + self._unsent  # not lost: sent ahead of the next checkpoint's own
+                raise
+            finally:
+                if held:
+                    call.release()
+            if not flushed:
+                self._unsent = records + self._unsent
+                return
+            await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],  # 5. the changelog
+                                 partitions=[p for p, _, _ in records])
             if records:
                 self.metrics.changelog_records.inc(len(records))
-                if not await sink.flush(stopping):  # 5. flush the changelog
+                if not await sink.flush(stopping):  # 5. ... flushed
                     return
             if partitions is not None:
                 points = {p: o for p, o in points.items() if p in partitions}
@@ -171,7 +197,7 @@ class Checkpointer:
             started = time.perf_counter()
             points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
             await self.publisher.send_side_outputs()  # 2. side outputs, into their partitions' transactions
-            records = pipeline.changelog_records()  # 4. changelog records (step 3 is at-least-once's flush)
+            records = pipeline.changelog_records()  # 3. changelog records
             await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],
                                  partitions=[p for p, _, _ in records], sources=[p for p, _, _ in records])
             owned = {tp.partition for tp in self.assigned}
