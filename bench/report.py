@@ -631,12 +631,23 @@ acknowledgements; rnnd's numbers include its validation, metrics and at-least-on
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.report [RESULTS.json]``: rewrite docs/benchmarks.md and its plots from saved
-    results (default bench/results/latest.json) — after editing bench/analysis.md, without a rerun."""
+    results (default bench/results/latest.json) — after editing bench/analysis.md, without a rerun.
+    Results of ``--broker kafka`` (bench/results/kafka.json) rewrite the Apache Kafka section only."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    results = json.loads(Path(args[0] if args else RESULTS / "latest.json").read_text())
-    for path in write_docs(results):
+    if args and args[0] in ("-h", "--help"):
+        print((main.__doc__ or "").strip())
+        return 0
+    source = Path(args[0] if args else RESULTS / "latest.json")
+    try:
+        results = json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        print(f"cannot read results from {source} ({e}): give a results JSON written by python -m bench",
+              file=sys.stderr)
+        return 2
+    written = write_kafka_section(results) if results.get("broker") == "kafka" else write_docs(results)
+    for path in written:
         print(f"written: {path}")
     return 0
 
