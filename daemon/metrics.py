@@ -167,12 +167,16 @@ class BulkHistogram:
         return self.collect()
 
 
-class HttpServer:
-    """GET /metrics, /healthz (the process serves requests) and /readyz (Kafka connected, assigned)."""
+#: What an endpoint answers for a path: (status, body, content type).
+Answer = tuple[int, bytes, str]
+NOT_FOUND: Answer = (404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
-        self.metrics = metrics
-        self.ready = ready
+
+class HttpEndpoint:
+    """A few GET paths on asyncio streams, one request per connection; :meth:`answer` says what each
+    path returns. Shared by the daemon (:class:`HttpServer`) and ``rnnd serve --workers``' supervisor."""
+
+    def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self._server: asyncio.AbstractServer | None = None
@@ -186,22 +190,16 @@ class HttpServer:
             self._server.close()
             await self._server.wait_closed()
 
+    async def answer(self, path: str) -> Answer:
+        return NOT_FOUND
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path == "/metrics":
-                status, body, ctype = 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
-            elif path == "/healthz":
-                status, body, ctype = 200, b"ok\n", "text/plain"
-            elif path == "/readyz":
-                ok = self.ready()
-                status, body, ctype = (200, b"ready\n", "text/plain") if ok else (503, b"not ready\n", "text/plain")
-            else:
-                status, body, ctype = 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
+            status, body, ctype = await self.answer(parts[1].split("?")[0] if len(parts) >= 2 else "")
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                     "Connection: close\r\n\r\n")
@@ -211,3 +209,21 @@ class HttpServer:
             pass
         finally:
             writer.close()
+
+
+class HttpServer(HttpEndpoint):
+    """GET /metrics, /healthz (the process serves requests) and /readyz (Kafka connected, assigned)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.metrics = metrics
+        self.ready = ready
+
+    async def answer(self, path: str) -> Answer:
+        if path == "/metrics":
+            return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            return 200, b"ok\n", "text/plain"
+        if path == "/readyz":
+            return (200, b"ready\n", "text/plain") if self.ready() else (503, b"not ready\n", "text/plain")
+        return NOT_FOUND

@@ -30,8 +30,8 @@ def demo_summary(out: str) -> tuple[int, int]:
 
 
 def test_demo_train_trains_exports_and_serves(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rnnd", "demo", "--train", "--duration", "20", "--http-port", "0",
-                           "--devices", "200", "--rate", "800"],
+    proc = subprocess.run([sys.executable, "-m", "rnnd", "demo", "--train", "--duration", "10", "--http-port", "0",
+                           "--devices", "200", "--rate", "1000"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout

@@ -75,9 +75,11 @@ class Daemon:
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
         self.metrics.watch_gc()
+        handled = []
         for sig in (signal.SIGTERM, signal.SIGINT) if install_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
+                handled.append(sig)
         try:
             await self.http.start()
         except OSError as e:
@@ -105,6 +107,11 @@ class Daemon:
             return self.exit_code
         finally:
             await self._close()
+            # Handlers off while the loop still runs: left to asyncio, a signal arriving while the
+            # loop closes finds its wake-up pipe already closed (Python 3.11 closes it before it
+            # removes the handlers) and prints a traceback on the way out.
+            for sig in handled:
+                loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
         if not self._stopping.is_set():

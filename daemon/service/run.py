@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections.abc import Callable
 
 from ..config import ServeConfig
@@ -45,4 +46,7 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 async def _serve(cfg: ServeConfig) -> int:
     daemon = Daemon(cfg)
     gc.freeze()  # the model, its session and the imports live as long as the process: never scan them again
-    return await daemon.run()
+    code = await daemon.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late second signal changes nothing now
+        signal.signal(sig, signal.SIG_IGN)
+    return code

@@ -49,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .. import settings
 from ..config import ServeConfig
+from ..metrics import NOT_FOUND, Answer, HttpEndpoint
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
 from .budgets import CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
 
@@ -198,13 +199,14 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        http = _Endpoint(self, cfg.http_host, cfg.http_port)
         try:
-            server = await asyncio.start_server(self._handle, cfg.http_host, cfg.http_port)
+            await http.start()
         except OSError as e:  # before any worker starts: nothing to undo
             log.error("cannot serve /metrics on %s:%d (%s): choose another http_port or http_host",
                       cfg.http_host, cfg.http_port, e.strerror or e)
             return 2
-        port = server.sockets[0].getsockname()[1]
+        port = http.port
         watch = None
         try:
             await self._start()
@@ -235,8 +237,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.kill()
                     await w.proc.wait()
-            server.close()
-            await server.wait_closed()
+            await http.stop()
 
     async def _start(self) -> None:
         argv = [sys.executable, "-m", "rnnd", "serve", *(["--debug"] if self.debug else [])]
@@ -268,7 +269,7 @@ class Supervisor:
         failed = [(w, c) for w, c in zip(self.workers, codes, strict=True) if c]
         for w, _ in failed:
             if w is not reported:
-                    log.warning("worker %d (pid %d) %s", w.index, w.proc.pid, fate(w.proc.returncode or 0))
+                log.warning("worker %d (pid %d) %s", w.index, w.proc.pid, fate(w.proc.returncode or 0))
         return failed[0][1] if failed else 0
 
     async def _watch_ready(self) -> None:
@@ -310,31 +311,25 @@ class Supervisor:
         return combine((w.index, body.decode()) for w, (status, body) in zip(self.workers, answers, strict=True)
                        if status == 200)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(self, path: str) -> Answer:
         """The paths of metrics.HttpServer, answered for all workers."""
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            ctype = "text/plain"
-            if path == "/metrics":
-                status, body, ctype = 200, await self._metrics(), CONTENT_TYPE_LATEST
-            elif path == "/healthz":
-                ok = bool(self.workers) and all(w.alive for w in self.workers)
-                status, body = (200, b"ok\n") if ok else (503, b"a worker is not running\n")
-            elif path == "/readyz":
-                ok = bool(self.workers) and all(await asyncio.gather(*(self._ready(w) for w in self.workers)))
-                status, body = (200, b"ready\n") if ok else (503, b"not ready\n")
-            else:
-                status, body = 404, b"not found: try /metrics, /healthz or /readyz\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n")
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        if path == "/metrics":
+            return 200, await self._metrics(), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            ok = bool(self.workers) and all(w.alive for w in self.workers)
+            return (200, b"ok\n", "text/plain") if ok else (503, b"a worker is not running\n", "text/plain")
+        if path == "/readyz":
+            ok = bool(self.workers) and all(await asyncio.gather(*(self._ready(w) for w in self.workers)))
+            return (200, b"ready\n", "text/plain") if ok else (503, b"not ready\n", "text/plain")
+        return NOT_FOUND
+
+
+class _Endpoint(HttpEndpoint):
+    """The supervisor's HTTP: what it answers is the supervisor's."""
+
+    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.supervisor = supervisor
+
+    async def answer(self, path: str) -> Answer:
+        return await self.supervisor.answer(path)
