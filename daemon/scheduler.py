@@ -13,8 +13,8 @@ for that, see ``service.loops.Inferrer``).
 
 A round is also held to ``max_steps`` steps in all. Its outputs are encoded and handed to the
 producer on the event loop, a few microseconds per step; an unbounded round over a backlog
-(1024 streams × 64 steps) would hold the loop for most of a second, with no fetch, output or
-/metrics answer meanwhile.
+(1024 streams × 64 steps) would hold the loop for about half a second, with no fetch, output
+or /metrics answer meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from .state import Streams
 #: Most steps in one round (all its calls together). Finishing a round (scatter, encode, hand to
 #: the producer) is ~8 µs of event-loop work per step, so 1,024 keep it near 10 ms. On the wide
 #: backlog, 1,024 with the infer loop's yield between rounds took the max loop lag from 77 ms
-#: (2,048, no yield) to 23 ms, and throughput did not drop. ONNX Runtime's
-#: fixed cost per call (~30 µs) stays small next to a call's ~1 ms of work at this size.
+#: (2,048, no yield) to 23 ms, and throughput did not drop. ONNX Runtime's fixed cost per call
+#: (~30 µs) stays small next to a call's ~1 ms of work at this size. The price: a long-chunk
+#: workload (50 text streams × 64 tokens) no longer fits one round (docs/benchmarks.md).
 MAX_ROUND_STEPS = 1024
 
 

@@ -12,8 +12,8 @@ finished meanwhile is finished and the next one started before the next slice); 
 model calls is held to ``scheduler.MAX_ROUND_STEPS`` steps, and the infer loop yields between
 finishing one round and planning the next. A slice or a half-round is ~5-15 ms of Python, and
 a loop iteration runs every task's turn, so a timer waits at most a few of them:
-``rnnd_event_loop_lag_seconds`` measures it (wide backlog on 2 cores: max ~25 ms, against
-~0.9 s when the backlog was taken in whole).
+``rnnd_event_loop_lag_seconds`` measures it (wide backlog on 2 cores: max ~25 ms; when a
+backlog was taken in whole, an outside timeline saw /metrics unanswered for 1.4 s).
 
 Everything here runs once per slice or per model call, never per message, except what
 ``accept_many`` does; the per-round work is written flat (locals bound before the loops).
