@@ -11,59 +11,22 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import signal
 import socket
 import subprocess
-import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from rnnd.daemon.children import free_port, parent_death_signal
+
 __all__ = ["BrokerProcess", "can_connect", "free_port", "parent_death_signal"]
-
-
-def free_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1.
-
-    There is a short window in which another process could take the port before the broker
-    binds it; each broker's ``start`` detects that (the broker exits) and reports it.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def can_connect(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True
     return False
-
-
-def parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes Linux send SIGTERM to the broker when its parent dies.
-
-    ``atexit`` does not run when Python is killed with SIGKILL or crashes hard; this covers
-    that case so no orphan broker keeps the port. Linux delivers the signal when the *thread*
-    that forked exits, so it is only used when starting from the main thread: a broker started
-    from a worker thread (``asyncio.to_thread``) would otherwise die with that thread.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-
-    return set_pdeathsig
 
 
 class BrokerProcess:

@@ -37,9 +37,8 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -48,6 +47,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import settings
+from ..children import free_port, parent_death_signal
 from ..config import ServeConfig
 from ..metrics import NOT_FOUND, Answer, HttpEndpoint
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
@@ -123,42 +123,6 @@ def fate(returncode: int) -> str:
         with contextlib.suppress(ValueError):
             return f"was killed by {signal.Signals(-returncode).name}"
     return f"exited with {exit_code(returncode)}"
-
-
-def free_port() -> int:
-    """A free loopback port for a worker's HTTP. The kernel could give it to another process
-    before the worker binds it; that worker then exits 2 saying so, and so does the supervisor."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn``: Linux sends the worker SIGTERM when the supervisor dies, even by SIGKILL.
-
-    SIGTERM rather than SIGKILL, so that an orphaned worker still stops as a worker stops:
-    drained, checkpointed, out of the group. The signal follows the *thread* that forked, so
-    workers are started from the main thread (the event loop's). A supervisor that died before
-    the child set this is caught by comparing the parent pid afterwards. (cli/broker_process.py
-    does the same for the brokers; the daemon does not import the command-line package.)
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_pdeathsig
 
 
 @dataclass
@@ -245,7 +209,7 @@ class Supervisor:
             port = free_port()
             proc = await asyncio.create_subprocess_exec(*argv, env=worker_env(self.cfg, i, port, os.environ),
                                                         stdin=asyncio.subprocess.DEVNULL,
-                                                        preexec_fn=die_with_parent())
+                                                        preexec_fn=parent_death_signal())
             self.workers.append(Worker(i, port, proc))
 
     async def _stop_all(self, reported: Worker | None = None) -> int:
