@@ -210,6 +210,7 @@ class Pipeline:
                 m.chunk_steps.observe(g.t)
                 m.inference_seconds.observe(c.seconds)
                 m.steps.inc(len(g.slots) * g.t)
+        self.offsets.trim()
         out, self.outputs = self.outputs, []
         return out
 
