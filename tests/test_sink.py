@@ -9,6 +9,7 @@ whose first ``send_batch`` reports an error, as the broker would on a lost conne
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -131,3 +132,24 @@ def test_a_batch_the_broker_did_not_take_is_sent_again_by_flush(bootstrap: str, 
     got = asyncio.run(_read(bootstrap, topic, len(items)))
     assert wrapped[0].failed == 1 and errors == [1]
     assert sorted(r.value for r in got) == sorted(v for _, v in items)  # all there, none twice
+
+
+def test_records_carry_the_time_they_were_handed_over_not_the_time_the_pump_appends_them(
+        bootstrap: str, topic_factory) -> None:
+    """CreateTime as ``producer.send()`` sets it: the moment of the prediction. The pump appends
+    later (here 50 ms later, the loop held on purpose; under load, a produce round trip later)."""
+    topic = topic_factory("sink-ts", partitions=PARTITIONS)
+    items = [(f"k{i}".encode(), b"v") for i in range(50)]
+    window: list[int] = []
+
+    async def body(sink: Sink) -> None:
+        window.append(int(time.time() * 1000))
+        await sink.send_many(topic, items)
+        window.append(int(time.time() * 1000) + 1)
+        time.sleep(0.05)  # the loop is held: the pump has not run yet
+        assert await sink.flush()
+
+    asyncio.run(_with_sink(bootstrap, body))
+    got = asyncio.run(_read(bootstrap, topic, len(items)))
+    assert len(got) == len(items)
+    assert all(window[0] <= r.timestamp <= window[1] for r in got), (window, sorted({r.timestamp for r in got}))

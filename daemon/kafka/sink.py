@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,8 +28,10 @@ log = logging.getLogger("rnnd.kafka")
 
 Headers = list[tuple[str, bytes]]
 # A part of a send_many queued for a partition: its delivery future, and what to send again if it
-# fails (topic, partition, the records, their headers).
-_Sent = tuple[asyncio.Future, str, int, list[tuple], "list[Headers] | None"]
+# fails (topic, partition, the records, their headers, their timestamp).
+_Sent = tuple[asyncio.Future, str, int, list[tuple], "list[Headers] | None", int]
+# What waits for a partition's pump: the records, their headers, their timestamp, their delivery.
+_Queued = tuple[list[tuple], "list[Headers] | None", int, asyncio.Future]
 
 
 class Sink:
@@ -41,6 +44,10 @@ class Sink:
     hands them over in the background, everything that queued up meanwhile in one go (``_pump``).
     Partitions follow Kafka's default partitioner (murmur2 of the key), cached per key, so a
     stream's predictions land where any Kafka client would have put them.
+
+    Records carry the time ``send_many`` was called (CreateTime), as ``producer.send()`` stamps
+    its records: the moment rnnd made the prediction, not the later moment the pump appends it
+    to a batch (up to a produce round trip later, while the partition's previous batch is in flight).
     """
 
     def __init__(self, producer: AIOKafkaProducer, on_error: Callable[[], None] | None = None) -> None:
@@ -51,7 +58,7 @@ class Sink:
         self._partitions: dict[str, int] = {}  # topic → partition count
         self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
         # Per partition: the records waiting for its pump, and the pump (one task, while any wait).
-        self._queued: dict[tuple[str, int], list[tuple[list[tuple], list[Headers] | None, asyncio.Future]]] = {}
+        self._queued: dict[tuple[str, int], list[_Queued]] = {}
         self._pumps: dict[tuple[str, int], asyncio.Task] = {}
         self._queued_count = 0
         self._room = asyncio.Event()  # set when a pump takes queued records
@@ -74,6 +81,7 @@ class Sink:
         """
         if not items:
             return
+        now = int(time.time() * 1000)
         if partitions is None:
             n = await self._partition_count(topic)
             cache = self._key_partition[topic]
@@ -89,7 +97,7 @@ class Sink:
                 partitions.append(p)
         if len(set(partitions)) == 1:  # one partition: no regrouping
             self._sent += self._send_partition(topic, partitions[0], list(items),
-                                               None if headers is None else list(headers))
+                                               None if headers is None else list(headers), now)
         else:
             by_partition: dict[int, list[int]] = {}
             for i, p in enumerate(partitions):
@@ -99,22 +107,22 @@ class Sink:
                 idx.append(i)
             for p, idx in by_partition.items():
                 self._sent += self._send_partition(topic, p, [items[i] for i in idx],
-                                                   None if headers is None else [headers[i] for i in idx])
+                                                   None if headers is None else [headers[i] for i in idx], now)
         while self._queued_count > _MAX_QUEUED:  # the producer is behind: wait here, not in memory
             self._room.clear()
             await self._room.wait()
 
     def _send_partition(self, topic: str, partition: int, items: list[tuple],
-                        headers: list[Headers] | None) -> list[_Sent]:
+                        headers: list[Headers] | None, timestamp: int) -> list[_Sent]:
         """Queue ``items`` for the partition's pump; what to track for them (one delivery for all)."""
         delivery = asyncio.get_running_loop().create_future()
         delivery.add_done_callback(_taken)
         tp = (topic, partition)
-        self._queued.setdefault(tp, []).append((items, headers, delivery))
+        self._queued.setdefault(tp, []).append((items, headers, timestamp, delivery))
         self._queued_count += 1
         if tp not in self._pumps:
             self._pumps[tp] = asyncio.get_running_loop().create_task(self._pump(topic, partition))
-        return [(delivery, topic, partition, items, headers)]
+        return [(delivery, topic, partition, items, headers, timestamp)]
 
     async def _pump(self, topic: str, partition: int) -> None:
         """Hand the partition's queued records to the producer, everything queued so far at once.
@@ -137,10 +145,9 @@ class Sink:
         finally:
             self._pumps.pop(tp, None)
 
-    async def _send_entries(self, topic: str, partition: int,
-                            entries: list[tuple[list[tuple], list[Headers] | None, asyncio.Future]]) -> None:
+    async def _send_entries(self, topic: str, partition: int, entries: list[_Queued]) -> None:
         producer = self.producer
-        waiters = [_Delivery(d) for _, _, d in entries]
+        waiters = [_Delivery(d) for _, _, _, d in entries]
         batch: Any = None
         members: list[_Delivery] = []
 
@@ -160,20 +167,20 @@ class Sink:
 
             fut.add_done_callback(settle)
 
-        for (items, headers, _), w in zip(entries, waiters, strict=True):
+        for (items, headers, ts, _), w in zip(entries, waiters, strict=True):
             for i, item in enumerate(items):
                 h = headers[i] if headers is not None else _NO_HEADERS
                 if batch is None:
                     batch, members = producer.create_batch(), []
-                if batch.append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                if batch.append(key=item[0], value=item[1], timestamp=ts, headers=h) is None:
                     if members:  # full: this one goes out, the record starts the next
                         batch.close()
                         await submit(producer.send_batch(batch, topic, partition=partition), members)
                         batch, members = producer.create_batch(), []
-                    if batch.append(key=item[0], value=item[1], timestamp=None, headers=h) is None:
+                    if batch.append(key=item[0], value=item[1], timestamp=ts, headers=h) is None:
                         # larger than a batch: the producer's own path sizes (or refuses) it
                         await submit(producer.send(topic, value=item[1], key=item[0], headers=h or None,
-                                                   partition=partition), [w])
+                                                   partition=partition, timestamp_ms=ts), [w])
                         continue
                 if not members or members[-1] is not w:
                     members.append(w)
@@ -229,8 +236,8 @@ class Sink:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             todo = unfinished
-            for _, topic, partition, items, headers in failed:
-                todo += self._send_partition(topic, partition, items, headers)
+            for _, topic, partition, items, headers, ts in failed:
+                todo += self._send_partition(topic, partition, items, headers, ts)
 
     @property
     def unacknowledged(self) -> int:
