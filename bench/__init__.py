@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated contenders to run (default: all); one of: passthrough-json, "
                         "passthrough-orjson, naive-onnx, naive-torch, quix-store, quix-dict, batched, rnnd, "
                         "rnnd-changelog, passthrough-min, passthrough-fw50 (live)")
-    p.add_argument("--repeat", type=int, default=1, help="run each backlog contender N times, interleaved; "
-                                                         "the table shows medians")
+    p.add_argument("--repeat", type=int, default=1, help="run each contender N times, interleaved; the "
+                                                         "table shows medians (live runs: the median by p99)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="profile rnnd with py-spy on the wide backlog (default: on in full mode)")
     p.add_argument("--live-seconds", type=float, default=0.0, help="duration of the live runs (default 15, quick 4)")

@@ -178,7 +178,9 @@ def run(opts: Options) -> dict[str, Any]:
 
     results["broker"] = opts.broker
     with _broker(opts.broker, workdir) as broker:
-        runner = Runner(broker.bootstrap_servers, broker.pid, workdir, timeout=opts.timeout, log=say)
+        runner = Runner(broker.bootstrap_servers, broker.pid, workdir, timeout=opts.timeout, log=say,
+                        log_append_time=opts.broker == "kafka")
+        results["output_timestamps"] = "LogAppendTime" if opts.broker == "kafka" else "CreateTime"
         say(f"broker: {opts.broker} at {broker.bootstrap_servers}; rnnd flags: "
             f"{' '.join(runner.rnnd_args) or '(defaults)'}")
         if opts.broker != "kafka" and "rnnd-eos" in opts.contenders:
@@ -297,7 +299,8 @@ def _live(opts: Options, runner: Runner, bootstrap: str, models: dict[str, Model
     ``fetch_max_wait_ms`` (500, what hand-written consumers run with) and with 50. In full mode
     also 25%, rnnd and the pass-through (fetch_max_wait_ms=50): on two shared cores the broker
     and the load generator take most of a core at 50%, and 25% shows latency without that queueing.
-    Runs at 25% are named ``NAME@25%``."""
+    Runs at 25% are named ``NAME@25%``. With ``--repeat N`` each runs N times, interleaved; the
+    table shows the median run by p99."""
     best = [r for r in runs if r.workload == "wide" and r.contender == "rnnd" and r.ok]
     if not best:
         say("live: skipped (no successful rnnd wide backlog run to take 50% of)")
@@ -311,7 +314,7 @@ def _live(opts: Options, runner: Runner, bootstrap: str, models: dict[str, Model
         rate = round(top * fraction)
         count = int(rate * seconds)
         live = Live(rate=rate, count=count, keys=10_000)
-        for name in names:
+        for name in [n for _ in range(opts.repeat) for n in names]:  # repeats interleaved, as for backlogs
             if opts.contenders and name not in opts.contenders:
                 continue
             topic = harness.create_topic(bootstrap, f"bench-live-{name}-{os.getpid()}-{round(fraction * 100)}",
