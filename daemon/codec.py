@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -53,10 +54,12 @@ class Record:
     steps and controls not yet applied; the record's offset may be committed once it is 0.
     """
 
-    __slots__ = ("cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps", "timestamp")
+    __slots__ = ("cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps", "timestamp",
+                 "words")
 
     def __init__(self, key: bytes, partition: int, offset: int, timestamp: int, steps: list,
-                 reset: bool = False, end: bool = False, echo: dict[str, Any] | None = None) -> None:
+                 reset: bool = False, end: bool = False, echo: dict[str, Any] | None = None,
+                 words: list[str] | None = None) -> None:
         self.key = key
         self.partition = partition
         self.offset = offset
@@ -67,6 +70,9 @@ class Record:
         self.echo = echo
         self.remaining = len(steps) + int(reset) + int(end)
         self.cursor = 0  # next step to apply
+        # Text input with a word outside the vocabulary: the words as tokenised, so that each
+        # prediction can say which word its step was (the id alone is the same <unk> for all).
+        self.words = words
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +192,7 @@ class Decoder:
     def _record(self, doc: dict, key: bytes, partition: int, offset: int, timestamp: int) -> Record:
         control = doc.get("control")
         reset = end = False
+        words = None
         if control is not None:
             if control == "reset":
                 reset = True
@@ -208,7 +215,10 @@ class Decoder:
             if self.kind != "tokens":
                 raise Reject(WRONG_INPUT_KIND, f"this model reads numeric features ({', '.join(self.features)}): "
                                                f"send `x`, not `{has[0]}`")
-            steps = self._text(doc["text"]) if has[0] == "text" else self._tokens(doc["tokens"])
+            if has[0] == "text":
+                steps, words = self._text(doc["text"])
+            else:
+                steps = self._tokens(doc["tokens"])
         echo = None
         if "event_time" in doc or "client_id" in doc:
             echo = {k: doc[k] for k in ("event_time", "client_id") if k in doc}
@@ -218,7 +228,7 @@ class Decoder:
                 orjson.dumps(echo)
             except orjson.JSONEncodeError as e:
                 raise Reject(WRONG_TYPE, f"event_time/client_id cannot be copied into outputs: {e}") from None
-        return Record(key, partition, offset, timestamp, steps, reset, end, echo)
+        return Record(key, partition, offset, timestamp, steps, reset, end, echo, words)
 
     def _numeric(self, x: Any) -> list[list[float]]:
         # Count first: an oversized message is refused without validating its rows one by one.
@@ -281,16 +291,19 @@ class Decoder:
             out.append(v)
         return out
 
-    def _text(self, text: Any) -> list[int]:
+    def _text(self, text: Any) -> tuple[list[int], list[str] | None]:
+        """The ids, and the words themselves when one is outside the vocabulary (else None)."""
         if not isinstance(text, str):
             raise Reject(WRONG_TYPE, f"text must be a string, not {type(text).__name__}")
-        assert self.tokenizer is not None
-        ids = self.tokenizer.encode(text).tolist()
-        if not ids:
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        words = tokenizer.split(text)
+        if not words:
             raise Reject(NO_INPUT, "text has no tokens")
-        if len(ids) > self.max_text:
-            raise Reject(TEXT_TOO_LONG, f"text has {len(ids)} tokens; the limit is {self.max_text} (max_text_tokens)")
-        return ids
+        if len(words) > self.max_text:
+            raise Reject(TEXT_TOO_LONG, f"text has {len(words)} tokens; the limit is {self.max_text} (max_text_tokens)")
+        ids = tokenizer.ids(words)
+        return ids, (words if tokenizer.unk_id in ids else None)
 
     def _tokens(self, tokens: Any) -> list[int]:
         if not isinstance(tokens, list) or not tokens:
@@ -370,20 +383,24 @@ class Encoder:
     per call: each field left open costs every document a conversion.
     """
 
-    def __init__(self, topic: str, model_ref: str, warmup_steps: int) -> None:
+    def __init__(self, topic: str, model_ref: str, warmup_steps: int, vocab: Sequence[str] | None = None) -> None:
         topic_json = orjson.dumps(topic)
         topic_in_id = topic_json[1:-1]  # escaped, inside the id string
 
         def fixed(b: bytes) -> bytes:
             return b.replace(b"%", b"%%")
 
-        # The documented field order; %d/%b are the per-step fields, output_ts comes per call.
+        # The documented field order; %d/%b are the per-step fields, output_ts comes per call. A
+        # model that reads tokens says which token each step was: its text (the word itself
+        # when it was outside the vocabulary) and its id.
+        token = b',"token":%b,"token_id":%d' if vocab is not None else b""
         head = (b'{"key":%b,"id":"' + fixed(topic_in_id) + b'/%d/%d/%d","topic":' + fixed(topic_json)
-                + b',"partition":%d,"offset":%d,"index":%d,"step":%d,"prediction":%b,"warmup":')
+                + b',"partition":%d,"offset":%d,"index":%d,"step":%d' + token + b',"prediction":%b,"warmup":')
         tail = b',"model":' + fixed(orjson.dumps(model_ref)) + b',"input_ts":%d,"output_ts":'
         self._warm, self._trusted = head + b"true" + tail, head + b"false" + tail
         self.warmup = warmup_steps
         self._key_json: dict[bytes, bytes] = {}  # stream key → its text as a JSON string
+        self._vocab_json = [orjson.dumps(t) for t in vocab] if vocab is not None else None
 
     def outputs(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
                 now_ms: int, nonfinite: list[int] | None = None) -> list[Output]:
@@ -395,6 +412,8 @@ class Encoder:
         now = b"%d}" % now_ms  # digits: nothing in them for the % operator to read
         warm, trusted = self._warm + now, self._trusted + now
         warmup, key_json, new = self.warmup, self._key_json, _new_tuple
+        if self._vocab_json is not None:
+            return self._token_outputs(refs, steps, predictions, warm, trusted, nonfinite)
         out = []
         for (record, index), step, pred in zip(refs, steps, predictions, strict=True):
             rkey = record.key
@@ -406,10 +425,33 @@ class Encoder:
             p, offset, ts = record.partition, record.offset, record.timestamp
             doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, pred, ts)
             out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p)))
-        for i in nonfinite or ():
-            o = out[i]
-            out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp, o.source)
-        return out
+        return _mark_nonfinite(out, nonfinite)
+
+    def _token_outputs(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
+                       warm: bytes, trusted: bytes, nonfinite: list[int] | None) -> list[Output]:
+        """``outputs`` for a model that reads tokens: each document also names its step's token."""
+        vocab = self._vocab_json
+        assert vocab is not None
+        warmup, new = self.warmup, _new_tuple
+        out = []
+        for (record, index), step, pred in zip(refs, steps, predictions, strict=True):
+            rkey, kj = record.key, self._key_text(record.key)
+            token_id = record.steps[index]
+            words = record.words
+            tj = orjson.dumps(words[index]) if words is not None else vocab[token_id]
+            p, offset, ts = record.partition, record.offset, record.timestamp
+            doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, tj, token_id,
+                                                          pred, ts)
+            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p)))
+        return _mark_nonfinite(out, nonfinite)
+
+    def _key_text(self, rkey: bytes) -> bytes:
+        kj = self._key_json.get(rkey)
+        if kj is None:
+            kj = orjson.dumps(key_text_or_base64(rkey))
+            if len(self._key_json) < 1_000_000:
+                self._key_json[rkey] = kj
+        return kj
 
     def documents(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
                   now_ms: int, nonfinite: list[int] | None = None) -> list[bytes]:
@@ -418,6 +460,13 @@ class Encoder:
 
 
 _NONFINITE = {"nonfinite": True}
+
+
+def _mark_nonfinite(out: list[Output], nonfinite: list[int] | None) -> list[Output]:
+    for i in nonfinite or ():
+        o = out[i]
+        out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp, o.source)
+    return out
 
 
 def with_fields(doc: bytes, fields: dict[str, Any]) -> bytes:

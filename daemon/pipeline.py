@@ -98,7 +98,9 @@ class Pipeline:
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
         self._layout_hash = spec.state_hash
-        self.encoder = codec.Encoder(topic, self.model_ref, self.warmup)
+        tokenizer = spec.input.tokenizer
+        self.encoder = codec.Encoder(topic, self.model_ref, self.warmup,
+                                     tokenizer.vocab if tokenizer is not None and spec.input.kind == "tokens" else None)
         if metrics:  # read at scrape time: always current, nothing to update on the hot path
             metrics.active_streams.set_function(lambda: self.streams.active)
             metrics.state_bytes.set_function(lambda: self.streams.state_bytes)

@@ -35,10 +35,18 @@ class Tokenizer:
             return list(text)
         return self._pattern.findall(text)
 
+    @property
+    def unk_id(self) -> int:
+        return self.spec.unk_id
+
+    def ids(self, tokens: Iterable[str]) -> list[int]:
+        """Unknown tokens map to ``unk_id`` (never an error: text is open-ended)."""
+        get, unk = self._ids.get, self.spec.unk_id
+        return [get(t, unk) for t in tokens]
+
     def encode(self, text: str) -> np.ndarray:
-        """int64 ids; unknown tokens map to ``unk_id`` (never an error: text is open-ended)."""
-        unk = self.spec.unk_id
-        return np.fromiter((self._ids.get(t, unk) for t in self.split(text)), dtype=np.int64)
+        """int64 ids; unknown tokens map to ``unk_id``."""
+        return np.asarray(self.ids(self.split(text)), dtype=np.int64)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self.spec.vocab[i] for i in ids]

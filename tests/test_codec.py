@@ -462,3 +462,25 @@ def test_encoder_writes_topic_and_model_verbatim_even_with_format_characters() -
                                                                        "c%d")]
     assert docs[0]["key"] == codec.key_text_or_base64(b"k\xff") == base64.b64encode(b"k\xff").decode()
     assert enc.documents([(r, 0)], [1], [b"{}"], 99) == [outs[0].value.replace(b'{"values":{"y":1.5}}', b"{}")]
+
+
+def test_token_outputs_say_which_token_each_step_was() -> None:
+    """Words outside the vocabulary are all `<unk>` steps: their documents tell them apart by the word
+    itself, and name the id the model read. Ids sent as `tokens` are named by the vocabulary."""
+    spec = token_spec()
+    assert spec.input.tokenizer is not None
+    enc = codec.Encoder(TOPIC, "tok@1", warmup_steps=0, vocab=spec.input.tokenizer.vocab)
+    text = record(spec, '{"text": "The zebra sat on a \\"quokka\\" mat.", "client_id": "c"}')
+    ids = record(spec, '{"tokens": [2, 3, 1]}')
+    known = record(spec, '{"text": "the cat"}')
+    assert known.words is None and ids.words is None  # the words are kept only when one is unknown
+    docs = [orjson.loads(o.value)
+            for r in (text, ids, known)
+            for o in enc.outputs([(r, i) for i in range(len(r.steps))], list(range(len(r.steps))),
+                                 [b'{"label":"pos"}'] * len(r.steps), 5)]
+    assert [(d["token"], d["token_id"]) for d in docs] == [
+        ("the", 2), ("zebra", 1), ("sat", 4), ("on", 5), ("a", 1), ('"', 1), ("quokka", 1), ('"', 1), ("mat", 6),
+        (".", 7),
+        ("the", 2), ("cat", 3), ("<unk>", 1),
+        ("the", 2), ("cat", 3)]
+    assert list(docs[0])[6:10] == ["step", "token", "token_id", "prediction"] and docs[0]["client_id"] == "c"

@@ -220,9 +220,13 @@ def _documents(spec: BundleSpec, y: np.ndarray, *, forecast: np.ndarray | None =
         preds = heads.encoded(y)
     else:
         preds = heads.with_rollouts(y, forecast, generated, tok)
-    record = Record(b"\xff-binary-key", 1, 40, 1_700_000_000_000, [], echo=echo)
+    vocab = spec.input.tokenizer.vocab if spec.input.kind == "tokens" and spec.input.tokenizer else None
+    # token models' documents name each step's token: a known one, and a word outside the vocabulary
+    ids, words = ([3, 1] * len(preds))[:len(preds)], (["cat", "zyzzyva"] * len(preds))[:len(preds)]
+    record = Record(b"\xff-binary-key", 1, 40, 1_700_000_000_000, ids if vocab else [], echo=echo,
+                    words=words if vocab else None)
     # one stream, len(preds) steps from step 5; warm-up ends after step 5
-    encoder = codec.Encoder("in", spec.model.ref, warmup_steps=6)
+    encoder = codec.Encoder("in", spec.model.ref, warmup_steps=6, vocab=vocab)
     docs = encoder.documents([(record, i) for i in range(len(preds))], [5 + i for i in range(len(preds))], preds,
                              1_700_000_000_009)
     return [orjson.loads(d) for d in docs]
