@@ -86,6 +86,8 @@ class ServeConfig:
                                    "steps ahead at every step (0: off).", ge=0, le=1 << 16)
     generate_tokens: int = opt(0, "Language models: also generate this many next tokens at every step (0: off).",
                                ge=0, le=1 << 16)
+    generate_at: str = opt("every", "Generation: after every step, or only at the end of each message (its last "
+                                    "step: the continuation of a prompt read whole).", choices=("every", "end"))
     generate_strategy: str = opt("greedy", "Generation: greedy or topk (sampled from the top_k tokens).",
                                  choices=("greedy", "topk"))
     generate_seed: int = opt(0, "Seed for topk generation (with the prediction id: reproducible).", ge=0,
@@ -188,7 +190,7 @@ class ServeConfig:
             raise ConfigError(f"min_batch must be 1 when max_wait_ms is 0, not {self.min_batch}: it only says when "
                               "to stop waiting; set max_wait_ms too", "min_batch")
         if not self.generate_tokens:
-            for name, default in (("generate_strategy", "greedy"), ("generate_seed", 0)):
+            for name, default in (("generate_strategy", "greedy"), ("generate_seed", 0), ("generate_at", "every")):
                 if getattr(self, name) != default:
                     raise ConfigError(f"{name} must be left at {default!r} when generate_tokens is 0, not "
                                       f"{getattr(self, name)!r}: nothing is generated; set generate_tokens too", name)

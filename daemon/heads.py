@@ -151,8 +151,10 @@ class Heads:
         return out
 
     def with_rollouts(self, y: np.ndarray, forecast: np.ndarray | None, generated: np.ndarray | None,
-                      tokenizer: Tokenizer | None) -> list[bytes]:
+                      tokenizer: Tokenizer | None, generated_rows: Sequence[int] | None = None) -> list[bytes]:
         """``predictions`` with each row's forecast ``[H, O]`` and/or generated token ids, encoded.
+
+        ``generated_rows``: the rows ``generated`` belongs to, in order (None: every row).
 
         Built as dicts and encoded one by one: roll-outs cost a model call per step ahead, so
         the bulk encoding of ``encoded`` would save nothing that shows.
@@ -164,7 +166,8 @@ class Heads:
                 pred["forecast"] = [dict(zip(names, r, strict=True)) for r in rows]
         if generated is not None:
             vocab = self.vocab
-            for pred, row in zip(docs, generated.tolist(), strict=True):
+            targets = docs if generated_rows is None else [docs[j] for j in generated_rows]
+            for pred, row in zip(targets, generated.tolist(), strict=True):
                 tokens = [vocab[i] for i in row]
                 pred["generated"] = tokenizer.join(tokens) if tokenizer else tokens
                 pred["generated_ids"] = row

@@ -61,6 +61,7 @@ class Call:
     seconds: float = 0.0
     forecast: np.ndarray | None = None
     generated: np.ndarray | None = None
+    generated_rows: list[int] | None = None  # generate_at=end: the rows ``generated`` belongs to (None: all)
 
 
 class Pipeline:
@@ -87,6 +88,7 @@ class Pipeline:
         self.forecaster = Forecaster(model, cfg.forecast_horizon) if cfg.forecast_horizon else None
         self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
                           if cfg.generate_tokens else None)
+        self.generate_at_end = cfg.generate_at == "end"
         if (self.forecaster or self.generator) and self.window:
             raise ValueError("forecasts and generation need a stateful bundle")
         self.normalise = spec.input.normalise if spec.input.normalised else None
@@ -186,8 +188,19 @@ class Pipeline:
             if self.forecaster is not None:
                 c.forecast = self.forecaster.roll(c.y[:, -1], c.new_states)
             if self.generator is not None:
-                seeds = [(r.partition, r.offset, i) for r, i in c.group.refs]
-                c.generated = self.generator.generate(c.y[:, -1], c.new_states, seeds)
+                refs = c.group.refs  # one step per stream: rows and refs correspond
+                rows = ([j for j, (r, i) in enumerate(refs) if i == len(r.steps) - 1] if self.generate_at_end
+                        else None)
+                if rows is None:
+                    c.generated = self.generator.generate(c.y[:, -1], c.new_states, [(r.partition, r.offset, i)
+                                                                                    for r, i in refs])
+                elif rows:
+                    arena = self.streams.arena
+                    assert isinstance(arena, StateArena)  # generation needs a stateful bundle
+                    c.generated_rows = rows
+                    c.generated = self.generator.generate(
+                        c.y[rows, -1], arena.rows(c.new_states, rows),
+                        [(refs[j][0].partition, refs[j][0].offset, refs[j][1]) for j in rows])
         return calls
 
     def finish(self, calls: list[Call]) -> list[Output]:
@@ -204,7 +217,7 @@ class Pipeline:
             if c.forecast is None and c.generated is None:
                 preds = self.heads.encoded(y)
             else:
-                preds = self.heads.with_rollouts(y, c.forecast, c.generated, self.decoder.tokenizer)
+                preds = self.heads.with_rollouts(y, c.forecast, c.generated, self.decoder.tokenizer, c.generated_rows)
             self._emit(g, preds, now_ms, self.heads.nonfinite(y, g.refs, c.forecast))
             self.scheduler.complete(g)
             if m:

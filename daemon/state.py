@@ -38,6 +38,10 @@ class StateArena:
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
         return [np.take(t, slots, axis=ax) for t, ax in zip(self.tensors, self._axes, strict=True)]
 
+    def rows(self, states: list[np.ndarray], rows: list[int]) -> list[np.ndarray]:
+        """Some streams' part of a call's states (graph layout: each state's batch axis)."""
+        return [np.take(s, rows, axis=ax) for s, ax in zip(states, self._axes, strict=True)]
+
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
         for t, ax, new in zip(self.tensors, self._axes, states, strict=True):
             t[(slice(None),) * ax + (slots,)] = new

@@ -165,12 +165,13 @@ def test_booleans_from_env(raw: str, value: bool) -> None:
 
 @pytest.mark.parametrize(("setting", "raw"), [("warmup", "later"), ("non_finite", "nan"), ("compression", "brotli"),
                                               ("log_level", "verbose"), ("log_format", "xml"),
-                                              ("generate_strategy", "beam")])
+                                              ("generate_strategy", "beam"), ("generate_at", "start")])
 def test_choices_are_enforced(setting: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{setting} from RNND_{setting.upper()} must be one of .*not '{raw}'$"):
         config.load(argv_values=REQUIRED, env={f"RNND_{setting.upper()}": raw})
     choices = next(f.metadata["choices"] for f in config.settings_of() if f.name == setting)
-    companions = {"generate_strategy": {"generate_tokens": 1}}.get(setting, {})  # it only acts with this
+    companions = {"generate_strategy": {"generate_tokens": 1},  # they only act with this
+                  "generate_at": {"generate_tokens": 1}}.get(setting, {})
     for ok in choices:
         assert getattr(config.load(argv_values={**REQUIRED, **companions, setting: ok}, env={}), setting) == ok
 

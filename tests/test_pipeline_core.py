@@ -29,6 +29,7 @@ from rnnd.daemon.codec import Output
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.pipeline import Pipeline
 from rnnd.daemon.runtime import BundleModel
+from rnnd.daemon.tokenizer import Tokenizer
 from rnnd.export import zoo
 from rnnd.export.exporter import ExportOptions, export_bundle
 from rnnd.export.parity import ParityPlan
@@ -533,3 +534,43 @@ def test_offsets_commit_the_first_unfinished_record_per_partition(gru: BundleMod
     assert offsets.commit_points() == {} and offsets.pending(0) == offsets.pending(1) == 0
     offsets.forget(1)
     assert 1 not in offsets.partitions and offsets.pending(1) == 0
+
+
+# --- generation after a prompt ------------------------------------------------------------------------
+
+
+def test_generate_at_end_generates_once_per_message_from_the_state_after_its_last_step(recipe_bundle) -> None:
+    """generate_at=end: a message is a prompt read whole. Only its last step's prediction carries
+    the continuation, and that is the greedy roll-out from the state after it, computed here one
+    call at a time; the other steps' predictions carry none."""
+    model = BundleModel(recipe_bundle("charlm"))
+    assert model.spec.input.tokenizer is not None
+    tok, vocab = Tokenizer(model.spec.input.tokenizer), model.spec.output.vocab
+    # equal lengths, so that several messages end in the same model call
+    prompts = {b"a": ["the quick", " brown"], b"b": ["hello fox"], b"c": ["a red hen"], b"d": ["x"]}
+    sent = [Sent(k, 0, 10 * n + j, orjson.dumps({"text": text}), tok.encode(text).tolist())
+            for n, (k, texts) in enumerate(prompts.items()) for j, text in enumerate(texts)]
+    pipeline = Pipeline(model, config(generate_tokens=5, generate_at="end"), TOPIC)
+    docs = drive(pipeline, sent, random.Random(3)).docs
+    assert len(docs) == sum(len(s.steps) for s in sent)
+    for key, texts in prompts.items():
+        mine = sorted((d for d in docs if d["key"] == key.decode()), key=lambda d: d["step"])
+        ids = np.array([tok.encode("".join(texts))])
+        state = model.initial_state(1)
+        ends, at = set(), 0
+        for text in texts:
+            at += len(tok.encode(text))
+            ends.add(at - 1)
+        for t, doc in enumerate(mine):
+            y, state = model.run(ids[:, t:t + 1], state)
+            if t not in ends:
+                assert "generated" not in doc["prediction"], (key, t)
+                continue
+            cur, s2, picked = y[:, 0], [a.copy() for a in state], []
+            for i in range(5):
+                picked.append(int(cur.argmax()))
+                if i + 1 < 5:
+                    yy, s2 = model.run(np.array([[picked[-1]]], dtype=np.int64), s2)
+                    cur = yy[:, 0]
+            assert doc["prediction"]["generated_ids"] == picked, (key, t)
+            assert doc["prediction"]["generated"] == "".join(vocab[i] for i in picked)

@@ -280,6 +280,8 @@ IGNORED: list[tuple[dict[str, str], str, dict[str, str]]] = [
     ({"generate_seed": "7"}, "generate_seed from --generate-seed must be left at 0 when generate_tokens is 0, not 7: "
                              "nothing is generated; set generate_tokens too",
      {"generate_tokens": "3", "generate_strategy": "topk"}),
+    ({"generate_at": "end"}, "generate_at from --generate-at must be left at 'every' when generate_tokens is 0, not "
+                             "'end': nothing is generated; set generate_tokens too", {"generate_tokens": "3"}),
     ({"generate_seed": "7", "generate_tokens": "3"},
      "generate_seed from --generate-seed must be 0 with generate_strategy greedy, not 7: greedy generation draws "
      "nothing; set generate_strategy = \"topk\"", {"generate_strategy": "topk"}),
