@@ -574,3 +574,34 @@ def test_generate_at_end_generates_once_per_message_from_the_state_after_its_las
                     cur = yy[:, 0]
             assert doc["prediction"]["generated_ids"] == picked, (key, t)
             assert doc["prediction"]["generated"] == "".join(vocab[i] for i in picked)
+
+
+# --- the course's stateful moving average ------------------------------------------------------------
+
+
+def test_moving_average_recipe_served_step_by_step_is_the_mean_of_the_last_five_inputs(recipe_bundle) -> None:
+    """Messages of 1-3 steps for 30 streams, in random interleavings and batches: each prediction
+    after the warm-up is the arithmetic mean of its stream's last 5 inputs (to the model's
+    accuracy), which holds only if each stream's state is carried across messages and calls."""
+    model = BundleModel(recipe_bundle("moving_average"))
+    rng = random.Random(5)
+    nprng = np.random.default_rng(5)
+    inputs = {f"s{i}".encode(): nprng.uniform(-1, 1, 40).tolist() for i in range(30)}
+    sent, offsets, cursor = [], [0, 0, 0], {k: 0 for k in inputs}
+    while any(c < 40 for c in cursor.values()):
+        key = rng.choice([k for k, c in cursor.items() if c < 40])
+        n = min(rng.randint(1, 3), 40 - cursor[key])
+        rows = [[v] for v in inputs[key][cursor[key]:cursor[key] + n]]
+        p = int(key[1:]) % 3  # a stream lives in one partition
+        sent.append(Sent(key, p, offsets[p], orjson.dumps({"x": rows}), rows))
+        offsets[p] += 1
+        cursor[key] += n
+    docs = drive(Pipeline(model, config(), TOPIC), sent, rng).docs
+    assert len(docs) == 30 * 40
+    worst = 0.0
+    for d in docs:
+        step, x = d["step"], inputs[d["key"].encode()]
+        assert d["warmup"] == (step < 4)
+        if step >= 4:
+            worst = max(worst, abs(d["prediction"]["values"]["mean_last_5"] - float(np.mean(x[step - 4:step + 1]))))
+    assert worst < 0.06, worst

@@ -76,6 +76,21 @@ def product(seed: int, n: int = 2000, steps: int = 60) -> Task:
                 train, test, x[0], r2)
 
 
+def moving_average(seed: int, n: int = 2000, steps: int = 60, k: int = 5) -> Task:
+    """The course's stateful moving average: y_t = the mean of the last k inputs. A window model
+    would see the k inputs; this one must carry what it needs of them in its state."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, steps, 1)).astype(np.float32)
+    c = np.cumsum(np.concatenate([np.zeros((n, 1, 1), np.float32), x], axis=1), axis=1)
+    y = np.zeros_like(x)
+    y[:, k - 1:] = (c[:, k:] - c[:, :-k]) / k
+    mask = np.ones((n, steps), dtype=bool)
+    mask[:, :k - 1] = False  # fewer than k inputs so far: no target
+    train, test = _split(x, y, mask)
+    return Task(InputSpec("numeric", features=("x",)), OutputSpec("regression", names=(f"mean_last_{k}",)),
+                train, test, x[0], r2)
+
+
 def sensors(seed: int, n: int = 600, steps: int = 201) -> Task:
     rng = np.random.default_rng(seed)
     raw = sensor_readings(rng, n, steps)
