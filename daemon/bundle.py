@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
@@ -42,7 +43,7 @@ METADATA_KEY = "rnnd.bundle"
 Mode = Literal["stateful", "window"]
 InputKind = Literal["numeric", "tokens"]
 OutputKind = Literal["regression", "classification", "language_model"]
-InitKind = Literal["zeros", "learned"]
+InitKind = Literal["zeros", "learned", "random"]
 
 
 def encode_array(a: np.ndarray) -> str:
@@ -215,6 +216,41 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class RandomInit:
+    """``init == "random"``: each stream starts from a draw of this distribution.
+
+    The course's third answer to the initial-state problem ("set it at random": the model
+    learns not to depend on it). The draw is a function of the stream key, the state's name
+    and ``seed`` alone (a PCG64 stream seeded with a BLAKE2b digest of them), so a restart,
+    another replica, a reset of the stream and ``rnnd verify`` all start it from the same
+    values, and its predictions are reproducible.
+    """
+
+    distribution: Literal["normal", "uniform"]
+    params: tuple[float, float]  # normal: (mean, std); uniform: (low, high)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        a, b = self.params
+        if self.distribution not in ("normal", "uniform"):
+            raise BundleError(f"random initial state: the distribution is normal or uniform, not {self.distribution!r}")
+        if self.distribution == "normal" and not (math.isfinite(a) and math.isfinite(b) and b > 0):
+            raise BundleError(f"random initial state: normal needs a finite mean and a std > 0, not {a:g}, {b:g}")
+        if self.distribution == "uniform" and not (math.isfinite(a) and math.isfinite(b) and a < b):
+            raise BundleError(f"random initial state: uniform needs finite low < high, not {a:g}, {b:g}")
+        if not 0 <= self.seed < 2**63:
+            raise BundleError(f"random initial state: seed must be in [0, 2**63), not {self.seed}")
+
+    def draw(self, key: bytes, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        digest = hashlib.blake2b(name.encode() + b"\0" + key, digest_size=16, person=b"rnnd.init").digest()
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            [self.seed, *np.frombuffer(digest, dtype="<u4").tolist()])))
+        a, b = self.params
+        value = rng.normal(a, b, shape) if self.distribution == "normal" else rng.uniform(a, b, shape)
+        return value.astype(dtype)
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One state tensor carried between steps of a stream.
 
@@ -231,14 +267,18 @@ class StateSpec:
     init: InitKind = "zeros"
     # init == "learned": the per-stream initial value, base64 (see encode_array).
     init_value: str | None = None
+    # init == "random": the distribution each stream's initial value is drawn from.
+    init_random: RandomInit | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.batch_axis <= len(self.shape):
             raise BundleError(f"state {self.name!r}: batch_axis {self.batch_axis} out of range")
         if self.init == "learned" and self.init_value is None:
             raise BundleError(f"state {self.name!r}: learned initial state has no value")
-        if self.init not in ("zeros", "learned"):
-            raise BundleError(f"state {self.name!r}: init must be zeros or learned")
+        if (self.init == "random") != (self.init_random is not None):
+            raise BundleError(f"state {self.name!r}: a distribution goes with a random initial state, and only there")
+        if self.init not in ("zeros", "learned", "random"):
+            raise BundleError(f"state {self.name!r}: init must be zeros, learned or random")
 
     @overload
     def graph_shape(self, batch: int) -> tuple[int, ...]: ...
@@ -251,11 +291,21 @@ class StateSpec:
         return tuple(s)
 
     def initial(self) -> np.ndarray:
-        """The per-stream initial value, shape ``self.shape``."""
+        """The reference initial value, shape ``self.shape``: the learned one, else zeros.
+
+        What the PyTorch module starts from, so parity and the self-check are proven from it;
+        with ``init == "random"`` a stream starts from ``initial_for(key)`` instead.
+        """
         if self.init == "learned":
             assert self.init_value is not None
             return decode_array(self.init_value, self.dtype, self.shape).copy()
         return np.zeros(self.shape, dtype=self.dtype)
+
+    def initial_for(self, key: bytes) -> np.ndarray:
+        """The initial value of the stream ``key``."""
+        if self.init_random is not None:
+            return self.init_random.draw(key, self.name, self.shape, self.dtype)
+        return self.initial()
 
     @property
     def nbytes(self) -> int:
@@ -376,6 +426,9 @@ class BundleSpec:
     # --- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
         doc = asdict(self)
+        for state in doc["states"]:  # written only where used: other bundles' metadata stays as it was
+            if state["init_random"] is None:
+                del state["init_random"]
         doc["state_hash"] = self.state_hash
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
@@ -602,6 +655,7 @@ _NESTED.update({
     "BundleSpec.input": InputSpec,
     "BundleSpec.output": OutputSpec,
     "BundleSpec.states": StateSpec,
+    "StateSpec.init_random": RandomInit,
     "BundleSpec.parity": ParityReport,
     "BundleSpec.self_check": SelfCheck,
     "BundleSpec.provenance": Provenance,

@@ -88,8 +88,10 @@ def describe(spec: BundleSpec) -> str:
               "language_model": lambda: f"{len(out.vocab)} tokens"}[out.kind]()
     lines.append(f"output       : {out.kind}: {detail}")
     for s in spec.states:
+        r = s.init_random
+        init = f"random {r.distribution}({r.params[0]:g}, {r.params[1]:g}), seed {r.seed}" if r else s.init
         lines.append(f"state        : {s.name} per-stream {list(s.shape)} {s.dtype}, graph "
-                     f"{list(s.graph_shape('B'))}, init {s.init}")
+                     f"{list(s.graph_shape('B'))}, init {init}")
     if spec.states:
         lines.append(f"state bytes  : {spec.state_bytes_per_stream} per stream, hash {spec.state_hash}")
     lines.append(f"warm-up      : {spec.warmup_steps} step(s)")

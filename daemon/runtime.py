@@ -90,10 +90,20 @@ class BundleModel:
                 f"outputs {sorted(outputs)}; metadata expects {sorted(want_in)} -> {sorted(want_out)}")
 
     # --- state ------------------------------------------------------------------------------
-    def initial_state(self, batch: int) -> list[np.ndarray]:
-        """Fresh state for ``batch`` streams, in graph layout (batch on each spec's axis)."""
+    def initial_state(self, batch: int, keys: Sequence[bytes] | None = None) -> list[np.ndarray]:
+        """Fresh state for ``batch`` streams, in graph layout (batch on each spec's axis).
+
+        With ``keys`` (one per stream), each stream's own initial state, as the daemon starts it
+        (a random initial state is drawn per key); without, the reference one that PyTorch's
+        module starts from, which parity and the self-check use.
+        """
+        if keys is not None and len(keys) != batch:
+            raise ValueError(f"{len(keys)} keys for {batch} streams")
         out = []
         for s in self.spec.states:
+            if keys is not None and s.init == "random":
+                out.append(np.ascontiguousarray(np.stack([s.initial_for(k) for k in keys], axis=s.batch_axis)))
+                continue
             one = np.expand_dims(s.initial(), s.batch_axis)
             out.append(np.ascontiguousarray(np.repeat(one, batch, axis=s.batch_axis)))
         return out

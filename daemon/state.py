@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .bundle import BundleSpec
+from .bundle import BundleSpec, StateSpec
 
 if TYPE_CHECKING:
     from .codec import Record
@@ -32,7 +32,9 @@ class StateArena:
     def __init__(self, spec: BundleSpec, capacity: int) -> None:
         self.specs = spec.states
         self.tensors = [np.zeros(s.graph_shape(capacity), dtype=s.dtype) for s in spec.states]
-        self.initial = [None if s.init == "zeros" else s.initial() for s in spec.states]
+        # Per state: None (zeros), a value every stream starts from (learned), or the spec (random:
+        # each stream's own draw).
+        self.initial = [None if s.init == "zeros" else s if s.init == "random" else s.initial() for s in spec.states]
         self._axes = [s.batch_axis for s in spec.states]
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
@@ -46,11 +48,13 @@ class StateArena:
         for t, ax, new in zip(self.tensors, self._axes, states, strict=True):
             t[(slice(None),) * ax + (slots,)] = new
 
-    def init(self, slot: int, fresh: bool = False) -> None:
-        """The initial state into ``slot``. A ``fresh`` slot (never used) already holds zeros: its
-        zero-initialised tensors are left untouched, which also leaves their pages unmapped."""
+    def init(self, slot: int, key: bytes, fresh: bool = False) -> None:
+        """The initial state of the stream ``key`` into ``slot``. A ``fresh`` slot (never used) already
+        holds zeros: its zero-initialised tensors are left untouched, which also leaves their pages unmapped."""
         for t, ax, value in zip(self.tensors, self._axes, self.initial, strict=True):
             if value is not None or not fresh:
+                if isinstance(value, StateSpec):
+                    value = value.initial_for(key)
                 t[(slice(None),) * ax + (slot,)] = 0.0 if value is None else value
 
     def get(self, slot: int) -> list[np.ndarray]:
@@ -90,7 +94,7 @@ class WindowArena:
         order = (pos[:, None] + 1 + self._arange[None, :]) % self.w
         return self.ring[slots[:, None], order]
 
-    def init(self, slot: int, fresh: bool = False) -> None:
+    def init(self, slot: int, key: bytes, fresh: bool = False) -> None:
         if not fresh:  # a fresh slot holds the fill value since allocation
             self.ring[slot] = self.fill
 
@@ -157,7 +161,7 @@ class Streams:
             self.last_offset[slot] = -1
             self.last_index[slot] = -1
             self.in_use[slot] = True
-            self.arena.init(slot, fresh)
+            self.arena.init(slot, key, fresh)
             self.active += 1
         self.last_used[slot] = self.clock()
         return slot
@@ -178,7 +182,9 @@ class Streams:
     # --- lifecycle ------------------------------------------------------------------------
     def reset(self, slot: int) -> None:
         self.steps[slot] = 0
-        self.arena.init(slot)
+        key = self.keys[slot]
+        assert key is not None
+        self.arena.init(slot, key)
         self.dirty.add(slot)
 
     def applied(self, slot: int, offset: int, index: int) -> None:

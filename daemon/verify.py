@@ -165,7 +165,7 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
     expected: dict[str, np.ndarray] = {}
     # The daemon's own rules decide which of the reference's predictions it must have emitted.
     emitter: Emitter[int] = Emitter.from_config(cfg, spec.warmup_steps)
-    for segs in segments.values():
+    for (_, stream_key), segs in segments.items():
         for seg in segs:
             if not seg:
                 continue
@@ -174,7 +174,10 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
                 x = spec.input.normalise(np.asarray(rows, dtype=np.float32))[None]
             else:
                 x = np.asarray(rows, dtype=np.int64)[None]
-            y = model.run_sequence(x, chunk=x.shape[1])[0][0] if spec.mode == "stateful" else model.run_windows(x)[0]
+            if spec.mode == "stateful":  # from the stream's own initial state (a random one is drawn per key)
+                y = model.run_sequence(x, chunk=x.shape[1], states=model.initial_state(1, [stream_key]))[0][0]
+            else:
+                y = model.run_windows(x)[0]
             # One stream, all its steps: a model call's layout. What the emitter keeps is the position.
             positions = list(range(len(seg)))
             wanted = emitter.wanted(positions, [0], len(seg))

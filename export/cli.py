@@ -68,6 +68,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--description")
     g.add_argument("--mode", choices=["stateful", "window"])
     g.add_argument("--window", type=int, help="window mode (implied): steps the model sees")
+    g.add_argument("--random-init", metavar="DIST",
+                   help="stateful: start every stream from a random state drawn per stream key: normal:STD, "
+                        "normal:MEAN,STD or uniform:LOW,HIGH (same key and seed, same start: restarts, replicas "
+                        "and verify reproduce it)")
+    g.add_argument("--random-init-seed", type=int, metavar="N", help="with --random-init: the seed (default 0)")
     g.add_argument("--warmup", type=int, dest="warmup_steps",
                    help="predictions of a stream's first N steps are marked as warm-up")
     g = p.add_argument_group("input (each option implies its kind)")
@@ -328,6 +333,7 @@ def _run_export(args: argparse.Namespace) -> int:
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     kwargs_cli = _parse_kwargs(args.arg)
     plan = _parity_plan(args)
+    random_init = _random_init(args)
     checkpoint = loader.load_checkpoint(args.checkpoint, key=args.checkpoint_key)
     embedded = checkpoint.meta
     settings = resolve_settings(args, embedded)
@@ -358,13 +364,37 @@ def _run_export(args: argparse.Namespace) -> int:
         window=settings.get("window"), warmup_steps=int(settings.get("warmup_steps") or 0),
         input=inp, output=out, parity=plan,
         sample=None if sample is None else np.asarray(sample.numpy() if hasattr(sample, "numpy") else sample),
-        source=f"{factory} {args.checkpoint.name}")
+        source=f"{factory} {args.checkpoint.name}", random_init=random_init)
     result = export_bundle(model, opts, args.out, log=say)
     say(result.report)
     spec = result.spec
     print(f"wrote {result.path} ({spec.model.ref}, {spec.mode}, state {spec.state_bytes_per_stream} B/stream, "
           f"parity max|err| {spec.parity.max_abs_err:.1e} <= {spec.parity.tolerance:g})" if spec.parity else "")
     return 0
+
+
+def _random_init(args: argparse.Namespace):
+    """``--random-init normal:STD | normal:MEAN,STD | uniform:LOW,HIGH`` and its seed, or None."""
+    from rnnd.daemon.bundle import BundleError, RandomInit
+
+    if args.random_init is None:
+        if args.random_init_seed is not None:
+            raise UsageError("--random-init-seed is only used with --random-init (the distribution to draw from)")
+        return None
+    how = "--random-init takes normal:STD, normal:MEAN,STD or uniform:LOW,HIGH"
+    dist, _, params = args.random_init.partition(":")
+    try:
+        values = [float(v) for v in params.split(",")]
+    except ValueError:
+        raise UsageError(f"{how}, not {args.random_init!r}") from None
+    if dist == "normal" and len(values) == 1:
+        values = [0.0, values[0]]
+    if dist not in ("normal", "uniform") or len(values) != 2:
+        raise UsageError(f"{how}, not {args.random_init!r}")
+    try:
+        return RandomInit(dist, (values[0], values[1]), args.random_init_seed or 0)
+    except BundleError as e:
+        raise UsageError(f"--random-init: {e}") from None
 
 
 def _parity_plan(args: argparse.Namespace):

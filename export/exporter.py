@@ -23,6 +23,7 @@ from rnnd.daemon.bundle import (
     ModelInfo,
     OutputSpec,
     Provenance,
+    RandomInit,
     SelfCheck,
     StateSpec,
     attach,
@@ -50,6 +51,8 @@ class ExportOptions:
     # A realistic input sequence ([T, F] floats or [T] ids, model space) for the parity check.
     sample: np.ndarray | None = None
     source: str = ""
+    # Streams start from a random state drawn per key (instead of zeros or a learned constant).
+    random_init: RandomInit | None = None
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,16 @@ def _stateful_graph(model: nn.Module, opts: ExportOptions):
     # Fails early, with one line, if forward fits none of the accepted styles or the input spec.
     adapter = _adapt(model, opts, window=None)
     decls, init = adapter.decls, adapter.init
+    if init is not None and opts.random_init is not None:
+        raise ExportError(f"{type(model).__name__} has a learned initial_state() and a random initial state was "
+                          "asked for (--random-init): choose one")
     states = tuple(
         StateSpec(
             name=d.name, shape=tuple(int(s) for s in d.shape), batch_axis=d.batch_axis,
             input_name=f"{d.name}_in", output_name=f"{d.name}_out",
-            init="learned" if init is not None else "zeros",
-            init_value=encode_array(init[i].numpy().astype(np.float32)) if init is not None else None)
+            init="learned" if init is not None else "random" if opts.random_init is not None else "zeros",
+            init_value=encode_array(init[i].numpy().astype(np.float32)) if init is not None else None,
+            init_random=opts.random_init)
         for i, d in enumerate(decls))
     spec = _spec(opts, states)
 
@@ -172,6 +179,9 @@ def _exact_elsewhere(native: onnx.ModelProto, adapter: protocol.Adapter, spec: B
 
 
 def _window_graph(model: nn.Module, opts: ExportOptions):
+    if opts.random_init is not None:
+        raise ExportError("a random initial state is for stateful mode: a window model keeps no state "
+                          "(drop --random-init)")
     if not opts.window or opts.window < 1:
         raise ExportError("window mode needs --window W (the number of past steps the model sees)")
     spec = _spec(opts, ())

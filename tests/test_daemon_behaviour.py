@@ -288,3 +288,46 @@ def test_config_file_and_env(bootstrap, topic_factory, recipe_bundle, tmp_path):
         assert d.stop() == 0
     assert [o.value["step"] for o in outs] == [1, 3]  # emit every 2nd step, from the file
     assert json.loads(outs[0].raw)["model"] == "product@1"
+
+
+def test_random_initial_state_same_key_same_start_across_a_restart_and_in_verify(bootstrap, topic_factory,
+                                                                                  recipe_bundle, rnnd, tmp_path):
+    """The product recipe exported with --random-init: each stream starts from its key's draw. After
+    a restart, the same streams reset and fed the same inputs predict exactly what they predicted
+    before (the draw is the key's and the seed's, not the process's); verify recomputes all of it."""
+    trained = recipe_bundle("product")
+    bundle = tmp_path / "product-random.onnx"
+    res = rnnd("export", "--checkpoint", trained.with_suffix(".pt"), "--out", bundle, "--random-init", "normal:0.7",
+               "--random-init-seed", "5", "--quiet")
+    assert res.code == 0, res.err
+    assert BundleModel(bundle).spec.states[0].init == "random"
+    topic_in, topic_out = topic_factory("rand-in", 2), topic_factory("rand-out", 2)
+    rng = np.random.default_rng(3)
+    inputs = {f"r{i}".encode(): rng.uniform(-1, 1, (4, 1)).round(5).tolist() for i in range(20)}
+    produce(bootstrap, topic_in, [(k, {"x": x}) for k, x in inputs.items()])
+    group = "rand-group"
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path) as d:
+        d.start()
+        consume(bootstrap, topic_out, 80, timeout=60)
+        assert d.stop() == 0
+    produce(bootstrap, topic_in, [(k, {"control": "reset", "x": x}) for k, x in inputs.items()])
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, group=group, log_dir=tmp_path) as d:
+        d.start()
+        outs = by_key(consume(bootstrap, topic_out, 160, timeout=60, settle=0.5))
+        assert d.stop() == 0
+    for key, docs in outs.items():
+        assert [o["step"] for o in docs] == [0, 1, 2, 3] * 2, key
+        first, again = ([o["prediction"]["values"] for o in docs[h:h + 4]] for h in (0, 4))
+        assert first == again, key
+    assert len({json.dumps(d[0]["prediction"]) for d in outs.values()}) == 20  # each key its own start
+    code, report = subprocess_verify(bundle, bootstrap, topic_in, topic_out)
+    assert code == 0 and report["ok"] and report["missing"] == report["wrong"] == 0, report
+    assert report["expected"] == report["received"] == 160, report
+
+
+def subprocess_verify(bundle, bootstrap: str, topic_in: str, topic_out: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "rnnd", "verify", "--model", str(bundle), "--bootstrap-servers",
+                           bootstrap, "--input-topic", topic_in, "--output-topic", topic_out, "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)

@@ -15,7 +15,7 @@ import torch
 from cli_checks import one_line_error
 
 import user_models as um
-from rnnd.daemon.bundle import read_spec
+from rnnd.daemon.bundle import RandomInit, read_spec
 from rnnd.daemon.runtime import BundleModel
 
 USER = Path(um.__file__)
@@ -186,7 +186,7 @@ OPTION_CASES = {
     "name": "numeric", "version": "numeric", "warmup_steps": "numeric", "features": "numeric", "mean": "numeric",
     "std": "numeric", "valid_min": "numeric", "valid_max": "numeric", "output_names": "numeric",
     "output_mean": "numeric", "output_std": "numeric", "next_of": "numeric", "tolerance": "numeric",
-    "parity_batches": "numeric", "quiet": "numeric",
+    "parity_batches": "numeric", "quiet": "numeric", "random_init": "numeric", "random_init_seed": "numeric",
     "input_kind": "tokens", "tokenizer": "tokens", "vocab": "tokens", "unk": "tokens", "case_sensitive": "tokens",
     "labels": "tokens", "output_kind": "language_model",
     "mode": "window", "window": "window", "description": "window",
@@ -224,7 +224,8 @@ def test_options_numeric_regression(rnnd, tmp_path):
                "--arg", "n_features=4", "--spec", spec_file, "--name", "n1", "--version", "7", "--warmup", "4",
                "--features", "a,b,c,d", "--mean", "1,2,3,4", "--std", "1,2,4,8", "--valid-min", ",0,,-5",
                "--valid-max", "9,,,5", "--output-names", "p,q", "--output-mean", "5,6", "--output-std", "2,3",
-               "--next-of", "a,b", "--tolerance", "0.001", "--parity-batches", "1,3", "--quiet")
+               "--next-of", "a,b", "--tolerance", "0.001", "--parity-batches", "1,3", "--random-init", "normal:0.1,0.5",
+               "--random-init-seed", "9", "--quiet")
     assert res.code == 0, res.err
     assert res.err == ""  # --quiet: only the result line, on stdout
     spec = read_spec(tmp_path / "n.onnx")
@@ -236,6 +237,7 @@ def test_options_numeric_regression(rnnd, tmp_path):
     o = spec.output
     assert (o.kind, o.names, o.mean, o.std, o.next_of) == ("regression", ("p", "q"), (5, 6), (2, 3), ("a", "b"))
     assert spec.parity.tolerance == 0.001 and {c.batch for c in spec.parity.cases} == {1, 3}
+    assert {(st.init, st.init_random) for st in spec.states} == {("random", RandomInit("normal", (0.1, 0.5), 9))}
 
 
 def test_options_tokens_classification(rnnd, tmp_path):
@@ -309,6 +311,12 @@ def test_options_checkpoint_key_and_strip_prefix(rnnd, tmp_path):
     (("--parity-batches", "1,0"), "--parity-batches takes comma-separated positive integers"),
     (("--tolerance", "0"), "--tolerance must be a positive number"),
     (("--arg", "novalue"), "--arg takes KEY=VALUE"),
+    (("--random-init", "gauss:1"), "--random-init takes normal:STD, normal:MEAN,STD or uniform:LOW,HIGH"),
+    (("--random-init", "uniform:1"), "--random-init takes normal:STD"),
+    (("--random-init", "normal:x"), "--random-init takes normal:STD"),
+    (("--random-init", "uniform:1,-1"), "--random-init: random initial state: uniform needs finite low < high"),
+    (("--random-init", "normal:0"), "--random-init: random initial state: normal needs a finite mean and a std > 0"),
+    (("--random-init-seed", "3"), "--random-init-seed is only used with --random-init"),
 ])
 def test_contradicting_or_malformed_options_are_refused(rnnd, tmp_path, mixed_ckpt, extra, message):
     (tmp_path / "v.txt").write_text("<unk>\na\n")

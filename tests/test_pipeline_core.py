@@ -10,6 +10,7 @@ the commit point must never pass a record whose steps are not all out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import orjson
 import pytest
 import torch
 
-from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
+from rnnd.daemon.bundle import InputSpec, OutputSpec, RandomInit, TokenizerSpec
 from rnnd.daemon.codec import Output
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.pipeline import Pipeline
@@ -605,3 +606,48 @@ def test_moving_average_recipe_served_step_by_step_is_the_mean_of_the_last_five_
         if step >= 4:
             worst = max(worst, abs(d["prediction"]["values"]["mean_last_5"] - float(np.mean(x[step - 4:step + 1]))))
     assert worst < 0.06, worst
+
+
+# --- a random initial state ---------------------------------------------------------------------------
+
+
+RANDOM = RandomInit("normal", (0.0, 0.8), seed=7)
+
+
+@pytest.fixture(scope="module")
+def gru_random(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, BundleModel]:
+    torch.manual_seed(11)
+    model = zoo.build(cell="gru", n_features=3, hidden=8, out_size=2).eval()
+    return model, _export(tmp_path_factory.mktemp("grur") / "gru-random.onnx", model, name="gru-random",
+                          input=NUM_IN, output=NUM_OUT, random_init=RANDOM)
+
+
+def test_random_initial_state_is_drawn_per_key_and_reproduced_by_a_restart(gru_random) -> None:
+    """Each stream starts from its own draw: its predictions are PyTorch's from that state (and not
+    from zeros). A second pipeline — a restart, another replica — given the same traffic writes the
+    same predictions; the bundle's seed decides the draw."""
+    torch_model, model = gru_random
+    spec = model.spec
+    assert [s.init for s in spec.states] == ["random"] and spec.states[0].init_random == RANDOM
+    sent = make_traffic(random.Random(21), n_keys=12, n_records=60, kind="numeric", spec=NUM_IN)
+    runs = [drive(Pipeline(model, config(), TOPIC), sent, random.Random(seed)).docs for seed in (1, 2)]
+    by_id = [{d["id"]: d["prediction"]["values"] for d in docs} for docs in runs]
+    assert len(by_id[0]) == sum(len(s.steps) for s in sent) and by_id[0] == by_id[1]
+    out_mean, out_std = np.asarray(NUM_OUT.mean), np.asarray(NUM_OUT.std)
+    worst = gap_from_zeros = 0.0
+    for key in {s.key for s in sent}:
+        mine = [s for s in sent if s.key == key]
+        x = torch.from_numpy(normalise([row for s in mine for row in s.steps], NUM_IN))[None]
+        h0 = torch.from_numpy(spec.states[0].initial_for(key)).unsqueeze(1)
+        with torch.no_grad():
+            want = torch_model(x, h0)[0][0].numpy() * out_std + out_mean
+            from_zeros = torch_model(x, torch.zeros_like(h0))[0][0].numpy() * out_std + out_mean
+        got = np.array([[by_id[0][f"{TOPIC}/{s.partition}/{s.offset}/{j}"][n] for n in NUM_OUT.names]
+                        for s in mine for j in range(len(s.steps))])
+        worst = max(worst, float(np.max(np.abs(got - want))))
+        gap_from_zeros = max(gap_from_zeros, float(np.max(np.abs(got[0] - from_zeros[0]))))
+    assert worst < 1e-4 and gap_from_zeros > 1e-2
+    a, b = (spec.states[0].initial_for(k) for k in (b"key-1", b"key-2"))
+    other_seed = dataclasses.replace(spec.states[0], init_random=dataclasses.replace(RANDOM, seed=8))
+    assert not np.allclose(a, b) and not np.allclose(a, other_seed.initial_for(b"key-1"))
+    assert np.array_equal(a, spec.states[0].initial_for(b"key-1"))

@@ -7,14 +7,19 @@ cannot share its mistakes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
 from rnnd.daemon.bundle import (
+    BundleError,
     BundleSpec,
     InputSpec,
     ModelInfo,
     OutputSpec,
+    RandomInit,
     StateSpec,
     TokenizerSpec,
     encode_array,
@@ -134,6 +139,40 @@ def test_learned_initial_state_written_at_allocation_and_on_reset() -> None:
     # the other stream is untouched by the reset
     np.testing.assert_array_equal(per_stream(arena.tensors[1], 0, b), np.full(5, 9.0))
     np.testing.assert_array_equal(per_stream(arena.tensors[0], 1, b), np.ones((2, 3)))
+
+
+def test_random_initial_state_is_each_keys_own_draw_at_allocation_on_reset_and_in_a_reused_slot() -> None:
+    """A random initial state depends on the key (and the state's name and the seed), nothing else:
+    not on the slot, the arena, the order streams arrive in, or whether it is a reset. It
+    survives the bundle's JSON; bundles without one keep their metadata as before."""
+    rand = RandomInit("uniform", (-0.5, 0.5), seed=3)
+    spec = dataclasses.replace(stateful_spec(), states=(
+        StateSpec("h", (2, 3), 1, "h_in", "h_out", init="random", init_random=rand),
+        StateSpec("c", (5,), 0, "c_in", "c_out", init="learned", init_value=encode_array(C0))))
+    assert BundleSpec.from_json(spec.to_json()) == spec
+    assert "init_random" not in stateful_spec().to_json()  # zeros/learned bundles: metadata as before
+    one, other = Streams(spec, capacity=2), Streams(spec, capacity=8)
+    a1, b1 = one.slot(0, b"a"), one.slot(0, b"b")
+    b2, a2 = other.slot(1, b"b"), other.slot(1, b"a")  # other order, other partition, other slots
+    ha = per_stream(one.arena.tensors[0], 1, a1)
+    np.testing.assert_array_equal(ha, per_stream(other.arena.tensors[0], 1, a2))
+    np.testing.assert_array_equal(per_stream(one.arena.tensors[0], 1, b1), per_stream(other.arena.tensors[0], 1, b2))
+    assert not np.allclose(ha, per_stream(one.arena.tensors[0], 1, b1)) and np.all(np.abs(ha) <= 0.5)
+    np.testing.assert_array_equal(per_stream(one.arena.tensors[1], 0, a1), C0)  # the learned one beside it
+    one.arena.scatter(np.array([a1]), [np.ones((2, 1, 3), np.float32), np.zeros((1, 5), np.float32)])
+    one.reset(a1)
+    np.testing.assert_array_equal(per_stream(one.arena.tensors[0], 1, a1), ha)
+    one.release(a1)
+    c = one.slot(0, b"c")  # a reused slot gets c's draw, not a's
+    assert c == a1
+    np.testing.assert_array_equal(per_stream(one.arena.tensors[0], 1, c), spec.states[0].initial_for(b"c"))
+    reseeded = dataclasses.replace(spec.states[0], init_random=dataclasses.replace(rand, seed=4))
+    assert not np.allclose(reseeded.initial_for(b"a"), ha)
+    for bad in (("normal", (0.0, 0.0)), ("uniform", (1.0, 1.0)), ("cauchy", (0.0, 1.0)), ("normal", (math.nan, 1.0))):
+        with pytest.raises(BundleError, match="random initial state"):
+            RandomInit(*bad)  # type: ignore[arg-type]
+    with pytest.raises(BundleError, match="a distribution goes with a random initial state"):
+        StateSpec("h", (2,), 0, "h_in", "h_out", init="random")
 
 
 # --- Streams -------------------------------------------------------------------------------------
@@ -304,11 +343,11 @@ def test_window_matches_a_naive_history(w: int, tokens: bool, pad_id: int | None
     rng = np.random.default_rng(w)
     history: dict[int, list[np.ndarray]] = {s: [] for s in range(capacity)}
     for s in range(capacity):
-        arena.init(s)
+        arena.init(s, b"k")
     for round_ in range(60):
         if round_ % 17 == 16:  # a reset: the stream starts over from the fill value
             s = int(rng.integers(capacity))
-            arena.init(s)
+            arena.init(s, b"k")
             history[s] = []
         slots = rng.choice(capacity, size=rng.integers(1, capacity + 1), replace=False)
         if tokens:
