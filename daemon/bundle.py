@@ -313,6 +313,31 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class ContextStart:
+    """The model's ``init(context) -> state``: a stream may start from a context vector.
+
+    The course's image captioning: a representation of the image (a CNN's features) becomes
+    the RNN's initial state, and the RNN then writes the caption step by step. The function
+    is its own ONNX graph — ``context [B, size]`` in, one ``<state>_init`` per state out, in
+    graph layout — stored (base64) under the metadata key ``graph`` of the same file, so the
+    content hash seals it with everything else. ONNX Runtime runs a whole graph per call,
+    whatever outputs are asked for, so the two functions are two graphs, not one.
+    """
+
+    size: int
+    graph: str = "rnnd.graph.init"
+    input_name: str = "context"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise BundleError(f"a context start needs a context of at least one value, not {self.size}")
+
+    @staticmethod
+    def output_name(state: StateSpec) -> str:
+        return f"{state.name}_init"
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     version: str
@@ -387,6 +412,7 @@ class BundleSpec:
     provenance: Provenance | None = None
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    start: ContextStart | None = None  # streams may start from init(context) (stateful only)
 
     def __post_init__(self) -> None:
         if self.mode == "stateful":
@@ -403,6 +429,8 @@ class BundleSpec:
             raise BundleError(f"mode must be 'stateful' or 'window', not {self.mode!r}")
         if self.warmup_steps < 0:
             raise BundleError("warmup_steps must be >= 0")
+        if self.start is not None and self.mode != "stateful":
+            raise BundleError("a context start is for stateful bundles: a window-mode bundle keeps no state")
         if self.output.kind == "language_model" and self.input.kind != "tokens":
             raise BundleError("a language_model output needs token input")
         unknown = set(self.output.next_of) - set(self.input.features)
@@ -426,9 +454,12 @@ class BundleSpec:
     # --- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
         doc = asdict(self)
-        for state in doc["states"]:  # written only where used: other bundles' metadata stays as it was
+        # Written only where used: other bundles' metadata stays as it was.
+        for state in doc["states"]:
             if state["init_random"] is None:
                 del state["init_random"]
+        if doc["start"] is None:
+            del doc["start"]
         doc["state_hash"] = self.state_hash
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
@@ -560,6 +591,23 @@ def attach(model_proto: Any, spec: BundleSpec) -> BundleSpec:
     return sealed
 
 
+def embed_graph(model_proto: Any, key: str, graph: bytes) -> None:
+    """Store a second ONNX model (serialised) in the bundle's metadata under ``key``; before ``attach``."""
+    entry = model_proto.metadata_props.add()
+    entry.key = key
+    entry.value = base64.b64encode(graph).decode()
+
+
+def embedded_graph(metadata: Mapping[str, str], key: str, source: str = "model") -> bytes:
+    """The ONNX model stored under ``key`` (see ``embed_graph``)."""
+    if key not in metadata:
+        raise BundleError(f"{source} names the graph {key!r} in its metadata but does not hold it: re-export it")
+    try:
+        return base64.b64decode(metadata[key], validate=True)
+    except ValueError:
+        raise BundleError(f"{source}: the graph {key!r} is not base64: re-export it") from None
+
+
 def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> BundleSpec:
     """The spec, without the integrity check: for tools that only show what a file claims."""
     if METADATA_KEY not in metadata:
@@ -656,6 +704,7 @@ _NESTED.update({
     "BundleSpec.output": OutputSpec,
     "BundleSpec.states": StateSpec,
     "StateSpec.init_random": RandomInit,
+    "BundleSpec.start": ContextStart,
     "BundleSpec.parity": ParityReport,
     "BundleSpec.self_check": SelfCheck,
     "BundleSpec.provenance": Provenance,

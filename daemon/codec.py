@@ -39,8 +39,10 @@ TOKEN_OUT_OF_RANGE = "token_out_of_range"
 TEXT_TOO_LONG = "text_too_long"
 TOO_MANY_STEPS = "too_many_steps"
 UNKNOWN_CONTROL = "unknown_control"
+BAD_CONTEXT = "bad_context"
 REASONS = (NOT_JSON, NOT_OBJECT, NO_KEY, KEY_TOO_LONG, NO_INPUT, WRONG_TYPE, WRONG_INPUT_KIND, FEATURE_COUNT,
-           FEATURE_NAMES, NON_FINITE, OUT_OF_RANGE, TOKEN_OUT_OF_RANGE, TEXT_TOO_LONG, TOO_MANY_STEPS, UNKNOWN_CONTROL)
+           FEATURE_NAMES, NON_FINITE, OUT_OF_RANGE, TOKEN_OUT_OF_RANGE, TEXT_TOO_LONG, TOO_MANY_STEPS, UNKNOWN_CONTROL,
+           BAD_CONTEXT)
 
 #: A key longer than max_key_bytes is dead-lettered with only its first bytes (up to this many):
 #: echoing a 100 KB key back as text and base64 (and as the record key) helps nobody fix it.
@@ -54,12 +56,12 @@ class Record:
     steps and controls not yet applied; the record's offset may be committed once it is 0.
     """
 
-    __slots__ = ("cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps", "timestamp",
-                 "words")
+    __slots__ = ("context", "cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps",
+                 "timestamp", "words")
 
     def __init__(self, key: bytes, partition: int, offset: int, timestamp: int, steps: list,
                  reset: bool = False, end: bool = False, echo: dict[str, Any] | None = None,
-                 words: list[str] | None = None) -> None:
+                 words: list[str] | None = None, context: list[float] | None = None) -> None:
         self.key = key
         self.partition = partition
         self.offset = offset
@@ -73,6 +75,8 @@ class Record:
         # Text input with a word outside the vocabulary: the words as tokenised, so that each
         # prediction can say which word its step was (the id alone is the same <unk> for all).
         self.words = words
+        # The stream (re)starts from init(context) before this record's steps (``reset`` is set too).
+        self.context = context
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,7 @@ class Decoder:
         self.max_text = cfg.max_text_tokens
         self.max_key = cfg.max_key_bytes
         self.tokenizer = Tokenizer(spec.input.tokenizer) if spec.input.tokenizer else None
+        self.context_size = spec.start.size if spec.start is not None else 0
         self.vocab_size = spec.input.vocab_size
         self._fast = self.kind == "numeric" and not self.has_bounds
         # The common message, one step of plain numbers, typed and checked by msgspec in C: 0.7-1.4 µs
@@ -198,14 +203,22 @@ class Decoder:
                 reset = True
             elif control == "end":
                 end = True
+            elif control == "start":
+                if doc.get("context") is None:
+                    raise Reject(BAD_CONTEXT, "control start needs a context: {\"control\": \"start\", \"context\": "
+                                              "[numbers]}")
             else:
-                raise Reject(UNKNOWN_CONTROL, f"unknown control {control!r}: use 'reset' or 'end'")
+                raise Reject(UNKNOWN_CONTROL, f"unknown control {control!r}: use 'reset', 'end' or 'start'")
+        context = None
+        if doc.get("context") is not None:
+            context = self._context(doc["context"])
+            reset = True  # the stream starts over, from init(context)
         has = [k for k in ("x", "text", "tokens") if doc.get(k) is not None]
         if len(has) > 1:
             raise Reject(WRONG_TYPE, f"give one of x, text or tokens, not {' and '.join(has)}")
         if not has:
-            if control is None:
-                raise Reject(NO_INPUT, "message has no x, text, tokens or control")
+            if control is None and doc.get("context") is None:
+                raise Reject(NO_INPUT, "message has no x, text, tokens, context or control")
             steps: list = []
         elif has[0] == "x":
             if self.kind != "numeric":
@@ -228,7 +241,24 @@ class Decoder:
                 orjson.dumps(echo)
             except orjson.JSONEncodeError as e:
                 raise Reject(WRONG_TYPE, f"event_time/client_id cannot be copied into outputs: {e}") from None
-        return Record(key, partition, offset, timestamp, steps, reset, end, echo, words)
+        return Record(key, partition, offset, timestamp, steps, reset, end, echo, words, context)
+
+    def _context(self, context: Any) -> list[float]:
+        size = self.context_size
+        if not size:
+            raise Reject(BAD_CONTEXT, f"this model ({self.spec.model.ref}) has no init(context), so a stream cannot "
+                                      "start from a context: drop `context`")
+        if not (isinstance(context, list) and all(_is_number(v) for v in context)):
+            raise Reject(BAD_CONTEXT, f"context must be a list of {size} numbers")
+        if len(context) != size:
+            raise Reject(BAD_CONTEXT, f"context has {len(context)} values; the model's init(context) takes {size}")
+        try:
+            out = [float(v) for v in context]
+        except OverflowError:
+            out = [math.inf]
+        if not all(math.isfinite(v) for v in out):
+            raise Reject(BAD_CONTEXT, "context holds NaN or infinity; the model needs finite values")
+        return out
 
     def _numeric(self, x: Any) -> list[list[float]]:
         # Count first: an oversized message is refused without validating its rows one by one.

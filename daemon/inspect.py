@@ -94,6 +94,9 @@ def describe(spec: BundleSpec) -> str:
                      f"{list(s.graph_shape('B'))}, init {init}")
     if spec.states:
         lines.append(f"state bytes  : {spec.state_bytes_per_stream} per stream, hash {spec.state_hash}")
+    if spec.start is not None:
+        lines.append(f"start        : init(context), a context of {spec.start.size} values (its own graph, "
+                     f"{spec.start.graph})")
     lines.append(f"warm-up      : {spec.warmup_steps} step(s)")
     if spec.parity:
         lines.append(f"parity       : max|err| {spec.parity.max_abs_err:.2e} over {len(spec.parity.cases)} "

@@ -89,6 +89,7 @@ class Pipeline:
         self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
                           if cfg.generate_tokens else None)
         self.generate_at_end = cfg.generate_at == "end"
+        self.starting: dict[int, list[float]] = {}  # slot → context: init(context) runs before this round's calls
         if (self.forecaster or self.generator) and self.window:
             raise ValueError("forecasts and generation need a stateful bundle")
         self.normalise = spec.input.normalise if spec.input.normalised else None
@@ -162,7 +163,9 @@ class Pipeline:
     def plan(self) -> list[Call]:
         calls = []
         normalise = self.normalise
-        for g in self.scheduler.next_batch():
+        groups = self.scheduler.next_batch()
+        self.starting, self.scheduler.starts = self.scheduler.starts, {}
+        for g in groups:
             slots = np.asarray(g.slots, dtype=np.int64)
             x = as_array(g.rows, len(g.slots), g.t, self.numeric)
             if normalise is not None:
@@ -180,7 +183,12 @@ class Pipeline:
         return calls
 
     def execute(self, calls: list[Call]) -> list[Call]:
-        """ONNX Runtime work only (releases the GIL): safe on a worker thread."""
+        """ONNX Runtime work only (releases the GIL): safe on a worker thread.
+
+        Also run when ``starting`` holds streams with no call this round (a control-only start).
+        """
+        if self.starting:
+            self._start(calls)
         for c in calls:
             t0 = time.perf_counter()
             c.y, c.new_states = self.model.run(c.x, c.states)
@@ -202,6 +210,18 @@ class Pipeline:
                         c.y[rows, -1], arena.rows(c.new_states, rows),
                         [(refs[j][0].partition, refs[j][0].offset, refs[j][1]) for j in rows])
         return calls
+
+    def _start(self, calls: list[Call]) -> None:
+        """init(context) for the streams started this round, into the arena, and into the states
+        their calls gathered at ``plan`` (before this ran): one call of the start graph for all."""
+        starting, self.starting = self.starting, {}
+        arena = self.streams.arena
+        assert isinstance(arena, StateArena)  # a context start needs a stateful bundle
+        slots = np.fromiter(starting, dtype=np.int64, count=len(starting))
+        arena.scatter(slots, self.model.start_state(np.asarray(list(starting.values()), dtype=np.float32)))
+        for c in calls:
+            if np.isin(c.slots, slots).any():
+                c.states = arena.gather(c.slots)
 
     def finish(self, calls: list[Call]) -> list[Output]:
         now_ms = int(time.time() * 1000)

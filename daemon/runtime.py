@@ -17,6 +17,7 @@ from .bundle import (
     BundleError,
     BundleIntegrityError,
     BundleSpec,
+    embedded_graph,
     load_proto,
     metadata_entries,
     read_bytes,
@@ -73,6 +74,16 @@ class BundleModel:
         proto = load_proto(data, source)
         self.spec: BundleSpec = (verified_spec(proto, source) if check_content
                                  else spec_from_metadata(metadata_entries(proto, source), source))
+        # init(context) -> state, when the model has one: its own graph, run by its own session.
+        self.start_session: ort.InferenceSession | None = None
+        if self.spec.start is not None:
+            graph = embedded_graph(metadata_entries(proto, source), self.spec.start.graph, source)
+            try:
+                self.start_session = ort.InferenceSession(graph, sess_options=opts, providers=list(providers))
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{source}: its init(context) graph is not one ONNX Runtime can load: {first}") \
+                    from None
         del proto, data
         self._check_graph_matches_spec()
         self._state_in = [s.input_name for s in self.spec.states]
@@ -80,14 +91,18 @@ class BundleModel:
 
     def _check_graph_matches_spec(self) -> None:
         spec = self.spec
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        want_in = {spec.x_name, *(s.input_name for s in spec.states)}
-        want_out = {spec.y_name, *(s.output_name for s in spec.states)}
-        if inputs != want_in or not want_out <= outputs:
-            raise BundleError(
-                f"bundle graph does not match its metadata: graph inputs {sorted(inputs)}, "
-                f"outputs {sorted(outputs)}; metadata expects {sorted(want_in)} -> {sorted(want_out)}")
+        graphs = [(self.session, {spec.x_name, *(s.input_name for s in spec.states)},
+                   {spec.y_name, *(s.output_name for s in spec.states)}, "bundle graph")]
+        if self.start_session is not None and spec.start is not None:
+            graphs.append((self.start_session, {spec.start.input_name},
+                           {spec.start.output_name(s) for s in spec.states}, "init(context) graph"))
+        for session, want_in, want_out, what in graphs:
+            inputs = {i.name for i in session.get_inputs()}
+            outputs = {o.name for o in session.get_outputs()}
+            if inputs != want_in or not want_out <= outputs:
+                raise BundleError(
+                    f"{what} does not match its metadata: graph inputs {sorted(inputs)}, "
+                    f"outputs {sorted(outputs)}; metadata expects {sorted(want_in)} -> {sorted(want_out)}")
 
     # --- state ------------------------------------------------------------------------------
     def initial_state(self, batch: int, keys: Sequence[bytes] | None = None) -> list[np.ndarray]:
@@ -107,6 +122,15 @@ class BundleModel:
             one = np.expand_dims(s.initial(), s.batch_axis)
             out.append(np.ascontiguousarray(np.repeat(one, batch, axis=s.batch_axis)))
         return out
+
+    def start_state(self, context: np.ndarray) -> list[np.ndarray]:
+        """``init(context[B, size])``: the initial state of B streams started from a context, graph layout."""
+        spec = self.spec
+        if self.start_session is None or spec.start is None:
+            raise BundleError(f"{spec.model.ref} has no init(context): its streams cannot start from a context")
+        names = [spec.start.output_name(s) for s in spec.states]
+        return list(self.start_session.run(names, {spec.start.input_name: np.ascontiguousarray(context,
+                                                                                               dtype=np.float32)}))
 
     # --- running ----------------------------------------------------------------------------
     def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

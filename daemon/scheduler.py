@@ -66,6 +66,9 @@ class Scheduler:
         self.inflight = 0  # steps and controls accepted but not yet applied
         self.on_reset = on_reset
         self.on_end = on_end
+        # Streams (re)started from a context this round, slot → context: the pipeline runs
+        # init(context) for them before the round's calls (``Pipeline.execute``).
+        self.starts: dict[int, list[float]] = {}
 
     def add(self, slot: int, record: Record) -> None:
         q = self.queues.get(slot)
@@ -177,6 +180,8 @@ class Scheduler:
                 r.reset = False
                 self._done(slot, r)
                 self.streams.reset(slot)
+                if r.context is not None:
+                    self.starts[slot] = r.context
                 self.streams.applied(slot, r.offset, -1)
                 if self.on_reset:
                     self.on_reset(slot, r)

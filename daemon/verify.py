@@ -148,6 +148,7 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
     segments: dict[tuple[int, bytes], list[list[tuple[Record, int]]]] = defaultdict(lambda: [[]])
     ended: set[int] = set()  # id() of each segment an end control closed
     count = 0
+    contexts: dict[int, list[float]] = {}  # id(segment) → the context it started from
     for partition, recs in inputs.items():
         for key, value, offset, ts in sorted(recs, key=lambda r: r[2]):
             count += 1
@@ -157,6 +158,8 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
             segs = segments[(partition, item.key)]
             if item.reset and segs[-1]:
                 segs.append([])
+            if item.context is not None:
+                contexts[id(segs[-1])] = item.context
             segs[-1].extend((item, i) for i in range(len(item.steps)))
             if item.end:
                 ended.add(id(segs[-1]))
@@ -174,8 +177,11 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
                 x = spec.input.normalise(np.asarray(rows, dtype=np.float32))[None]
             else:
                 x = np.asarray(rows, dtype=np.int64)[None]
-            if spec.mode == "stateful":  # from the stream's own initial state (a random one is drawn per key)
-                y = model.run_sequence(x, chunk=x.shape[1], states=model.initial_state(1, [stream_key]))[0][0]
+            if spec.mode == "stateful":  # from the stream's own start: init(context), or its key's initial state
+                context = contexts.get(id(seg))
+                start = (model.start_state(np.asarray([context], dtype=np.float32)) if context is not None
+                         else model.initial_state(1, [stream_key]))
+                y = model.run_sequence(x, chunk=x.shape[1], states=start)[0][0]
             else:
                 y = model.run_windows(x)[0]
             # One stream, all its steps: a model call's layout. What the emitter keeps is the position.

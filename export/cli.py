@@ -17,9 +17,11 @@ x is [B, T, F] float32 (numeric) or [B, T] int64 (token ids), batch first; y is 
 The state is derived from the model's nn.RNN/nn.LSTM/nn.GRU layers in module order (h, and
 c for an LSTM; shape [layers*directions, B, H]) unless the module defines state_spec()
 returning rnnd.export.StateDecl objects. An optional initial_state() gives a learned initial
-state. Also accepted, and mapped onto the protocol: forward(x, state=None) -> (y, state) with
-the state as one (nested) argument such as (h, c), and time-first models (batch_first=False
-layers: x [T, B, F]). Window mode: forward(x) -> y with x the last W steps. See README, "Export".
+state; an optional init(context) -> state lets a stream start from a context vector (give
+its size with --context-size). Also accepted, and mapped onto the protocol: forward(x,
+state=None) -> (y, state) with the state as one (nested) argument such as (h, c), and
+time-first models (batch_first=False layers: x [T, B, F]). Window mode: forward(x) -> y
+with x the last W steps. See README, "Export".
 
 Options imply what they describe: --features/--mean/--std/--valid-min/--valid-max a numeric
 input, --vocab/--tokenizer/--unk/--case-sensitive a token input, --output-names/--output-mean/
@@ -73,6 +75,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "normal:MEAN,STD or uniform:LOW,HIGH (same key and seed, same start: restarts, replicas "
                         "and verify reproduce it)")
     g.add_argument("--random-init-seed", type=int, metavar="N", help="with --random-init: the seed (default 0)")
+    g.add_argument("--context-size", type=int, metavar="C",
+                   help="a model with init(context) -> state: how many values one context has (a stream then "
+                        "starts from {\"context\": [C numbers]})")
     g.add_argument("--warmup", type=int, dest="warmup_steps",
                    help="predictions of a stream's first N steps are marked as warm-up")
     g = p.add_argument_group("input (each option implies its kind)")
@@ -334,6 +339,8 @@ def _run_export(args: argparse.Namespace) -> int:
     kwargs_cli = _parse_kwargs(args.arg)
     plan = _parity_plan(args)
     random_init = _random_init(args)
+    if args.context_size is not None and args.context_size < 1:
+        raise UsageError(f"--context-size must be a positive integer, not {args.context_size}")
     checkpoint = loader.load_checkpoint(args.checkpoint, key=args.checkpoint_key)
     embedded = checkpoint.meta
     settings = resolve_settings(args, embedded)
@@ -364,7 +371,7 @@ def _run_export(args: argparse.Namespace) -> int:
         window=settings.get("window"), warmup_steps=int(settings.get("warmup_steps") or 0),
         input=inp, output=out, parity=plan,
         sample=None if sample is None else np.asarray(sample.numpy() if hasattr(sample, "numpy") else sample),
-        source=f"{factory} {args.checkpoint.name}", random_init=random_init)
+        source=f"{factory} {args.checkpoint.name}", random_init=random_init, context_size=args.context_size)
     result = export_bundle(model, opts, args.out, log=say)
     say(result.report)
     spec = result.spec

@@ -19,6 +19,7 @@ import rnnd
 from rnnd.daemon.bundle import (
     BundleError,
     BundleSpec,
+    ContextStart,
     InputSpec,
     ModelInfo,
     OutputSpec,
@@ -27,6 +28,7 @@ from rnnd.daemon.bundle import (
     SelfCheck,
     StateSpec,
     attach,
+    embed_graph,
     encode_array,
 )
 from rnnd.daemon.runtime import BundleModel
@@ -53,6 +55,8 @@ class ExportOptions:
     source: str = ""
     # Streams start from a random state drawn per key (instead of zeros or a learned constant).
     random_init: RandomInit | None = None
+    # With a model that has init(context): how many values a context has.
+    context_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def export_bundle(
             raise ExportError(f"--mode must be 'stateful' or 'window', not {opts.mode!r}")
         say(f"model: {adapter.describe()}")
         say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
+        spec = _context_start(model, adapter, spec, opts, onnx_model, say)
 
         attach(onnx_model, spec)
         bundle = BundleModel(onnx_model.SerializeToString())
@@ -143,6 +148,28 @@ def _stateful_graph(model: nn.Module, opts: ExportOptions):
     if problems:
         raise ExportError("exported graph has fixed dimensions: " + "; ".join(problems))
     return spec, scanned, "scan", adapter
+
+
+def _context_start(model: nn.Module, adapter: protocol.Adapter, spec: BundleSpec, opts: ExportOptions,
+                   onnx_model: onnx.ModelProto, say: Callable[[str], None]) -> BundleSpec:
+    """A model with ``init(context)``: its second graph, embedded in ``onnx_model``; the spec names it."""
+    name = type(model).__name__
+    if not adapter.starts_from_context:
+        if opts.context_size is not None:
+            raise ExportError(f"--context-size is for a model with init(context); {name} has none")
+        return spec
+    if spec.mode != "stateful":
+        raise ExportError(f"{name}.init(context) gives a starting state, and a window-mode model keeps none: "
+                          "drop init() or export in stateful mode")
+    if not opts.context_size or opts.context_size < 1:
+        raise ExportError(f"{name} has init(context): say how many values one context has (--context-size C)")
+    start = ContextStart(opts.context_size)
+    example = torch.randn(3, start.size, generator=torch.Generator().manual_seed(5))
+    adapter.start(example)  # the declared count and shapes, or one line saying which is off
+    proto = graph.trace_start(model, start, spec.states, example)
+    embed_graph(onnx_model, start.graph, proto.SerializeToString())
+    say(f"init(context): a context of {start.size} values starts a stream (its own graph, {start.graph})")
+    return dataclasses.replace(spec, start=start)
 
 
 def _adapt(model: nn.Module, opts: ExportOptions, window: int | None) -> protocol.Adapter:

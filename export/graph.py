@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from rnnd.daemon.bundle import StateSpec
+from rnnd.daemon.bundle import ContextStart, StateSpec
 
 from .errors import ExportError
 
@@ -108,6 +109,40 @@ def trace(
             raise ExportError(
                 f"PyTorch could not export the model to ONNX: {msg[:300]}. Replace or remove the "
                 "layer it names (run with --debug for the full trace)") from e
+    return onnx.load_from_string(buf.getvalue())
+
+
+class _Start(nn.Module):
+    """``init(context)`` as a module: the states it returns, flat, for the tracer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, context):
+        from .protocol import flatten
+
+        return tuple(flatten(cast(Any, self.model).init(context)))
+
+
+def trace_start(model: nn.Module, start: ContextStart, states: tuple[StateSpec, ...],
+                example: torch.Tensor) -> onnx.ModelProto:
+    """TorchScript-export the model's ``init(context)`` with B dynamic: the bundle's second graph."""
+    names_out = [start.output_name(s) for s in states]
+    dyn: dict[str, dict[int, str]] = {start.input_name: {0: "B"}}
+    dyn.update({name: {s.batch_axis: "B"} for name, s in zip(names_out, states, strict=True)})
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), _stdout_silenced():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                _Start(model).train(model.training), (example,), buf,  # type: ignore[arg-type]
+                dynamo=False, opset_version=OPSET, input_names=[start.input_name], output_names=names_out,
+                dynamic_axes=dyn, do_constant_folding=True)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"PyTorch could not export init(context) to ONNX: {msg[:300]} "
+                              "(run with --debug for the full trace)") from e
     return onnx.load_from_string(buf.getvalue())
 
 

@@ -88,6 +88,8 @@ def check(
                 cases.append(ParityCase(batch=b, steps=steps, chunk=chunk, data=data, max_abs_err=err))
                 if progress:
                     progress(f"B={b} T={steps} chunk={chunk} {data}: {err:.2e}")
+    if spec.start is not None:
+        cases += _context_start_cases(bundle, adapter, plan, rng, progress)
     worst = max(cases, key=lambda c: c.max_abs_err)
     report = ParityReport(tolerance=plan.tolerance, max_abs_err=worst.max_abs_err, cases=tuple(cases))
     if not worst.max_abs_err <= plan.tolerance:
@@ -101,10 +103,35 @@ def check(
     return report
 
 
+def _context_start_cases(bundle: BundleModel, adapter: protocol.Adapter, plan: ParityPlan, rng: np.random.Generator,
+                         progress: Callable[[str], None] | None) -> list[ParityCase]:
+    """Streams started from a context: the init(context) graph's state and the steps run from it,
+    against PyTorch's init(context) and the module run over the sequence from that state."""
+    spec = bundle.spec
+    assert spec.start is not None
+    cases = []
+    for b in plan.batches:
+        context = rng.standard_normal((b, spec.start.size)).astype(np.float32)
+        x = random_inputs(spec, b, plan.steps, rng)
+        with torch.no_grad():
+            start = adapter.start(torch.from_numpy(context))
+            ref = adapter.reference(torch.from_numpy(x), [t.contiguous() for t in start]).numpy()
+        got_start = bundle.start_state(context)
+        got = bundle.run_sequence(x, chunk=1, states=got_start)[0]
+        pairs = [(g, r.numpy()) for g, r in zip(got_start, start, strict=True)] + [(got, ref)]
+        errs = [float(np.max(np.abs(g - r))) if g.shape == r.shape else float("inf") for g, r in pairs]
+        err = float("inf") if any(np.isnan(errs)) else max(errs)
+        cases.append(ParityCase(batch=b, steps=plan.steps, chunk=1, data="context start", max_abs_err=err))
+        if progress:
+            progress(f"B={b} T={plan.steps} chunk=1 from init(context): {err:.2e}")
+    return cases
+
+
 def format_report(report: ParityReport) -> str:
+    w = max(9, *(len(c.data) for c in report.cases))
     lines = [f"parity vs {report.reference} (tolerance {report.tolerance:g}):",
-             "  data       B     T  chunk  max|err|"]
+             f"  {'data':<{w}} {'B':>4} {'T':>5} {'chunk':>6}  max|err|"]
     for c in report.cases:
-        lines.append(f"  {c.data:<9} {c.batch:>4} {c.steps:>5} {c.chunk:>6}  {c.max_abs_err:.2e}")
+        lines.append(f"  {c.data:<{w}} {c.batch:>4} {c.steps:>5} {c.chunk:>6}  {c.max_abs_err:.2e}")
     lines.append(f"  worst: {report.max_abs_err:.2e}")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -289,19 +290,44 @@ class Adapter:
         view = ProtocolView(self.model, self.time_first, self.template, self.window)
         return view.train(self.model.training)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The ORIGINAL module over the whole sequence, from the initial state: y batch-first."""
+    def reference(self, x: torch.Tensor, states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The ORIGINAL module over the whole sequence, from the initial state (or ``states``,
+        flat, in protocol layout): y batch-first."""
         xin = x.transpose(0, 1) if self.time_first else x
         if self.window:
             return call_window(self.model, xin, time_first=self.time_first)
+        state = states if states is not None else self.state(x.shape[0])
         if self.omit_state:
             out = self.model(xin)
         elif self.template is not None:
-            out = self.model(xin, rebuild(self.template, self.state(x.shape[0])))
+            out = self.model(xin, rebuild(self.template, state))
         else:
-            out = self.model(xin, *self.state(x.shape[0]))
+            out = self.model(xin, *state)
         y = out[0]
         return y.transpose(0, 1) if self.time_first else y
+
+    @property
+    def starts_from_context(self) -> bool:
+        return callable(getattr(self.model, "init", None))
+
+    def start(self, context: torch.Tensor) -> list[torch.Tensor]:
+        """``init(context)``, the state it returns flattened like forward's and checked against the declaration."""
+        name = type(self.model).__name__
+        if self.window or self.omit_state:
+            raise ExportError(f"{name}.init(context) gives a starting state, but its forward takes none: "
+                              "drop init() or pass the state to forward")
+        out = flatten(cast(Any, self.model).init(context))
+        if len(out) != len(self.decls):
+            raise ExportError(f"{name}.init(context) returned {len(out)} tensors for {len(self.decls)} states "
+                              f"({', '.join(d.name for d in self.decls)})")
+        b = context.shape[0]
+        for t, d in zip(out, self.decls, strict=True):
+            want = list(d.shape)
+            want.insert(d.batch_axis, b)
+            if list(t.shape) != want:
+                raise ExportError(f"{name}.init(context) returned {list(t.shape)} for state {d.name!r}; for {b} "
+                                  f"contexts it must be {want} (the batch on axis {d.batch_axis}, as forward takes it)")
+        return out
 
     def describe(self) -> str:
         parts = ["time-first (batch_first=False) input, transposed" if self.time_first else "batch-first input"]

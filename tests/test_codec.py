@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from rnnd.daemon import codec
-from rnnd.daemon.bundle import BundleSpec, InputSpec, ModelInfo, OutputSpec, StateSpec, TokenizerSpec
+from rnnd.daemon.bundle import BundleSpec, ContextStart, InputSpec, ModelInfo, OutputSpec, StateSpec, TokenizerSpec
 from rnnd.daemon.codec import DeadLetter, Decoder, Record
 from rnnd.daemon.config import ServeConfig
 
@@ -58,6 +58,7 @@ def record(spec: BundleSpec, value: bytes | str, **cfg: Any) -> Record:
 
 
 BOUNDED = numeric_spec(valid_min=(0.0, None, -1.0), valid_max=(100.0, None, 1.0))
+START = replace(numeric_spec(), start=ContextStart(3))  # a model with init(context), contexts of 3 values
 
 # (case id, spec, key, value, serve settings, reason, regex the message must match)
 DEAD: list[tuple[str, BundleSpec, bytes | None, bytes | None, dict[str, Any], str, str]] = [
@@ -75,8 +76,8 @@ DEAD: list[tuple[str, BundleSpec, bytes | None, bytes | None, dict[str, Any], st
     # A key's length is checked before its bytes are read as text: an invalid UTF-8 key is too long all the same.
     ("key-too-long-not-utf8", numeric_spec(), b"\xff" * 9, b"not even json", {"max_key_bytes": 8},
      codec.KEY_TOO_LONG, r"the key is 9 bytes"),
-    ("empty-object", numeric_spec(), b"k", b"{}", {}, codec.NO_INPUT, r"no x, text, tokens or control"),
-    ("null-x", numeric_spec(), b"k", b'{"x": null}', {}, codec.NO_INPUT, r"no x, text, tokens or control"),
+    ("empty-object", numeric_spec(), b"k", b"{}", {}, codec.NO_INPUT, r"no x, text, tokens, context or control"),
+    ("null-x", numeric_spec(), b"k", b'{"x": null}', {}, codec.NO_INPUT, r"no x, text, tokens, context or control"),
     ("empty-x", numeric_spec(), b"k", b'{"x": []}', {}, codec.NO_INPUT, r"x is empty"),
     ("blank-text", token_spec(), b"k", b'{"text": "   "}', {}, codec.NO_INPUT, r"text has no tokens"),
     ("empty-tokens", token_spec(), b"k", b'{"tokens": []}', {}, codec.NO_INPUT, r"non-empty list"),
@@ -153,9 +154,21 @@ DEAD: list[tuple[str, BundleSpec, bytes | None, bytes | None, dict[str, Any], st
     ("too-many-named", numeric_spec(), b"k", orjson.dumps({"x": [{"a": 1, "b": 2, "c": 3}] * 3}),
      {"max_steps_per_message": 2}, codec.TOO_MANY_STEPS, r"3 steps in one message; the limit is 2"),
     ("unknown-control", numeric_spec(), b"k", b'{"control": "pause"}', {}, codec.UNKNOWN_CONTROL,
-     r"unknown control 'pause': use 'reset' or 'end'"),
+     r"unknown control 'pause': use 'reset', 'end' or 'start'"),
     ("control-with-steps", numeric_spec(), b"k", b'{"control": "restart", "x": [1, 2, 3]}', {},
      codec.UNKNOWN_CONTROL, r"unknown control 'restart'"),
+    ("context-without-init", numeric_spec(), b"k", b'{"context": [1, 2, 3], "x": [1, 2, 3]}', {}, codec.BAD_CONTEXT,
+     r"^this model \(num@1\) has no init\(context\), so a stream cannot start from a context: drop `context`$"),
+    ("context-size", START, b"k", b'{"context": [1, 2]}', {}, codec.BAD_CONTEXT,
+     r"^context has 2 values; the model's init\(context\) takes 3$"),
+    ("context-not-numbers", START, b"k", b'{"context": [1, "2", 3]}', {}, codec.BAD_CONTEXT,
+     r"^context must be a list of 3 numbers$"),
+    ("context-object", START, b"k", b'{"context": {"a": 1}}', {}, codec.BAD_CONTEXT, r"must be a list of 3 numbers"),
+    ("context-bool", START, b"k", b'{"context": [1, true, 3]}', {}, codec.BAD_CONTEXT, r"must be a list of 3 numbers"),
+    ("context-nan", START, b"k", b'{"context": [1, NaN, 3]}', {}, codec.BAD_CONTEXT, r"NaN or infinity"),
+    ("context-huge", START, b"k", b'{"context": [1, 1e999, 3]}', {}, codec.BAD_CONTEXT, r"NaN or infinity"),
+    ("start-without-context", START, b"k", b'{"control": "start", "x": [1, 2, 3]}', {}, codec.BAD_CONTEXT,
+     r'^control start needs a context: \{"control": "start", "context": \[numbers\]\}$'),
 ]
 
 
@@ -484,3 +497,14 @@ def test_token_outputs_say_which_token_each_step_was() -> None:
         ("the", 2), ("cat", 3), ("<unk>", 1),
         ("the", 2), ("cat", 3)]
     assert list(docs[0])[6:10] == ["step", "token", "token_id", "prediction"] and docs[0]["client_id"] == "c"
+
+
+def test_a_context_starts_the_stream_before_the_messages_steps() -> None:
+    """`context` alone, with steps, or with control start: the record resets the stream to init(context)."""
+    for value, steps in ((b'{"context": [1, 2.5, -3]}', []), (b'{"context": [1, 2.5, -3], "x": [[0, 0, 0]]}', 1),
+                         (b'{"control": "start", "context": [1, 2.5, -3]}', [])):
+        r = record(START, value)
+        assert r.context == [1.0, 2.5, -3.0] and r.reset and not r.end
+        assert r.remaining == (steps if isinstance(steps, int) else 0) + 1
+    plain = record(START, b'{"x": [0, 0, 0]}')
+    assert plain.context is None and not plain.reset

@@ -331,3 +331,43 @@ def subprocess_verify(bundle, bootstrap: str, topic_in: str, topic_out: str) -> 
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
+
+
+def test_streams_start_from_a_context_on_the_broker_and_verify_recomputes_them(bootstrap, topic_factory, tmp_path):
+    """A captioning-shaped bundle served: captions start from their image's context (in the first
+    message, or a control-only start), a bad context is dead-lettered; verify finds every
+    prediction equal to its own recomputation from init(context)."""
+    import torch
+
+    from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
+    from rnnd.export.exporter import ExportOptions, export_bundle
+    from rnnd.export.parity import ParityPlan
+    from user_models import Captioner
+
+    torch.manual_seed(3)
+    vocab = ("<pad>", "<unk>", *(f"w{i}" for i in range(10)))
+    bundle = tmp_path / "cap.onnx"
+    export_bundle(Captioner(vocab_size=len(vocab), context_size=4).eval(), ExportOptions(
+        name="cap", input=InputSpec("tokens", tokenizer=TokenizerSpec("word", vocab, unk_id=1, pad_id=0)),
+        output=OutputSpec("language_model", vocab=vocab), context_size=4,
+        parity=ParityPlan(batches=(1, 3), chunks=(1,), steps=8)), bundle)
+    topic_in, topic_out = topic_factory("ctx-in", 2), topic_factory("ctx-out", 2)
+    rng = np.random.default_rng(4)
+    items: list = []
+    for i in range(12):
+        key = f"img{i}".encode()
+        context = rng.standard_normal(4).round(4).tolist()
+        if i % 3 == 0:
+            items += [(key, {"control": "start", "context": context}), (key, {"text": "w1 w2 w3"})]
+        else:
+            items += [(key, {"context": context, "text": "w4 w5"}), (key, {"text": "w6"})]
+    items.append((b"bad", {"context": [1.0, 2.0], "text": "w1"}))
+    produce(bootstrap, topic_in, items)
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, log_dir=tmp_path) as d:
+        d.start()
+        consume(bootstrap, topic_out, 36, timeout=60)
+        dead = consume(bootstrap, f"{topic_in}.dlq", 1, timeout=30)
+        assert d.stop() == 0
+    assert [r.value["reason"] for r in dead] == ["bad_context"]
+    code, report = subprocess_verify(bundle, bootstrap, topic_in, topic_out)
+    assert code == 0 and report["ok"] and report["expected"] == report["received"] == 36, report

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -188,7 +189,7 @@ OPTION_CASES = {
     "output_mean": "numeric", "output_std": "numeric", "next_of": "numeric", "tolerance": "numeric",
     "parity_batches": "numeric", "quiet": "numeric", "random_init": "numeric", "random_init_seed": "numeric",
     "input_kind": "tokens", "tokenizer": "tokens", "vocab": "tokens", "unk": "tokens", "case_sensitive": "tokens",
-    "labels": "tokens", "output_kind": "language_model",
+    "labels": "tokens", "output_kind": "language_model", "context_size": "language_model",
     "mode": "window", "window": "window", "description": "window",
     "checkpoint_key": "checkpoint", "strip_prefix": "checkpoint",
     "debug": "test_debug_shows_the_traceback",
@@ -269,6 +270,31 @@ def test_options_language_model(rnnd, tmp_path):
     assert spec.output.kind == "language_model" and spec.output.vocab == spec.input.tokenizer.vocab
 
 
+def test_options_context_size_for_a_model_with_init(rnnd, tmp_path, mixed_ckpt):
+    """A captioning-shaped model: init(context) is exported as the bundle's second graph, with parity
+    from it; --context-size is refused for a model without init() and needed for one with it."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "cap.pt"
+    torch.save(um.Captioner(vocab_size=30, context_size=5).state_dict(), ckpt)
+    vocab = write_vocab(tmp_path / "vocab.txt", 30)
+    args = ("export", f"{USER}:captioner", "--arg", "vocab_size=30", "--arg", "context_size=5", "--checkpoint", ckpt,
+            "--out", tmp_path / "cap.onnx", "--vocab", vocab, "--unk", "<UNK>", "--tokenizer", "word",
+            "--output-kind", "language_model",
+            "--parity-batches", "1,3")
+    one_line_error(rnnd(*args, "--quiet"), 1,
+                   "Captioner has init(context): say how many values one context has (--context-size C)")
+    res = rnnd(*args, "--context-size", "5")
+    assert res.code == 0, res.err
+    assert "context start" in res.err and "init(context): a context of 5 values starts a stream" in res.err
+    model = BundleModel(tmp_path / "cap.onnx")
+    assert model.spec.start is not None and model.spec.start.size == 5
+    assert {c.data for c in model.spec.parity.cases} >= {"context start"}
+    assert [s.shape for s in model.start_state(np.zeros((4, 5), np.float32))] == [(1, 4, 16)]
+    one_line_error(rnnd("export", f"{USER}:mixed_stack", "--checkpoint", mixed_ckpt, "--out", tmp_path / "m.onnx",
+                        "--output-names", "p,q", "--context-size", "4", "--quiet"), 1,
+                   "--context-size is for a model with init(context); MixedStack has none")
+
+
 @pytest.mark.parametrize("mode_flag", [(), ("--mode", "window")])
 def test_options_window(rnnd, tmp_path, mode_flag):
     torch.manual_seed(0)
@@ -317,6 +343,7 @@ def test_options_checkpoint_key_and_strip_prefix(rnnd, tmp_path):
     (("--random-init", "uniform:1,-1"), "--random-init: random initial state: uniform needs finite low < high"),
     (("--random-init", "normal:0"), "--random-init: random initial state: normal needs a finite mean and a std > 0"),
     (("--random-init-seed", "3"), "--random-init-seed is only used with --random-init"),
+    (("--context-size", "0"), "--context-size must be a positive integer, not 0"),
 ])
 def test_contradicting_or_malformed_options_are_refused(rnnd, tmp_path, mixed_ckpt, extra, message):
     (tmp_path / "v.txt").write_text("<unk>\na\n")

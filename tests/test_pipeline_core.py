@@ -651,3 +651,109 @@ def test_random_initial_state_is_drawn_per_key_and_reproduced_by_a_restart(gru_r
     other_seed = dataclasses.replace(spec.states[0], init_random=dataclasses.replace(RANDOM, seed=8))
     assert not np.allclose(a, b) and not np.allclose(a, other_seed.initial_for(b"key-1"))
     assert np.array_equal(a, spec.states[0].initial_for(b"key-1"))
+
+
+# --- a stream started from a context: init(context) -> state ---------------------------------------------
+
+CAP_VOCAB = ("<pad>", "<unk>", *(f"w{i}" for i in range(10)))
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, BundleModel]:
+    from user_models import Captioner
+
+    torch.manual_seed(14)
+    model = Captioner(vocab_size=len(CAP_VOCAB), context_size=6).eval()
+    tok = TokenizerSpec("word", CAP_VOCAB, unk_id=1, pad_id=0)
+    return model, _export(tmp_path_factory.mktemp("cap") / "cap.onnx", model, name="cap",
+                          input=InputSpec("tokens", tokenizer=tok),
+                          output=OutputSpec("language_model", vocab=CAP_VOCAB), context_size=6)
+
+
+def test_streams_started_from_a_context_follow_pytorch_from_init_of_that_context(captioner) -> None:
+    """Captioning's shape: each caption starts from its image's representation. Streams start from
+    a context (with their first tokens, or in a control-only start), some start over from a new
+    context mid-way, one never gets one (zeros); in random batches. Every prediction equals
+    PyTorch's init(context) followed by the module over that caption's tokens."""
+    torch_model, model = captioner
+    assert model.spec.start is not None and model.spec.start.size == 6
+    rng, nprng = random.Random(8), np.random.default_rng(8)
+    by_key: dict[bytes, list[tuple[dict[str, Any], list[int]]]] = defaultdict(list)
+    segments: list[tuple[bytes, list[float] | None, list[int]]] = []  # the reference's captions
+
+    def add(key: bytes, doc: dict[str, Any], steps: list[int], start: list[float] | None) -> None:
+        by_key[key].append((doc, steps))
+        if start is not None or not segments or segments[-1][0] != key:
+            segments.append((key, start, []))
+        segments[-1][2].extend(steps)
+
+    for n in range(16):
+        key = f"c{n}".encode()
+        for _caption in range(1 if n % 4 else 2):  # every fourth stream gets a second image
+            context = nprng.standard_normal(6).round(4).tolist() if n != 15 else None
+            words = [rng.randrange(2, len(CAP_VOCAB)) for _ in range(rng.randint(2, 6))]
+            if context is None:
+                add(key, {"tokens": words}, words, None)
+            elif n % 3 == 0:  # a control-only start, then the tokens
+                add(key, {"control": "start", "context": context}, [], context)
+                add(key, {"tokens": words[:2]}, words[:2], None)
+                if words[2:]:
+                    add(key, {"tokens": words[2:]}, words[2:], None)
+            else:
+                add(key, {"context": context, "tokens": words}, words, context)
+    # streams interleaved at random, each in its own order; offsets in arrival order per partition
+    sent: list[Sent] = []
+    offsets = [0, 0, 0]
+    while by_key:
+        key = rng.choice(list(by_key))
+        doc, steps = by_key[key].pop(0)
+        p = int(key[1:]) % 3
+        sent.append(Sent(key, p, offsets[p], orjson.dumps(doc), steps))
+        offsets[p] += 1
+        if not by_key[key]:
+            del by_key[key]
+    docs = drive(Pipeline(model, config(top_k=len(CAP_VOCAB)), TOPIC), sent, rng).docs
+    assert len(docs) == sum(len(s.steps) for s in sent)
+    mine = defaultdict(list)
+    for d in docs:
+        mine[d["key"].encode()].append(d)
+    worst, cursor = 0.0, defaultdict(int)
+    for key, context, ids in segments:
+        got = sorted(mine[key], key=lambda d: (d["offset"], d["index"]))[cursor[key]:cursor[key] + len(ids)]
+        cursor[key] += len(ids)
+        h0 = (torch_model.init(torch.tensor([context])) if context is not None
+              else torch.zeros(1, 1, torch_model.gru.hidden_size))
+        with torch.no_grad():
+            p = torch.softmax(torch_model(torch.tensor([ids]), h0)[0][0], dim=-1).numpy()
+        assert [d["step"] for d in got] == list(range(len(ids)))
+        for t, d in enumerate(got):
+            assert d["token_id"] == ids[t]
+            for nxt in d["prediction"]["next"]:
+                worst = max(worst, abs(nxt["p"] - float(p[t, CAP_VOCAB.index(nxt["token"])])))
+    assert worst < 1e-4, worst
+
+
+def test_the_init_graph_is_sealed_with_the_rest_of_the_bundle(tmp_path: Path) -> None:
+    """The init(context) graph lives in the bundle's metadata: the content hash covers it, so an
+    edited one is refused like any other change."""
+    import base64
+
+    import onnx
+
+    from rnnd.daemon.bundle import BundleIntegrityError
+    from user_models import Captioner
+
+    torch.manual_seed(15)
+    path = tmp_path / "cap.onnx"
+    tok = TokenizerSpec("word", CAP_VOCAB, unk_id=1, pad_id=0)
+    _export(path, Captioner(vocab_size=len(CAP_VOCAB), context_size=3).eval(), name="cap",
+            input=InputSpec("tokens", tokenizer=tok), output=OutputSpec("language_model", vocab=CAP_VOCAB),
+            context_size=3)
+    proto = onnx.load(str(path))
+    entry = next(p for p in proto.metadata_props if p.key == "rnnd.graph.init")
+    graph = onnx.load_from_string(base64.b64decode(entry.value))
+    weight = graph.graph.initializer[0]
+    weight.raw_data = bytes([weight.raw_data[0] ^ 1]) + weight.raw_data[1:]  # one bit of one weight
+    entry.value = base64.b64encode(graph.SerializeToString()).decode()
+    with pytest.raises(BundleIntegrityError, match="was modified after export"):
+        BundleModel(proto.SerializeToString())

@@ -8,6 +8,7 @@ built by the pipeline's own code rather than to hand-written examples alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from rnnd.daemon import codec
-from rnnd.daemon.bundle import BundleSpec, InputSpec, ModelInfo, OutputSpec, StateSpec, TokenizerSpec
+from rnnd.daemon.bundle import BundleSpec, ContextStart, InputSpec, ModelInfo, OutputSpec, StateSpec, TokenizerSpec
 from rnnd.daemon.codec import DeadLetter, Decoder, Record
 from rnnd.daemon.config import ServeConfig
 from rnnd.daemon.heads import Heads
@@ -77,6 +78,9 @@ def tokens_spec() -> BundleSpec:
 
 def spec_for(doc: dict[str, Any]) -> BundleSpec:
     """The bundle an input example is meant for, read off its content."""
+    if "context" in doc:  # a model with init(context), contexts of as many values as the example's
+        return dataclasses.replace(tokens_spec() if "text" in doc or "tokens" in doc else numeric_spec(),
+                                   start=ContextStart(len(doc["context"])))
     if "text" in doc or "tokens" in doc:
         return tokens_spec()
     if isinstance(doc.get("x"), (int, float)):
@@ -146,7 +150,8 @@ def test_input_example_decodes(path: Path) -> None:
         assert steps, "a message with input must yield at least one step"
     else:
         assert steps == [] and (item.reset or item.end)
-    assert item.reset == (doc.get("control") == "reset")
+    assert item.reset == (doc.get("control") in ("reset", "start") or "context" in doc)
+    assert item.context == doc.get("context")
     assert item.end == (doc.get("control") == "end")
     x = doc.get("x")
     if isinstance(x, list) and x and isinstance(x[0], (list, dict)):

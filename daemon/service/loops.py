@@ -181,7 +181,7 @@ class Inferrer:
                     await asyncio.sleep(max_wait)
                 async with call_lock:
                     calls = pipeline.plan()
-                    if calls:
+                    if calls or pipeline.starting:
                         calls = await loop.run_in_executor(executor, pipeline.execute, calls)
                     outputs = pipeline.finish(calls)  # with no calls: outputs of controls alone
                     # Published under the lock: a checkpoint never sees steps applied whose outputs

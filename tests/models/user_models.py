@@ -309,3 +309,26 @@ class TimeFirstProjected(nn.Module):
 
 def time_first_projected(**kw):
     return TimeFirstProjected(**kw)
+
+
+class Captioner(nn.Module):
+    """Image captioning's shape: an image representation (a context vector) becomes the GRU's initial
+    state through init(context); the caption's tokens go in one per step, next-token logits come out."""
+
+    def __init__(self, vocab_size: int = 12, context_size: int = 6, hidden: int = 16, embed: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.gru = nn.GRU(embed, hidden, batch_first=True)
+        self.bridge = nn.Linear(context_size, hidden)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def init(self, context):  # [B, C] -> h0 [1, B, H]
+        return torch.tanh(self.bridge(context)).unsqueeze(0)
+
+    def forward(self, x, h):
+        out, h = self.gru(self.embed(x), h)
+        return self.head(out), h
+
+
+def captioner(**kw):
+    return Captioner(**kw)
