@@ -64,9 +64,7 @@ class Offsets:
         first (9-18 ms pauses at 20-40k survivors) and then promoted to the oldest. Trimmed per
         round, a record dies young and its memory goes back a few at a time."""
         for p in self.partitions.values():
-            q = p.records
-            while q and q[0].remaining <= 0:
-                q.popleft()
+            p.trim()
 
     def commit_points(self) -> dict[int, int]:
         out = {}
