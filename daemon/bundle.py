@@ -7,12 +7,18 @@ how to initialise it) travels as one JSON document under the model metadata key
 ``rnnd.bundle``. These frozen dataclasses are that document; nothing else defines it, and
 the exporter writes exactly these objects.
 
-Graph conventions (both modes):
+Graph conventions:
 
 * ``x``: ``[B, T, F]`` float32 (numeric input) or ``[B, T]`` int64 (token ids).
 * stateful mode: one input and one output per state tensor; ``y`` is ``[B, T, O]``.
 * window mode: no state; ``x`` holds the last W inputs, ``y`` is ``[B, O]``, the prediction
   for the last step of the window.
+* seq2seq mode (``Seq2SeqSpec``): a message is a whole source sequence and its answer a
+  generated one. The bundle's graph is one decoder step, ``x [B]`` int64 (the previous
+  output token) with the source's ``memory [B, S, H]``, its ``memory_mask [B, S]`` (bool,
+  false at padding) and the decoder state in, ``y [B, V]`` (next-token logits) and the new
+  state out; the encoder, ``source`` in, ``memory`` and the decoder's first state out, is the
+  second graph. Nothing is kept per stream between messages (``states`` is empty).
 
 Integrity: the document's ``content_hash`` seals the whole file (see ``content_hash``), and
 every reader (``serve``, ``serve --check``, ``verify``, ``inspect``) goes through
@@ -40,7 +46,7 @@ from .errors import BundleError, BundleIntegrityError
 FORMAT_VERSION = 2
 METADATA_KEY = "rnnd.bundle"
 
-Mode = Literal["stateful", "window"]
+Mode = Literal["stateful", "window", "seq2seq"]
 InputKind = Literal["numeric", "tokens"]
 OutputKind = Literal["regression", "classification", "language_model"]
 InitKind = Literal["zeros", "learned", "random"]
@@ -338,6 +344,46 @@ class ContextStart:
 
 
 @dataclass(frozen=True)
+class Seq2SeqSpec:
+    """An encoder–decoder with attention: the source read whole, the answer generated token by token.
+
+    The course's translation models "read the whole sequence before generating". The encoder
+    (its own ONNX graph, stored under the metadata key ``encoder_graph`` like a context start)
+    runs once per message; the decoder step is the bundle's graph and runs once per output
+    token, for the tokens of many messages in one call. ``states`` is the decoder's state: it
+    lives for one message's decoding, not from one message to the next, so it is not the
+    bundle's (per-stream) ``states``. Token ids are of the output vocabulary
+    (``OutputSpec.vocab``); ``bos_id`` is fed as the first previous token, ``eos_id`` ends an
+    answer, and ``separator`` joins output tokens into text ("" for characters, " " for words).
+    """
+
+    states: tuple[StateSpec, ...]
+    memory_size: int
+    bos_id: int
+    eos_id: int
+    max_output_len: int
+    max_source_len: int
+    separator: str = ""
+    encoder_graph: str = "rnnd.graph.encoder"
+    source_name: str = "source"
+    memory_name: str = "memory"
+    mask_name: str = "memory_mask"
+
+    def __post_init__(self) -> None:
+        if not self.states:
+            raise BundleError("a seq2seq decoder needs at least one state tensor")
+        if self.memory_size < 1 or self.max_output_len < 1 or self.max_source_len < 1:
+            raise BundleError("seq2seq memory_size, max_output_len and max_source_len must be >= 1")
+        if self.bos_id == self.eos_id:
+            raise BundleError("seq2seq bos_id and eos_id must differ: the first input would end every answer")
+
+    @staticmethod
+    def init_name(state: StateSpec) -> str:
+        """The encoder's output that starts the decoder state ``state``."""
+        return f"{state.name}_init"
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     version: str
@@ -413,9 +459,22 @@ class BundleSpec:
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
     start: ContextStart | None = None  # streams may start from init(context) (stateful only)
+    seq2seq: Seq2SeqSpec | None = None  # mode seq2seq: the encoder and the decoder step
 
     def __post_init__(self) -> None:
-        if self.mode == "stateful":
+        if (self.mode == "seq2seq") != (self.seq2seq is not None):
+            raise BundleError("a seq2seq bundle, and only one, carries its encoder-decoder spec (seq2seq)")
+        if self.mode == "seq2seq":
+            if self.states or self.window is not None or self.start is not None or self.warmup_steps:
+                raise BundleError("a seq2seq bundle keeps nothing per stream: no states, window, start or warm-up")
+            if self.output.kind != "language_model":
+                raise BundleError("a seq2seq bundle's output is the decoder's next-token logits (language_model)")
+            assert self.seq2seq is not None
+            for name in ("bos_id", "eos_id"):
+                if not 0 <= getattr(self.seq2seq, name) < self.output.size:
+                    raise BundleError(f"seq2seq {name} {getattr(self.seq2seq, name)} is not an id of the output "
+                                      f"vocabulary ({self.output.size} tokens)")
+        elif self.mode == "stateful":
             if not self.states:
                 raise BundleError("a stateful bundle needs at least one state tensor")
             if self.window is not None:
@@ -426,19 +485,21 @@ class BundleSpec:
             if not self.window or self.window < 1:
                 raise BundleError("a window-mode bundle needs a window length >= 1")
         else:
-            raise BundleError(f"mode must be 'stateful' or 'window', not {self.mode!r}")
+            raise BundleError(f"mode must be 'stateful', 'window' or 'seq2seq', not {self.mode!r}")
         if self.warmup_steps < 0:
             raise BundleError("warmup_steps must be >= 0")
         if self.start is not None and self.mode != "stateful":
             raise BundleError("a context start is for stateful bundles: a window-mode bundle keeps no state")
-        if self.output.kind == "language_model" and self.input.kind != "tokens":
+        if self.output.kind == "language_model" and self.input.kind != "tokens" and self.mode != "seq2seq":
             raise BundleError("a language_model output needs token input")
         unknown = set(self.output.next_of) - set(self.input.features)
         if unknown:
             raise BundleError(f"output next_of names unknown input features: {sorted(unknown)}")
         names = [self.x_name, self.y_name]
-        for s in self.states:
+        for s in self.states + (self.seq2seq.states if self.seq2seq else ()):
             names += [s.input_name, s.output_name]
+        if self.seq2seq is not None:
+            names += [self.seq2seq.memory_name, self.seq2seq.mask_name]
         if len(set(names)) != len(names):
             raise BundleError(f"graph tensor names must be distinct: {names}")
 
@@ -458,8 +519,12 @@ class BundleSpec:
         for state in doc["states"]:
             if state["init_random"] is None:
                 del state["init_random"]
-        if doc["start"] is None:
-            del doc["start"]
+        for name in ("start", "seq2seq"):
+            if doc[name] is None:
+                del doc[name]
+        for state in doc["seq2seq"]["states"] if "seq2seq" in doc else ():
+            if state["init_random"] is None:
+                del state["init_random"]
         doc["state_hash"] = self.state_hash
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
@@ -705,6 +770,8 @@ _NESTED.update({
     "BundleSpec.states": StateSpec,
     "StateSpec.init_random": RandomInit,
     "BundleSpec.start": ContextStart,
+    "BundleSpec.seq2seq": Seq2SeqSpec,
+    "Seq2SeqSpec.states": StateSpec,
     "BundleSpec.parity": ParityReport,
     "BundleSpec.self_check": SelfCheck,
     "BundleSpec.provenance": Provenance,

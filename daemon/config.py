@@ -92,6 +92,12 @@ class ServeConfig:
                                  choices=("greedy", "topk"))
     generate_seed: int = opt(0, "Seed for topk generation (with the prediction id: reproducible).", ge=0,
                              le=2**64 - 1)
+    beam_size: int = opt(1, "Seq2seq bundles: hypotheses kept per message (1: greedy decoding; k > 1: beam search).",
+                         ge=1, le=256)
+    max_output_len: int = opt(0, "Seq2seq bundles: longest answer in tokens (0: the bundle's max_output_len, which "
+                                 "is also the most this may ask for).", ge=0, le=1 << 16)
+    length_penalty: float = opt(1.0, "Seq2seq beam search: an ended hypothesis scores log-probability / length ** "
+                                     "this (0: raw log-probability, which favours short answers).", ge=0, le=10)
     # --- durable state ---
     changelog: bool = opt(True, "Keep every stream's state in a compacted changelog topic, restored on "
                                 "assignment: crashes, restarts and rebalances lose no state.")
@@ -197,6 +203,9 @@ class ServeConfig:
         elif self.generate_seed and self.generate_strategy == "greedy":
             raise ConfigError(f"generate_seed must be 0 with generate_strategy greedy, not {self.generate_seed}: "
                               "greedy generation draws nothing; set generate_strategy = \"topk\"", "generate_seed")
+        if self.beam_size == 1 and self.length_penalty != 1.0:
+            raise ConfigError(f"length_penalty must be left at 1.0 when beam_size is 1, not {self.length_penalty}: "
+                              "greedy decoding ranks no hypotheses; set beam_size too", "length_penalty")
         if not self.changelog:
             for name, default in (("changelog_topic", ""), ("on_state_mismatch", "refuse")):
                 if getattr(self, name) != default:

@@ -94,6 +94,14 @@ def describe(spec: BundleSpec) -> str:
                      f"{list(s.graph_shape('B'))}, init {init}")
     if spec.states:
         lines.append(f"state bytes  : {spec.state_bytes_per_stream} per stream, hash {spec.state_hash}")
+    s2s = spec.seq2seq
+    if s2s is not None:
+        vocab = spec.output.vocab
+        lines.append(f"seq2seq      : encoder ({s2s.encoder_graph}) -> memory [S, {s2s.memory_size}]; decoder state "
+                     f"{', '.join(f'{s.name}{list(s.shape)}' for s in s2s.states)}, per message")
+        lines.append(f"answers      : from {vocab[s2s.bos_id]!r} until {vocab[s2s.eos_id]!r}, at most "
+                     f"{s2s.max_output_len} tokens, joined by {s2s.separator!r}; sources of at most "
+                     f"{s2s.max_source_len} steps")
     if spec.start is not None:
         lines.append(f"start        : init(context), a context of {spec.start.size} values (its own graph, "
                      f"{spec.start.graph})")

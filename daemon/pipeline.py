@@ -8,6 +8,11 @@
 
 The daemon drives these four against Kafka. Keeping them free of I/O is what lets the tests
 and the benchmarks drive exactly the same code with plain lists of records.
+
+A seq2seq bundle runs through ``Seq2SeqPipeline``, the same four stages with a different
+model stage: a message is one step (its whole source), and its answer takes as many rounds
+as it has tokens, in ``seq2seq.Cells`` beside the other messages being answered.
+``pipeline_for`` picks the class from the bundle.
 """
 
 from __future__ import annotations
@@ -15,19 +20,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
 from . import changelog, codec
 from .codec import DeadLetter, Output, Record
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig
 from .emit import Emitter
 from .heads import Forecaster, Generator, Heads
 from .metrics import Metrics
 from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
+from .seq2seq import Answer, Cells
 from .state import Eviction, StateArena, Streams, WindowArena
 
 #: emit=end: what is kept of a stream's latest prediction, to encode should the stream end before
@@ -79,8 +85,9 @@ class Pipeline:
         self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock)
         self.streams.on_evict.append(self._evicted)
         rollout = cfg.forecast_horizon > 0 or cfg.generate_tokens > 0
-        # Forecasts and generation start from the state after each step, so steps run one at a time.
-        max_chunk = 1 if (self.window or rollout) else cfg.max_chunk
+        # Forecasts and generation start from the state after each step, so steps run one at a time;
+        # a seq2seq step is a whole message, answered before the stream's next one starts.
+        max_chunk = 1 if (self.window or rollout or spec.mode == "seq2seq") else cfg.max_chunk
         self.scheduler = Scheduler(self.streams, cfg.max_batch, max_chunk, on_reset=self._on_reset,
                                    on_end=self._on_end)
         self.offsets = Offsets()
@@ -102,8 +109,9 @@ class Pipeline:
         self.durable = cfg.changelog
         self._layout_hash = spec.state_hash
         tokenizer = spec.input.tokenizer
+        echo = tokenizer is not None and spec.input.kind == "tokens" and spec.mode != "seq2seq"
         self.encoder = codec.Encoder(topic, self.model_ref, self.warmup,
-                                     tokenizer.vocab if tokenizer is not None and spec.input.kind == "tokens" else None)
+                                     tokenizer.vocab if echo and tokenizer else None)
         if metrics:  # read at scrape time: always current, nothing to update on the hot path
             metrics.active_streams.set_function(lambda: self.streams.active)
             metrics.state_bytes.set_function(lambda: self.streams.state_bytes)
@@ -337,3 +345,131 @@ class Pipeline:
 
     def pending_in(self, partition: int) -> int:
         return self.offsets.pending(partition)
+
+
+# --- seq2seq ------------------------------------------------------------------------------------
+
+
+def pipeline_for(model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> Pipeline:
+    """The pipeline a bundle calls for: ``Seq2SeqPipeline`` for an encoder–decoder, else ``Pipeline``."""
+    if model.spec.mode == "seq2seq":
+        return Seq2SeqPipeline(model, cfg, topic, metrics, clock)
+    if cfg.beam_size != 1 or cfg.max_output_len:
+        name = "beam_size" if cfg.beam_size != 1 else "max_output_len"
+        raise ConfigError(f"{name} is for seq2seq bundles; {model.spec.model.ref} is a {model.spec.mode} bundle: "
+                          "leave it unset", name)
+    return Pipeline(model, cfg, topic, metrics, clock)
+
+
+@dataclass
+class Round(Call):
+    """A seq2seq round: the messages that join the cells (``(record, index, slot)``, source) and those
+    the round's decoder call answered."""
+
+    arrivals: list[tuple[tuple[Record, int, int], np.ndarray]] = field(default_factory=list)
+    answers: list[tuple[object, Answer]] = field(default_factory=list)
+    rows: int = 0  # hypotheses in the decoder call
+
+
+class _Sources:
+    """The codec's decoder, each record's steps made one step: the whole source of one message."""
+
+    def __init__(self, decoder: codec.Decoder, max_source_len: int) -> None:
+        self.inner = decoder
+        self.tokenizer = decoder.tokenizer
+        self.max_len = max_source_len
+
+    def decode(self, key: bytes | None, value: bytes | None, partition: int, offset: int,
+               timestamp: int) -> Record | DeadLetter:
+        item = self.inner.decode(key, value, partition, offset, timestamp)
+        if item.__class__ is DeadLetter:
+            return item
+        rec: Record = item  # type: ignore[assignment]
+        if not rec.steps:
+            return rec  # a control alone
+        if len(rec.steps) > self.max_len:
+            return DeadLetter(codec.TOO_MANY_STEPS, f"the source has {len(rec.steps)} steps; this bundle reads at "
+                              f"most {self.max_len} (its max_source_len)", self.inner.topic, partition, offset,
+                              timestamp, key, value)
+        rec.steps = [rec.steps]
+        rec.remaining = 1 + int(rec.reset) + int(rec.end)
+        return rec
+
+
+class Seq2SeqPipeline(Pipeline):
+    """Each message's answer, decoded beside every other message in flight (``seq2seq.Cells``).
+
+    A stream's messages are answered in order, one at a time (the scheduler holds a stream's
+    next step until its previous one completed), so a stream's answers leave in input order;
+    across streams a short answer overtakes a long one. A message counts as applied (its
+    offset may be committed) only once its answer is out, so a crash mid-answer repeats it.
+    """
+
+    def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        s2s = model.spec.seq2seq
+        assert s2s is not None
+        if cfg.max_output_len > s2s.max_output_len:
+            raise ConfigError(f"max_output_len must be at most {s2s.max_output_len} for {model.spec.model.ref} (the "
+                              f"bundle's, as exported), not {cfg.max_output_len}", "max_output_len")
+        if cfg.emit != "every":
+            raise ConfigError(f"emit must be left at 'every' for a seq2seq bundle, not {cfg.emit!r}: it picks steps "
+                              "of a stream, and a seq2seq bundle answers every message", "emit")
+        super().__init__(model, cfg, topic, metrics, clock)
+        self.decoder = _Sources(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
+        self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
+        self.max_messages = max(1, cfg.max_batch // cfg.beam_size)
+        self._vocab, self._separator = model.spec.output.vocab, s2s.separator
+
+    def plan(self) -> list[Call]:
+        room = self.max_messages - len(self.cells)
+        groups = self.scheduler.next_batch(limit=room) if room > 0 else []
+        self.scheduler.starts = {}
+        arrivals = []
+        dtype = np.float32 if self.numeric else np.int64
+        for g in groups:
+            for slot, (rec, i) in zip(g.slots, g.refs, strict=True):
+                src = np.asarray(rec.steps[i], dtype=dtype)
+                if self.normalise is not None:
+                    src = self.normalise(src).astype(np.float32)
+                arrivals.append(((rec, i, slot), src))
+        if not arrivals and not len(self.cells):
+            return []
+        return [Round(Group(1), np.empty(0), np.empty(0, dtype=np.int64), [], arrivals=arrivals)]
+
+    def execute(self, calls: list[Call]) -> list[Call]:
+        for c in calls:
+            assert isinstance(c, Round)
+            t0 = time.perf_counter()
+            self.cells.add(c.arrivals)
+            c.rows = self.cells.rows
+            c.answers = self.cells.step()
+            c.seconds = time.perf_counter() - t0
+        return calls
+
+    def finish(self, calls: list[Call]) -> list[Output]:
+        now_ms = int(time.time() * 1000)
+        m = self.metrics
+        for c in calls:
+            assert isinstance(c, Round)
+            if c.answers:
+                g = Group(1)
+                for tag, _ in c.answers:
+                    rec, i, slot = cast(tuple[Record, int, int], tag)
+                    g.slots.append(slot)
+                    g.refs.append((rec, i))
+                g.first_step = self.streams.steps[g.slots].tolist()
+                preds = [a.json(self._vocab, self._separator) for _, a in c.answers]
+                bad = [j for j, (_, a) in enumerate(c.answers) if a.nonfinite] or None
+                self._emit(g, preds, now_ms, bad)
+                self.scheduler.complete(g)
+                if m and bad:
+                    m.nonfinite.inc(len(bad))
+            if m:
+                m.batch_size.observe(c.rows)
+                m.inference_seconds.observe(c.seconds)
+                m.steps.inc(len(c.answers))
+        self.offsets.trim()
+        out, self.outputs = self.outputs, []
+        return out

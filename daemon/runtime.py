@@ -84,10 +84,20 @@ class BundleModel:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BundleError(f"{source}: its init(context) graph is not one ONNX Runtime can load: {first}") \
                     from None
+        # A seq2seq bundle's encoder: the second graph, run once per message (see Seq2SeqSpec).
+        self.encoder_session: ort.InferenceSession | None = None
+        if self.spec.seq2seq is not None:
+            graph = embedded_graph(metadata_entries(proto, source), self.spec.seq2seq.encoder_graph, source)
+            try:
+                self.encoder_session = ort.InferenceSession(graph, sess_options=opts, providers=list(providers))
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(f"{source}: its encoder graph is not one ONNX Runtime can load: {first}") from None
         del proto, data
         self._check_graph_matches_spec()
-        self._state_in = [s.input_name for s in self.spec.states]
-        self._outputs = [self.spec.y_name] + [s.output_name for s in self.spec.states]
+        states = self.spec.seq2seq.states if self.spec.seq2seq is not None else self.spec.states
+        self._state_in = [s.input_name for s in states]
+        self._outputs = [self.spec.y_name] + [s.output_name for s in states]
 
     def _check_graph_matches_spec(self) -> None:
         spec = self.spec
@@ -96,6 +106,13 @@ class BundleModel:
         if self.start_session is not None and spec.start is not None:
             graphs.append((self.start_session, {spec.start.input_name},
                            {spec.start.output_name(s) for s in spec.states}, "init(context) graph"))
+        s2s = spec.seq2seq
+        if self.encoder_session is not None and s2s is not None:
+            graphs[0] = (self.session, {spec.x_name, s2s.memory_name, s2s.mask_name,
+                                        *(s.input_name for s in s2s.states)},
+                         {spec.y_name, *(s.output_name for s in s2s.states)}, "decoder step graph")
+            graphs.append((self.encoder_session, {s2s.source_name},
+                           {s2s.memory_name, *(s2s.init_name(s) for s in s2s.states)}, "encoder graph"))
         for session, want_in, want_out, what in graphs:
             inputs = {i.name for i in session.get_inputs()}
             outputs = {o.name for o in session.get_outputs()}
@@ -131,6 +148,28 @@ class BundleModel:
         names = [spec.start.output_name(s) for s in spec.states]
         return list(self.start_session.run(names, {spec.start.input_name: np.ascontiguousarray(context,
                                                                                                dtype=np.float32)}))
+
+    # --- seq2seq ----------------------------------------------------------------------------
+    def encode(self, source: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The encoder over ``source[B, S]`` ids (or ``[B, S, F]`` numbers, model space), all of one
+        length S: ``memory[B, S, H]`` and the decoder's first state, graph layout."""
+        s2s = self.spec.seq2seq
+        if self.encoder_session is None or s2s is None:
+            raise BundleError(f"{self.spec.model.ref} is not a seq2seq bundle: it has no encoder")
+        names = [s2s.memory_name] + [s2s.init_name(s) for s in s2s.states]
+        memory, *states = self.encoder_session.run(names, {s2s.source_name: np.ascontiguousarray(source)})
+        return memory, states
+
+    def decode_step(self, tokens: np.ndarray, memory: np.ndarray, mask: np.ndarray,
+                    states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder step for B hypotheses: previous ``tokens[B]``, their source's ``memory[B, S, H]``
+        and ``mask[B, S]`` (false at padding) → next-token ``logits[B, V]`` and the new state."""
+        s2s = self.spec.seq2seq
+        assert s2s is not None
+        feed = {self.spec.x_name: tokens, s2s.memory_name: memory, s2s.mask_name: mask}
+        feed.update(zip(self._state_in, states, strict=True))
+        y, *new = self.session.run(self._outputs, feed)
+        return y, new
 
     # --- running ----------------------------------------------------------------------------
     def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -176,7 +215,11 @@ class BundleModel:
             raise BundleError("bundle has no self-check data")
         x, y_ref = check.arrays(self.spec.input.dtype)
         errs = []
-        if self.spec.mode == "stateful":
+        if self.spec.mode == "seq2seq":  # y_ref: PyTorch's logits along its greedy answer, teacher-forced here
+            from .seq2seq import teacher_forced
+
+            errs.append(float(np.max(np.abs(teacher_forced(self, x, y_ref.argmax(-1)) - y_ref))))
+        elif self.spec.mode == "stateful":
             for chunk in (1, x.shape[1]):
                 y, _ = self.run_sequence(x, chunk=chunk)
                 errs.append(float(np.max(np.abs(y - y_ref))))

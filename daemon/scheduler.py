@@ -79,15 +79,17 @@ class Scheduler:
         self.inflight += record.remaining
         self.ready[slot] = None
 
-    def next_batch(self) -> list[Group]:
-        """Take work for the next round: groups keyed by chunk length T."""
+    def next_batch(self, limit: int | None = None) -> list[Group]:
+        """Take work for the next round, for at most ``limit`` streams (default max_batch): groups keyed
+        by chunk length T."""
         groups: dict[int, Group] = {}
         taken = steps_taken = 0
         ready, queues = self.ready, self.queues
         room = self.max_steps - self.max_chunk  # below it, the next stream's chunk still fits
-        while taken < self.max_batch and ready and steps_taken <= room:
+        most = self.max_batch if limit is None else min(limit, self.max_batch)
+        while taken < most and ready and steps_taken <= room:
             # Oldest first, no more than the batch can hold: the rest stay ready for the next round.
-            for slot in list(islice(ready, self.max_batch - taken)):
+            for slot in list(islice(ready, most - taken)):
                 if steps_taken > room:
                     break
                 del ready[slot]

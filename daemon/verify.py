@@ -4,7 +4,9 @@ Operators run it after incidents; the durability tests use it as their oracle. I
 input and output topics to their ends, splits each stream into segments at its `reset`
 and `end` controls, runs the bundle over each segment in ONE call from the initial state —
 an independent reference: no batching, no chunking, no state carried between processes —
-and checks every expected prediction id against the output topic:
+and checks every expected prediction id against the output topic (a seq2seq bundle's
+reference is each message's answer decoded alone, with the daemon's search settings: the
+same tokens, and the log-probability within the tolerance per token):
 
 * missing    an expected id that is not in the output topic (exit 1)
 * wrong      an output whose prediction differs from the reference by more than the tolerance (exit 1)
@@ -40,6 +42,7 @@ from .codec import Decoder, Record
 from .emit import Emitter
 from .heads import softmax
 from .runtime import BundleModel
+from .seq2seq import Answer, answer_one
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -141,9 +144,11 @@ async def verify(cfg: config.ServeConfig, tolerance: float = 1e-4, progress: boo
 
 
 def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
-                         inputs: dict[int, list]) -> tuple[dict[str, np.ndarray], int]:
+                         inputs: dict[int, list]) -> tuple[dict[str, Any], int]:
     """id → reference model output row (model space), from each stream's segments in one call each."""
     spec = model.spec
+    if spec.mode == "seq2seq":
+        return expected_answers(model, cfg, inputs)
     decoder = Decoder(spec, cfg, cfg.input_topic)
     segments: dict[tuple[int, bytes], list[list[tuple[Record, int]]]] = defaultdict(lambda: [[]])
     ended: set[int] = set()  # id() of each segment an end control closed
@@ -203,6 +208,41 @@ def expected_predictions(model: BundleModel, cfg: config.ServeConfig,
     return expected, count
 
 
+def expected_answers(model: BundleModel, cfg: config.ServeConfig,
+                     inputs: dict[int, list]) -> tuple[dict[str, Any], int]:
+    """Seq2seq: id → the answer to each message's source, decoded alone (the daemon decodes it in a
+    padded batch beside other messages), with the daemon's search settings."""
+    spec = model.spec
+    decoder = Decoder(spec, cfg, cfg.input_topic)
+    numeric = spec.input.kind == "numeric"
+    expected: dict[str, Any] = {}
+    count = 0
+    for partition, recs in inputs.items():
+        for key, value, offset, ts in recs:
+            count += 1
+            item = decoder.decode(key, value, partition, offset, ts)
+            s2s = spec.seq2seq
+            assert s2s is not None
+            if not isinstance(item, Record) or not item.steps or len(item.steps) > s2s.max_source_len:
+                continue  # a dead letter, or a control alone
+            source = (spec.input.normalise(np.asarray(item.steps, dtype=np.float32)) if numeric
+                      else np.asarray(item.steps, dtype=np.int64))
+            expected[f"{cfg.input_topic}/{partition}/{offset}/0"] = answer_one(
+                model, source, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
+    return expected, count
+
+
+def _answer_error(doc: dict[str, Any], ref: Answer) -> float:
+    """0 for the same tokens with a log-probability within float32 rounding of the reference's
+    (the difference, per token), inf for other tokens or a non-finite answer on one side only."""
+    pred = doc.get("prediction") or {}
+    if ref.nonfinite or doc.get("nonfinite") is True:
+        return 0.0 if ref.nonfinite and doc.get("nonfinite") is True else float("inf")
+    if pred.get("output_ids") != ref.ids or pred.get("stop") != ref.stop:
+        return float("inf")
+    return abs(float(pred["logp"]) - ref.logp) / max(1, len(ref.ids))
+
+
 def _model_space(model: BundleModel, pred: dict[str, Any], ref: np.ndarray) -> np.ndarray:
     """The output's prediction as numbers comparable with the reference row ``ref``."""
     out = model.spec.output
@@ -237,6 +277,13 @@ def compare(model: BundleModel, cfg: config.ServeConfig, inputs: dict[int, list]
         if len(copies) > 1:
             report.duplicated += len(copies) - 1
             report.duplicated_identical += sum(1 for c in copies[1:] if _same(c, copies[0]))
+        if isinstance(ref, Answer):  # seq2seq: the same answer, token for token
+            errs = [_answer_error(orjson.loads(c), ref) for c in copies]
+            report.nonfinite += int(ref.nonfinite)
+            report.max_error = max(report.max_error, *errs)
+            if not max(errs) <= tolerance:
+                report.wrong.append((pid, max(errs)))
+            continue
         if not np.all(np.isfinite(ref)):  # the model overflows on this input, here as in the daemon
             if all(orjson.loads(c).get("nonfinite") is True for c in copies):
                 report.nonfinite += 1

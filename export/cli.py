@@ -23,6 +23,14 @@ state=None) -> (y, state) with the state as one (nested) argument such as (h, c)
 time-first models (batch_first=False layers: x [T, B, F]). Window mode: forward(x) -> y
 with x the last W steps. See README, "Export".
 
+seq2seq (--mode seq2seq): an encoder-decoder with attention, with int attributes bos_id and
+eos_id (output vocabulary ids) and
+    encode(source) -> (memory, *state)          source [B, S] ids or [B, S, F]; memory [B, S, H]
+    decode_step(token, memory, memory_mask, *state) -> (logits, *state)
+token [B] int64 (the previous output token), memory_mask [B, S] bool (False at padding, which
+attention must leave out), logits [B, V] over the output vocabulary (--target-vocab, default
+the input vocabulary). The daemon answers each message's source with a generated sequence.
+
 Options imply what they describe: --features/--mean/--std/--valid-min/--valid-max a numeric
 input, --vocab/--tokenizer/--unk/--case-sensitive a token input, --output-names/--output-mean/
 --output-std/--next-of a regression output, --labels a classification output, --window window
@@ -39,7 +47,8 @@ REGRESSION_OPTS = {"output_names": "--output-names", "output_mean": "--output-me
                    "next_of": "--next-of"}
 CLASSIFICATION_OPTS = {"labels": "--labels"}
 # Keys a --spec file may hold (as in the bundle metadata).
-SPEC_KEYS = ("name", "version", "description", "mode", "window", "warmup_steps", "input", "output")
+SPEC_KEYS = ("name", "version", "description", "mode", "window", "warmup_steps", "input", "output", "max_output_len",
+             "max_source_len")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +77,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name")
     g.add_argument("--version")
     g.add_argument("--description")
-    g.add_argument("--mode", choices=["stateful", "window"])
+    g.add_argument("--mode", choices=["stateful", "window", "seq2seq"],
+                   help="stateful (default), window, or seq2seq: an encoder-decoder with attention (encode and "
+                   "decode_step, see 'seq2seq' above)")
+    g.add_argument("--max-output-len", type=int, metavar="N", help="seq2seq: longest answer, in tokens (default 64)")
+    g.add_argument("--max-source-len", type=int, metavar="N",
+                   help="seq2seq: longest source, in steps (default 256; longer messages are dead letters)")
     g.add_argument("--window", type=int, help="window mode (implied): steps the model sees")
     g.add_argument("--random-init", metavar="DIST",
                    help="stateful: start every stream from a random state drawn per stream key: normal:STD, "
@@ -93,6 +107,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--case-sensitive", action="store_true", default=None, help="tokens: do not lower-case text")
     g = p.add_argument_group("output (each option implies its kind)")
     g.add_argument("--output-kind", choices=["regression", "classification", "language_model"])
+    g.add_argument("--target-vocab", type=Path, metavar="FILE",
+                   help="language model / seq2seq: the output vocabulary, one token per line in id order "
+                   "(default: the input vocabulary)")
     g.add_argument("--output-names", help="regression: comma-separated output names")
     g.add_argument("--output-mean", help="regression: de-normalisation means")
     g.add_argument("--output-std", help="regression: de-normalisation standard deviations")
@@ -205,7 +222,8 @@ def resolve_settings(args: argparse.Namespace, embedded: dict[str, Any]) -> dict
 
     if args.window is not None and args.mode == "stateful":
         raise UsageError("--window applies to window mode; drop --mode stateful (--window implies --mode window)")
-    for key in ("name", "version", "description", "mode", "window", "warmup_steps"):
+    for key in ("name", "version", "description", "mode", "window", "warmup_steps", "max_output_len",
+                "max_source_len"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.window is not None:
@@ -214,6 +232,11 @@ def resolve_settings(args: argparse.Namespace, embedded: dict[str, Any]) -> dict
         raise UsageError(f"window {settings['window']} (from --spec or the checkpoint) applies to window mode "
                          "only; pass --mode window, or remove it")
 
+    for key in ("max_output_len", "max_source_len"):
+        if settings.get(key) is not None and settings.get("mode") != "seq2seq":
+            raise UsageError(f"--{key.replace('_', '-')} is for seq2seq models: pass --mode seq2seq, or remove it")
+        if settings.get(key) is not None and not (isinstance(settings[key], int) and settings[key] >= 1):
+            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer, not {settings[key]!r}")
     settings["input"] = _resolve_input(args, dict(settings.get("input") or {}))
     settings["output"] = _resolve_output(args, dict(settings.get("output") or {}))
     return settings
@@ -354,9 +377,20 @@ def _run_export(args: argparse.Namespace) -> int:
         say(note)
     inp_doc = _default_input(model, settings["input"])
     out_doc = settings["output"]
+    if not out_doc.get("kind") and (args.target_vocab is not None or settings.get("mode") == "seq2seq"):
+        out_doc["kind"] = "language_model"  # a seq2seq model's output is its decoder's next-token logits
     if not out_doc.get("kind"):
         raise ExportError("say what the model outputs: --output-names NAMES (regression), --labels A,B,... "
                           "(classification), or --output-kind language_model")
+    if args.target_vocab is not None:
+        if out_doc["kind"] != "language_model":
+            raise ExportError(f"--target-vocab is the vocabulary of a language model's (or seq2seq model's) output; "
+                              f"this output is {out_doc['kind']}")
+        try:
+            out_doc["vocab"] = [line.rstrip("\n") for line in args.target_vocab.read_text().splitlines()
+                                if line.rstrip("\n")]
+        except OSError as e:
+            raise ExportError(f"--target-vocab {args.target_vocab}: {e.strerror or e}") from None
     if out_doc["kind"] == "language_model" and not out_doc.get("vocab"):
         out_doc["vocab"] = list((inp_doc.get("tokenizer") or {}).get("vocab") or [])
     try:
@@ -371,7 +405,9 @@ def _run_export(args: argparse.Namespace) -> int:
         window=settings.get("window"), warmup_steps=int(settings.get("warmup_steps") or 0),
         input=inp, output=out, parity=plan,
         sample=None if sample is None else np.asarray(sample.numpy() if hasattr(sample, "numpy") else sample),
-        source=f"{factory} {args.checkpoint.name}", random_init=random_init, context_size=args.context_size)
+        source=f"{factory} {args.checkpoint.name}", random_init=random_init, context_size=args.context_size,
+        max_output_len=int(settings.get("max_output_len") or 64),
+        max_source_len=int(settings.get("max_source_len") or 256))
     result = export_bundle(model, opts, args.out, log=say)
     say(result.report)
     spec = result.spec

@@ -26,6 +26,7 @@ from rnnd.daemon.bundle import (
     Provenance,
     RandomInit,
     SelfCheck,
+    Seq2SeqSpec,
     StateSpec,
     attach,
     embed_graph,
@@ -34,6 +35,7 @@ from rnnd.daemon.bundle import (
 from rnnd.daemon.runtime import BundleModel
 
 from . import compat, graph, parity, protocol
+from . import seq2seq as s2s
 from .errors import ExportError
 
 
@@ -57,6 +59,11 @@ class ExportOptions:
     random_init: RandomInit | None = None
     # With a model that has init(context): how many values a context has.
     context_size: int | None = None
+    # mode seq2seq: the longest answer and source, and what joins output tokens into text
+    # (None: "" for a char-level source vocabulary, else " ").
+    max_output_len: int = 64
+    max_source_len: int = 256
+    separator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,24 +84,29 @@ def export_bundle(
     model = model.eval()
     torch.manual_seed(0)
     with torch.no_grad():
-        if opts.mode == "stateful":
-            spec, onnx_model, strategy, adapter = _stateful_graph(model, opts)
-        elif opts.mode == "window":
-            spec, onnx_model, strategy, adapter = _window_graph(model, opts)
+        if opts.mode == "seq2seq":
+            spec, onnx_model, report, check = _seq2seq_bundle(model, opts, say)
+            strategy = "seq2seq"
         else:
-            raise ExportError(f"--mode must be 'stateful' or 'window', not {opts.mode!r}")
-        say(f"model: {adapter.describe()}")
-        say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
-        spec = _context_start(model, adapter, spec, opts, onnx_model, say)
+            if opts.mode == "stateful":
+                spec, onnx_model, strategy, adapter = _stateful_graph(model, opts)
+            elif opts.mode == "window":
+                spec, onnx_model, strategy, adapter = _window_graph(model, opts)
+            else:
+                raise ExportError(f"--mode must be 'stateful', 'window' or 'seq2seq', not {opts.mode!r}")
+            say(f"model: {adapter.describe()}")
+            say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
+            spec = _context_start(model, adapter, spec, opts, onnx_model, say)
 
-        attach(onnx_model, spec)
-        bundle = BundleModel(onnx_model.SerializeToString())
-        say(f"parity check: B in {list(opts.parity.batches)}, "
-            f"{'window ' + str(opts.window) if opts.mode == 'window' else 'chunks ' + str(list(opts.parity.chunks))}")
-        report = parity.check(bundle, adapter, opts.parity, sample=opts.sample,
-                              progress=lambda m: say("  " + m))
+            attach(onnx_model, spec)
+            bundle = BundleModel(onnx_model.SerializeToString())
+            chunks = f"window {opts.window}" if opts.mode == "window" else f"chunks {list(opts.parity.chunks)}"
+            say(f"parity check: B in {list(opts.parity.batches)}, {chunks}")
+            report = parity.check(bundle, adapter, opts.parity, sample=opts.sample,
+                                  progress=lambda m: say("  " + m))
+            check = _self_check(bundle, adapter, opts)
         spec = dataclasses.replace(
-            spec, parity=report, self_check=_self_check(bundle, adapter, opts),
+            spec, parity=report, self_check=check,
             provenance=Provenance(
                 rnnd_version=rnnd.__version__, torch_version=torch.__version__,
                 onnx_opset=graph.OPSET, graph_strategy=strategy,
@@ -202,6 +214,48 @@ def _exact_elsewhere(native: onnx.ModelProto, adapter: protocol.Adapter, spec: B
     return got.shape == want.shape and float(np.max(np.abs(got - want))) <= 1e-4
 
 
+# --- seq2seq ----------------------------------------------------------------------------------
+
+
+def _seq2seq_bundle(model: nn.Module, opts: ExportOptions, say: Callable[[str], None]):
+    """Both graphs in one file (the encoder embedded, like a context start), its parity proven."""
+    name = type(model).__name__
+    for given, what in ((opts.random_init, "--random-init"), (opts.context_size, "--context-size"),
+                        (opts.window, "--window"), (opts.warmup_steps or None, "--warmup")):
+        if given is not None:
+            raise ExportError(f"{what} is not for --mode seq2seq: a seq2seq model answers each message on its own, "
+                              "from its encoder")
+    if opts.output.kind != "language_model":
+        raise ExportError("a seq2seq model's output is its decoder's next-token logits: give the output vocabulary "
+                          "(--target-vocab FILE)")
+    inp = opts.input
+
+    def example(batch: int, steps: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(batch * 100 + steps)
+        if inp.kind == "tokens":
+            return torch.randint(0, max(inp.vocab_size, 1), (batch, steps), generator=g)
+        return torch.randn(batch, steps, inp.n_features, generator=g)
+
+    separator = opts.separator
+    if separator is None:
+        separator = "" if inp.tokenizer is not None and inp.tokenizer.level == "char" else " "
+    s2s_spec = s2s.seq2seq_spec(model, opts.output.size, example, opts.max_output_len, opts.max_source_len,
+                                separator)
+    spec = _spec(opts, (), seq2seq=s2s_spec)
+    decoder, encoder = s2s.trace(model, spec, example)
+    embed_graph(decoder, s2s_spec.encoder_graph, encoder.SerializeToString())
+    say(f"model: {name}, encoder-decoder, memory H={s2s_spec.memory_size}, decoder state "
+        f"{', '.join(f'{s.name}{list(s.shape)}' for s in s2s_spec.states)}")
+    say(f"graphs: the decoder step (the bundle's graph) and the encoder ({s2s_spec.encoder_graph}), "
+        f"opset {graph.OPSET}")
+    attach(decoder, spec)
+    bundle = BundleModel(decoder.SerializeToString())
+    sources = s2s.proof_sources(spec, opts.sample, opts.parity.seed)
+    say("parity check: greedy answers, the daemon's padded batch against PyTorch source by source")
+    report = s2s.check(bundle, model, sources, opts.parity.tolerance, progress=lambda m: say("  " + m))
+    return spec, decoder, report, s2s.self_check(model, spec, sources, opts.parity.tolerance)
+
+
 # --- window -----------------------------------------------------------------------------------
 
 
@@ -227,12 +281,12 @@ def _window_graph(model: nn.Module, opts: ExportOptions):
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _spec(opts: ExportOptions, states: tuple[StateSpec, ...]) -> BundleSpec:
+def _spec(opts: ExportOptions, states: tuple[StateSpec, ...], seq2seq: Seq2SeqSpec | None = None) -> BundleSpec:
     try:
         return BundleSpec(
             model=ModelInfo(opts.name, opts.version, opts.description), mode=opts.mode,
             input=opts.input, output=opts.output, states=states,
-            warmup_steps=opts.warmup_steps, window=opts.window if opts.mode == "window" else None)
+            warmup_steps=opts.warmup_steps, window=opts.window if opts.mode == "window" else None, seq2seq=seq2seq)
     except BundleError as e:
         raise ExportError(str(e)) from None
 

@@ -18,6 +18,7 @@ from cli_checks import one_line_error
 import user_models as um
 from rnnd.daemon.bundle import RandomInit, read_spec
 from rnnd.daemon.runtime import BundleModel
+from rnnd.export import zoo
 
 USER = Path(um.__file__)
 
@@ -192,6 +193,7 @@ OPTION_CASES = {
     "labels": "tokens", "output_kind": "language_model", "context_size": "language_model",
     "mode": "window", "window": "window", "description": "window",
     "checkpoint_key": "checkpoint", "strip_prefix": "checkpoint",
+    "target_vocab": "seq2seq", "max_output_len": "seq2seq", "max_source_len": "seq2seq",
     "debug": "test_debug_shows_the_traceback",
 }
 
@@ -293,6 +295,35 @@ def test_options_context_size_for_a_model_with_init(rnnd, tmp_path, mixed_ckpt):
     one_line_error(rnnd("export", f"{USER}:mixed_stack", "--checkpoint", mixed_ckpt, "--out", tmp_path / "m.onnx",
                         "--output-names", "p,q", "--context-size", "4", "--quiet"), 1,
                    "--context-size is for a model with init(context); MixedStack has none")
+
+
+def test_options_seq2seq(rnnd, tmp_path, mixed_ckpt):
+    """An encoder-decoder from the zoo's factory: its own output vocabulary and length limits land in the
+    bundle; the limits are refused without --mode seq2seq."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "s2s.pt"
+    torch.save(zoo.Translator(src_vocab=12, tgt_vocab=9, hidden=16, embed_dim=8).state_dict(), ckpt)
+    vocab = write_vocab(tmp_path / "src.txt", 12)
+    target = tmp_path / "tgt.txt"
+    target.write_text("\n".join(["<s>", "</s>", *"abcdefg"]) + "\n")
+    res = rnnd("export", "rnnd.export.zoo:build", "--arg", "arch=seq2seq", "--arg", "src_vocab=12", "--arg",
+               "tgt_vocab=9", "--arg", "hidden=16", "--arg", "embed_dim=8", "--checkpoint", ckpt,
+               "--out", tmp_path / "s.onnx", "--mode", "seq2seq", "--vocab", vocab, "--unk", "<UNK>",
+               "--tokenizer", "char", "--target-vocab", target, "--max-output-len", "9", "--max-source-len", "30")
+    assert res.code == 0, res.err
+    assert "seq2seq" in res.out and "greedy answers equal PyTorch's" in res.err
+    spec = read_spec(tmp_path / "s.onnx")
+    assert spec.mode == "seq2seq" and spec.output.vocab == ("<s>", "</s>", *"abcdefg") and spec.states == ()
+    s2s = spec.seq2seq
+    assert (s2s.max_output_len, s2s.max_source_len, s2s.bos_id, s2s.eos_id, s2s.separator) == (9, 30, 0, 1, "")
+    assert [(s.name, s.shape, s.batch_axis) for s in s2s.states] == [("h", (16,), 0), ("context", (16,), 0)]
+    one_line_error(rnnd("export", f"{USER}:mixed_stack", "--checkpoint", mixed_ckpt, "--out", tmp_path / "m.onnx",
+                        "--output-names", "p,q", "--max-output-len", "4", "--quiet"), 2,
+                   "--max-output-len is for seq2seq models: pass --mode seq2seq, or remove it")
+    one_line_error(rnnd("export", f"{USER}:mixed_stack", "--checkpoint", mixed_ckpt, "--out", tmp_path / "m.onnx",
+                        "--output-names", "p,q", "--target-vocab", target, "--quiet"), 1,
+                   "--target-vocab is the vocabulary of a language model's (or seq2seq model's) output; this output "
+                   "is regression")
 
 
 @pytest.mark.parametrize("mode_flag", [(), ("--mode", "window")])

@@ -130,6 +130,7 @@ def test_output_examples_cover_every_prediction_kind() -> None:
     assert any("label" in p for p in preds)
     assert any("next" in p and "generated" not in p for p in preds)
     assert any("generated" in p for p in preds)
+    assert any("output_ids" in p for p in preds)
 
 
 def test_dead_letter_reasons_are_the_codecs() -> None:

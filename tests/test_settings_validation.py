@@ -141,6 +141,9 @@ RANGES: list[tuple[str, float, float | None, str]] = [
     ("forecast_horizon", 0, 2**16, "between 0 and 65536"),
     ("generate_tokens", 0, 2**16, "between 0 and 65536"),
     ("generate_seed", 0, 2**64 - 1, f"between 0 and {2**64 - 1}"),
+    ("beam_size", 1, 256, "between 1 and 256"),
+    ("max_output_len", 0, 2**16, "between 0 and 65536"),
+    ("length_penalty", 0, 10, "between 0 and 10"),
     ("fetch_max_records", 1, INT32, f"between 1 and {INT32}"),
     ("fetch_max_wait_ms", 0, 30_000, "between 0 and 30000"),
     ("max_inflight_steps", 1, INT32, f"between 1 and {INT32}"),
@@ -156,6 +159,7 @@ RANGES: list[tuple[str, float, float | None, str]] = [
 COMPANIONS: dict[str, dict[str, Any]] = {
     "min_batch": {"max_batch": 2**20, "max_wait_ms": 1.0},
     "generate_seed": {"generate_tokens": 1, "generate_strategy": "topk"},
+    "length_penalty": {"beam_size": 2},
 }
 
 

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from .. import changelog, kafka
 from ..config import ServeConfig
 from ..metrics import HttpServer, Metrics
-from ..pipeline import Pipeline
+from ..pipeline import pipeline_for
 from .budgets import CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S, DRAIN_POLL_S, DRAIN_S
 from .checkpoint import Checkpointer, Locks
 from .clients import AiokafkaFactory, ClientFactory, Clients
@@ -41,7 +41,7 @@ class Daemon:
         self.cfg = cfg
         self.metrics = metrics = metrics or Metrics()
         self.model, self.provider = open_model(cfg)
-        self.pipeline = pipeline = Pipeline(self.model, cfg, cfg.input_topic, metrics)
+        self.pipeline = pipeline = pipeline_for(self.model, cfg, cfg.input_topic, metrics)
         self.group_id, self.changelog_topic = changelog.group_and_topic(cfg.group_id, cfg.changelog_topic,
                                                                         cfg.input_topic, self.model.spec.model.name)
         cfg.check_changelog_topic(self.changelog_topic)  # its default name comes from the model's

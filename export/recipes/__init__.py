@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import tasks
 from .training import TrainConfig
@@ -27,6 +27,7 @@ class Recipe:
     higher_is_better: bool
     level: float
     warmup_steps: int = 0
+    mode: str = "stateful"  # seq2seq: ``task`` makes a tasks.Seq2SeqTask, the metric is exact match
 
     @property
     def target_text(self) -> str:
@@ -56,6 +57,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("sentiment", "word-level GRU that re-decides the sentiment as each word arrives",
            tasks.sentiment, {"cell": "gru", "vocab_size": 0, "embed_dim": 16, "hidden": 48, "out_size": 3},
            TrainConfig(iterations=500, batch=64, tbptt=40, lr=1e-2), "step_accuracy", True, 0.98),
+    Recipe("reverse", "GRU encoder-decoder with attention answers a word of 3-10 letters with it reversed",
+           tasks.reverse, {"arch": "seq2seq", "src_vocab": 0, "tgt_vocab": 0, "embed_dim": 32, "hidden": 64},  # type: ignore[arg-type]
+           TrainConfig(iterations=1200, batch=64, lr=3e-3), "exact_match", True, 0.97, mode="seq2seq"),
 ]}
 
 
@@ -93,6 +97,8 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
     from . import training
 
     recipe = RECIPES[name]
+    if recipe.mode == "seq2seq":
+        return _run_seq2seq(recipe, out_dir, seed, progress, export)
     task = recipe.task(seed)
     kwargs = dict(recipe.model)
     if "vocab_size" in kwargs:
@@ -123,4 +129,50 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
                              sample=task.sample, source=f"rnnd train {name} (seed {seed})")
         log = (lambda m: print(m, file=sys.stderr)) if progress else None
         bundle = export_bundle(model, opts, out_dir / f"{name}.onnx", log=log).path
+    return RecipeResult(recipe, value, ckpt, bundle, seconds)
+
+
+def _run_seq2seq(recipe: Recipe, out_dir: Path, seed: int, progress: bool, export: bool) -> RecipeResult:
+    """``run_recipe`` for an encoder–decoder: teacher forcing, then greedy exact match on held-out sources."""
+    import dataclasses
+    import sys
+
+    import torch
+
+    from .. import zoo
+    from ..exporter import ExportOptions, export_bundle
+    from ..seq2seq import reference_answer
+    from . import training
+
+    task = cast(tasks.Seq2SeqTask, recipe.task(seed))
+    kwargs = {**recipe.model, "src_vocab": task.input.vocab_size, "tgt_vocab": task.output.size,
+              "bos_id": task.bos_id, "eos_id": task.eos_id}
+    torch.manual_seed(seed)
+    model = zoo.build(**kwargs)
+    training.train_seq2seq(model, task.draw, tasks.REVERSE_LENGTHS, task.bos_id, task.eos_id,
+                           dataclasses.replace(recipe.train, seed=seed), progress=progress)
+    max_len = 2 * tasks.REVERSE_LENGTHS[1] + 4
+    with torch.no_grad():
+        hits = sum(reference_answer(model, torch.from_numpy(x), task.bos_id, task.eos_id, max_len)[0] == y
+                   for x, y in task.test)
+    value = hits / len(task.test)
+    seconds = float(model.train_seconds)  # type: ignore[arg-type]  # set by training.train_seq2seq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / f"{recipe.name}.pt"
+    embedded = {
+        "factory": "rnnd.export.zoo:build", "kwargs": kwargs, "name": recipe.name, "version": "1",
+        "description": recipe.summary, "mode": "seq2seq", "max_output_len": max_len,
+        "input": dataclasses.asdict(task.input), "output": dataclasses.asdict(task.output),
+        "sample": torch.from_numpy(task.sample),
+        "metric": {"name": recipe.metric, "value": value, "level": recipe.level},
+    }
+    torch.save({"state_dict": model.state_dict(), "rnnd": embedded}, ckpt)
+    bundle = None
+    if export and recipe.passes(value):
+        opts = ExportOptions(name=recipe.name, input=task.input, output=task.output, version="1",
+                             description=recipe.summary, mode="seq2seq", max_output_len=max_len, sample=task.sample,
+                             source=f"rnnd train {recipe.name} (seed {seed})")
+        log = (lambda m: print(m, file=sys.stderr)) if progress else None
+        bundle = export_bundle(model, opts, out_dir / f"{recipe.name}.onnx", log=log).path
     return RecipeResult(recipe, value, ckpt, bundle, seconds)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnd.daemon.bundle import InputSpec, OutputSpec
-from rnnd.daemon.tokenizer import Tokenizer, build_vocab
+from rnnd.daemon.bundle import InputSpec, OutputSpec, TokenizerSpec
+from rnnd.daemon.tokenizer import PAD, UNK, Tokenizer, build_vocab
 from rnnd.synthetic import SENSORS, sensor_readings
 
 from .training import Data
@@ -175,3 +175,43 @@ def sentiment(seed: int, n: int = 2000, steps: int = 40) -> Task:
     train, test = _split(x, y)
     return Task(InputSpec("tokens", tokenizer=spec), OutputSpec("classification", labels=LABELS),
                 train, test, x[0], step_accuracy)
+
+
+# --- seq2seq ------------------------------------------------------------------------------------
+
+REVERSE_LETTERS = "abcdefghijkl"
+REVERSE_LENGTHS = (3, 10)  # source lengths, inclusive: trained and measured on the same range
+
+
+@dataclass
+class Seq2SeqTask:
+    """Sources and their answers as id sequences (no padding: each batch is drawn at one length)."""
+
+    input: InputSpec
+    output: OutputSpec
+    bos_id: int
+    eos_id: int
+    draw: Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.ndarray]]  # (rng, batch, length)
+    test: list[tuple[np.ndarray, list[int]]]  # held-out (source ids, answer ids)
+    sample: np.ndarray  # a long source, for the exporter's parity sources
+
+
+def reverse(seed: int, n_test: int = 400) -> Seq2SeqTask:
+    """Answer a word of letters with the word reversed ("abc" → "cba"): attention must find the
+    source position that each output position mirrors."""
+    src = TokenizerSpec(level="char", vocab=(PAD, UNK, *REVERSE_LETTERS), unk_id=1, pad_id=0)
+    tgt = ("<bos>", "<eos>", *REVERSE_LETTERS)
+
+    def draw(rng: np.random.Generator, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(2, 2 + len(REVERSE_LETTERS), size=(batch, length), dtype=np.int64)
+        return x, np.ascontiguousarray(x[:, ::-1])  # a letter has one id in both vocabularies: 2 + its place
+
+    rng = np.random.default_rng(seed + 10_000)  # held out: another stream of draws than training's
+    lo, hi = REVERSE_LENGTHS
+    test = []
+    for _ in range(n_test):
+        x, y = draw(rng, 1, int(rng.integers(lo, hi + 1)))
+        test.append((x[0], y[0].tolist()))
+    sample = draw(rng, 1, 64)[0][0]
+    return Seq2SeqTask(InputSpec("tokens", tokenizer=src), OutputSpec("language_model", vocab=tgt), 0, 1, draw, test,
+                       sample)

@@ -1,8 +1,9 @@
-"""Truncated backpropagation through time, shared by every recipe.
+"""Truncated backpropagation through time, shared by every stream recipe; teacher forcing for seq2seq.
 
 Sequences are cut into chunks of ``tbptt`` steps; the state carries from one chunk to the
 next (detached, so gradients stop at the chunk boundary) and gradients are clipped — the
-two standard remedies for exploding gradients over long sequences.
+two standard remedies for exploding gradients over long sequences. An encoder–decoder is
+trained with teacher forcing: the decoder is fed the true previous token, not its own.
 """
 
 from __future__ import annotations
@@ -105,6 +106,46 @@ def _train(model: nn.Module, data: Data, output_kind: str, cfg: TrainConfig, pro
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     if bar is not None:
         bar.close()
+    model.eval()
+    model.train_seconds = time.monotonic() - started  # type: ignore[assignment]  # read back by run_recipe
+    return losses
+
+
+def train_seq2seq(model: nn.Module, draw, lengths: tuple[int, int], bos: int, eos: int, cfg: TrainConfig,
+                  progress: bool = True) -> list[float]:
+    """Teacher forcing on fresh draws: each batch at one source length in ``lengths`` (inclusive)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ``train``: small models, and cores shared with brokers and daemons
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations)
+    bar = _bar(cfg.iterations, progress)
+    losses: list[float] = []
+    model.train()
+    started = time.monotonic()
+    try:
+        for it in range(cfg.iterations):
+            x, y = draw(rng, cfg.batch, int(rng.integers(lengths[0], lengths[1] + 1)))
+            target_in = np.concatenate([np.full((len(y), 1), bos), y], axis=1)
+            target_out = np.concatenate([y, np.full((len(y), 1), eos)], axis=1)
+            logits = model(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(target_in)))
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               torch.from_numpy(np.ascontiguousarray(target_out)).reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                if (it + 1) % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
     model.eval()
     model.train_seconds = time.monotonic() - started  # type: ignore[assignment]  # read back by run_recipe
     return losses

@@ -1,0 +1,286 @@
+"""Encoder–decoder answers: a message's source read whole, its answer generated token by token.
+
+A seq2seq bundle (``bundle.Seq2SeqSpec``) answers each message on its own: nothing is kept
+per stream from one message to the next. What is kept is the decoding in flight, ``Cells``:
+one row per hypothesis of every message being answered, and one decoder-step call per round
+advances all of them together. A message joins the rows when it arrives (its encoder call
+runs in the same round, batched with the other arrivals of its source length) and leaves
+when its answer is done, so a long answer never holds short ones back and the batch stays
+full under load: cellular batching, at the granularity of one output token.
+
+Sources of different lengths share a call: memory is padded to the longest and
+``memory_mask`` is false at the padding, which the model's attention must leave out (the
+exporter proves a padded answer equal to an unpadded one).
+
+Search, the same for every message of a daemon:
+
+* greedy (``beam_size = 1``): the likeliest token at each step (ties: the lowest id).
+* beam search (``beam_size = k``): each message keeps k hypotheses. At each step every
+  hypothesis is extended by every token; the 2k best candidates by total log-probability
+  are taken in order (ties: lower hypothesis, then lower id): an end token among the first
+  k ends that hypothesis (its score: log-probability / length ** ``length_penalty``, length
+  counted with the end token), the others continue, k of them. A message is answered once
+  k hypotheses have ended (early stopping) or it reaches ``max_output_len`` tokens (the
+  hypotheses still open end there too); its answer is the best-scoring ended hypothesis
+  (ties: the one that ended first). This is Hugging Face's ``BeamSearchScorer`` with
+  ``early_stopping=True``, written for numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+
+from .bundle import BundleSpec, Seq2SeqSpec
+
+if TYPE_CHECKING:
+    from .runtime import BundleModel
+
+END_TOKEN = "end_token"  # the answer ended with the end token
+MAX_LENGTH = "max_output_len"  # the answer was cut at max_output_len tokens
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A message's generated sequence: its ids (without the end token) and their log-probability."""
+
+    ids: list[int]
+    logp: float
+    stop: str  # END_TOKEN | MAX_LENGTH
+    nonfinite: bool = False  # the model's logits held NaN or infinity on the way
+
+    def json(self, vocab: Sequence[str], separator: str) -> bytes:
+        """The prediction document (see schemas/output.schema.json, seq2seq)."""
+        if self.nonfinite:
+            return orjson.dumps({"output": None, "output_ids": None, "logp": None, "stop": self.stop})
+        text = separator.join(vocab[i] for i in self.ids)
+        return orjson.dumps({"output": text, "output_ids": self.ids, "logp": float(np.float32(self.logp)),
+                             "stop": self.stop})
+
+
+@dataclass
+class _Message:
+    """One message being answered: ``width`` consecutive rows of ``Cells``."""
+
+    tag: object  # the caller's: returned with the answer
+    length: int  # source length S (its memory's unpadded part)
+    width: int  # rows (live hypotheses): 1 greedy, k beam
+    tokens: list[list[int]] = field(default_factory=list)  # per row, the ids generated so far
+    ended: list[tuple[float, list[int], float, str]] = field(default_factory=list)  # (score, ids, logp, stop): beam
+    nonfinite: bool = False
+
+
+class Cells:
+    """The rows of every message being answered, and one decoder call over all of them per ``step``.
+
+    Row-major by message: message i holds rows ``[start_i, start_i + width_i)``; the arrays
+    below are the decoder's inputs for all rows, rebuilt only when messages join or leave.
+    """
+
+    def __init__(self, model: BundleModel, beam_size: int = 1, max_output_len: int | None = None,
+                 length_penalty: float = 1.0) -> None:
+        spec: BundleSpec = model.spec
+        assert spec.seq2seq is not None
+        self.model = model
+        self.s2s: Seq2SeqSpec = spec.seq2seq
+        self.k = beam_size
+        self.max_len = min(max_output_len or self.s2s.max_output_len, self.s2s.max_output_len)
+        self.alpha = length_penalty
+        self.vocab_size = spec.output.size
+        self._axes = [s.batch_axis for s in self.s2s.states]
+        self.messages: list[_Message] = []
+        self.prev = np.zeros(0, dtype=np.int64)  # [R] the previous token of each row
+        self.scores = np.zeros(0, dtype=np.float64)  # [R] each row's log-probability so far
+        self.states: list[np.ndarray] = [np.zeros(s.graph_shape(0), dtype=s.dtype) for s in self.s2s.states]
+        self.memory = np.zeros((0, 0, self.s2s.memory_size), dtype=np.float32)
+        self.mask = np.zeros((0, 0), dtype=bool)
+        self.decoder_calls = 0
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prev)
+
+    # --- join -------------------------------------------------------------------------------
+    def add(self, items: Sequence[tuple[object, np.ndarray]]) -> None:
+        """Encode the sources (``[S]`` ids or ``[S, F]`` model-space numbers), one encoder call per
+        source length, and add their rows: ``bos`` as the previous token, the encoder's state."""
+        by_len: dict[int, list[int]] = {}
+        for i, (_, src) in enumerate(items):
+            by_len.setdefault(len(src), []).append(i)
+        for length, idx in by_len.items():
+            source = np.stack([items[i][1] for i in idx])
+            memory, states = self.model.encode(source)
+            if self.k > 1:  # k rows per message, all from the same start; only the first is live
+                memory = np.repeat(memory, self.k, axis=0)
+                states = [np.repeat(s, self.k, axis=ax) for s, ax in zip(states, self._axes, strict=True)]
+            self._append([items[i][0] for i in idx], length, memory, states)
+
+    def _append(self, tags: list[object], length: int, memory: np.ndarray, states: list[np.ndarray]) -> None:
+        n, k = len(tags), self.k
+        s_old, s_new = self.memory.shape[1], length
+        width = max(s_old, s_new)
+        old_mem, old_mask = _pad(self.memory, self.mask, width)
+        mask = np.zeros((n * k, s_new), dtype=bool)
+        mask[:] = True
+        new_mem, new_mask = _pad(memory.astype(np.float32, copy=False), mask, width)
+        self.memory = np.concatenate([old_mem, new_mem])
+        self.mask = np.concatenate([old_mask, new_mask])
+        self.states = [np.concatenate([a, b], axis=ax) for a, b, ax in zip(self.states, states, self._axes,
+                                                                           strict=True)]
+        self.prev = np.concatenate([self.prev, np.full(n * k, self.s2s.bos_id, dtype=np.int64)])
+        first = np.zeros(n * k)
+        if k > 1:
+            first.reshape(n, k)[:, 1:] = -np.inf
+        self.scores = np.concatenate([self.scores, first])
+        self.messages += [_Message(t, length, k, [[] for _ in range(k)]) for t in tags]
+
+    # --- advance ----------------------------------------------------------------------------
+    def step(self) -> list[tuple[object, Answer]]:
+        """One decoder call for every row; the messages answered by it leave, with their answers."""
+        if not self.messages:
+            return []
+        logits, states = self.model.decode_step(self.prev, self.memory, self.mask, self.states)
+        self.decoder_calls += 1
+        logp = log_softmax(logits)
+        if self.k == 1:
+            return self._greedy(logits, logp, states)
+        return self._beam(logp, states)
+
+    def _greedy(self, logits: np.ndarray, logp: np.ndarray, states: list[np.ndarray]) -> list[tuple[object, Answer]]:
+        ids = logits.argmax(axis=-1)
+        rows = np.arange(len(ids))
+        self.scores = self.scores + logp[rows, ids]
+        eos, max_len = self.s2s.eos_id, self.max_len
+        finite = np.isfinite(self.scores)
+        done: list[tuple[object, Answer]] = []
+        keep = np.ones(len(ids), dtype=bool)
+        for r, (m, tok) in enumerate(zip(self.messages, ids.tolist(), strict=True)):
+            toks = m.tokens[0]
+            if tok == eos or not finite[r]:
+                done.append((m.tag, Answer(toks, float(self.scores[r]), END_TOKEN, not bool(finite[r]))))
+                keep[r] = False
+                continue
+            toks.append(tok)
+            if len(toks) >= max_len:
+                done.append((m.tag, Answer(toks, float(self.scores[r]), MAX_LENGTH)))
+                keep[r] = False
+        self.prev = ids.astype(np.int64)
+        self.states = states
+        if done:
+            self._keep(keep, [m for m, k in zip(self.messages, keep.tolist(), strict=True) if k])
+        return done
+
+    def _beam(self, logp: np.ndarray, states: list[np.ndarray]) -> list[tuple[object, Answer]]:
+        k, v, eos, alpha = self.k, self.vocab_size, self.s2s.eos_id, self.alpha
+        cand = (self.scores[:, None] + logp).reshape(len(self.messages), k * v)  # per message, [k * V]
+        order = np.argsort(-cand, axis=-1, kind="stable")[:, : 2 * k]
+        parents = np.zeros(self.rows, dtype=np.int64)
+        prev = np.zeros(self.rows, dtype=np.int64)
+        scores = np.zeros(self.rows, dtype=np.float64)
+        done: list[tuple[object, Answer]] = []
+        keep = np.ones(self.rows, dtype=bool)
+        kept: list[_Message] = []
+        for i, m in enumerate(self.messages):
+            base = i * k
+            row_scores = cand[i]
+            if not np.isfinite(row_scores[order[i, 0]]) and not np.isneginf(row_scores[order[i, 0]]):
+                m.nonfinite = True  # NaN logits: no ranking to trust
+            nxt: list[tuple[int, int, float]] = []
+            for rank, flat in enumerate(order[i].tolist()):
+                s = float(row_scores[flat])
+                if s == -np.inf or m.nonfinite:
+                    break
+                b, tok = divmod(flat, v)
+                if tok == eos:
+                    if rank < k:
+                        ids = m.tokens[b]
+                        m.ended.append((s / (len(ids) + 1) ** alpha, list(ids), s, END_TOKEN))
+                    continue
+                nxt.append((b, tok, s))
+                if len(nxt) == k:
+                    break
+            length = len(m.tokens[0]) + 1
+            if m.nonfinite or len(m.ended) >= k or length >= self.max_len or not nxt:
+                if not m.nonfinite and len(m.ended) < k:  # cut at max_output_len: the open hypotheses end here
+                    for b, tok, s in nxt:
+                        m.ended.append((s / length ** alpha, [*m.tokens[b], tok], s, MAX_LENGTH))
+                done.append((m.tag, self._best(m)))
+                keep[base:base + k] = False
+                continue
+            while len(nxt) < k:  # fewer live candidates than beams (a tiny vocabulary): pad with dead rows
+                nxt.append((0, eos, -np.inf))
+            m.tokens = [[*m.tokens[b], tok] for b, tok, _ in nxt]
+            for j, (b, tok, s) in enumerate(nxt):
+                parents[base + j], prev[base + j], scores[base + j] = base + b, tok, s
+            kept.append(m)
+        self.prev, self.scores = prev, scores
+        self.states = [np.take(s, parents, axis=ax) for s, ax in zip(states, self._axes, strict=True)]
+        if done:
+            self._keep(keep, kept)
+        return done
+
+    def _best(self, m: _Message) -> Answer:
+        if m.nonfinite or not m.ended:
+            return Answer([], float("nan"), END_TOKEN, nonfinite=True)
+        best = max(range(len(m.ended)), key=lambda j: (m.ended[j][0], -j))
+        _, ids, logp, stop = m.ended[best]
+        return Answer(ids, logp, stop)
+
+    def _keep(self, keep: np.ndarray, messages: list[_Message]) -> None:
+        """Drop the rows of answered messages; trim the memory padding nobody needs any more."""
+        self.messages = messages
+        self.prev, self.scores = self.prev[keep], self.scores[keep]
+        self.states = [np.compress(keep, s, axis=ax) for s, ax in zip(self.states, self._axes, strict=True)]
+        width = max((m.length for m in messages), default=0)
+        self.memory = self.memory[keep, :width]
+        self.mask = self.mask[keep, :width]
+
+
+def _pad(memory: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``memory[R, S, H]`` and ``mask[R, S]`` widened to S = ``width`` (zeros, masked out)."""
+    extra = width - memory.shape[1]
+    if extra <= 0:
+        return memory, mask
+    return (np.pad(memory, ((0, 0), (0, extra), (0, 0))), np.pad(mask, ((0, 0), (0, extra))))
+
+
+def teacher_forced(model: BundleModel, source: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Logits ``[B, L, V]`` of the decoder fed ``bos`` then ``targets[B, L]`` (all sources one length).
+
+    What the self-check and the exporter's parity compare with PyTorch: every step's logits
+    along a fixed answer, so that one near-tie cannot send the two down different answers.
+    """
+    s2s = model.spec.seq2seq
+    assert s2s is not None
+    memory, states = model.encode(source)
+    mask = np.ones(memory.shape[:2], dtype=bool)
+    prev = np.full(len(source), s2s.bos_id, dtype=np.int64)
+    out = []
+    for t in range(targets.shape[1]):
+        logits, states = model.decode_step(prev, memory, mask, states)
+        out.append(logits)
+        prev = np.ascontiguousarray(targets[:, t], dtype=np.int64)
+    return np.stack(out, axis=1)
+
+
+def answer_one(model: BundleModel, source: np.ndarray, beam_size: int = 1, max_output_len: int | None = None,
+               length_penalty: float = 1.0) -> Answer:
+    """One message alone, as ``verify`` and the naive benchmark contender answer it."""
+    cells = Cells(model, beam_size, max_output_len, length_penalty)
+    cells.add([(None, source)])
+    while True:
+        done = cells.step()
+        if done:
+            return done[0][1]
