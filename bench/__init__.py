@@ -25,12 +25,12 @@ __all__ = ["add_arguments", "main", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags (shared by ``python -m bench`` and ``rnnd bench``)."""
     p.add_argument("--quick", action="store_true", help="small workloads, about a minute (for routine use)")
-    p.add_argument("--only", default="", help="comma-separated sections: compute, wide, deep, large, memory, "
-                                              "scaling, workers, live, profile (default: all)")
+    p.add_argument("--only", default="", help="comma-separated sections: compute, wide, deep, large, seq2seq, "
+                                              "memory, scaling, workers, live, profile (default: all)")
     p.add_argument("--contenders", default="",
                    help="comma-separated contenders to run (default: all); one of: passthrough-json, "
-                        "passthrough-orjson, naive-onnx, naive-torch, quix-store, quix-dict, batched, rnnd, "
-                        "rnnd-changelog, passthrough-min, passthrough-fw50 (live)")
+                        "passthrough-orjson, naive-onnx, naive-torch, naive-seq2seq, quix-store, quix-dict, batched, "
+                        "rnnd, rnnd-changelog, passthrough-min, passthrough-fw50 (live)")
     p.add_argument("--repeat", type=int, default=1, help="run each contender N times, interleaved; the "
                                                          "table shows medians (live runs: the median by p99)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

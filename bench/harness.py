@@ -94,6 +94,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("quix-dict", "Quix Streams app, state in a dict", module="bench.contenders.quix_app",
               args=("--state", "dict")),
     Contender("batched", "simple batched ONNX consumer (rounds over pending keys)", module="bench.contenders.batched"),
+    Contender("naive-seq2seq", "naive seq2seq consumer (each message encoded and decoded alone, greedy)",
+              module="bench.contenders.naive_seq2seq"),
     Contender("rnnd", "rnnd serve", kind="rnnd"),
 ]}
 # Variants the suite runs under their own names (bench.suite._contender): not separate programs.

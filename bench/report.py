@@ -250,6 +250,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          {**one, "messages_per_s": n * one["messages_per_s"]}, 0.8)
     ratio_target("deep: rnnd ≥ 10× the naive ONNX consumer in tokens/s", find(rows, "deep", "rnnd"),
                  find(rows, "deep", "naive-onnx"), 10.0, "steps_per_s")
+    ratio_target("seq2seq: rnnd ≥ 5× the naive seq2seq consumer in messages/s", find(rows, "seq2seq", "rnnd"),
+                 find(rows, "seq2seq", "naive-seq2seq"), 5.0)
     mem = [m for m in results.get("memory", []) if m["streams"] == 1_000_000]
     if mem:
         m = mem[0]

@@ -66,6 +66,7 @@ PLAN_FULL = {
              "naive-torch", "quix-store", "quix-dict", "batched", "rnnd", "rnnd-changelog", "rnnd-eos", "rnnd-uvloop"),
     "deep": ("passthrough-orjson", "naive-onnx", "naive-torch", "batched", "rnnd"),
     "large": ("naive-onnx", "naive-torch", "batched", "rnnd"),
+    "seq2seq": ("naive-seq2seq", "rnnd"),
 }
 # ``NAME@N``: the program reads only the first N messages of the workload (its own topic, holding
 # that prefix of the same data): the slow ones would otherwise take most of the quick budget.
@@ -73,6 +74,7 @@ PLAN_QUICK = {
     "wide": ("passthrough-json", "passthrough-orjson", "naive-onnx", "naive-torch@5000", "quix-store@5000",
              "quix-dict@5000", "batched", "rnnd"),
     "deep": ("naive-onnx", "rnnd"),
+    "seq2seq": ("naive-seq2seq@1000", "rnnd"),
     # no "large": its rnnd run is mostly start-up at quick sizes, and the minute is better spent elsewhere
 }
 
@@ -233,7 +235,7 @@ def run(opts: Options) -> dict[str, Any]:
             kafkaio.delete_topics(broker.bootstrap_servers, list(topics.values()))
             return out
 
-        for wname in ("wide", "deep", "large"):
+        for wname in ("wide", "deep", "large", "seq2seq"):
             if opts.wants(wname) and plan.get(wname):
                 results["runs"].extend(backlog(wls[wname], plan[wname]))
 

@@ -38,7 +38,7 @@ class Model:
     checkpoint: Path
 
 
-def prepare_models(cache: Path = DEFAULT_CACHE, names: tuple[str, ...] = ("sensors", "charlm", "large"),
+def prepare_models(cache: Path = DEFAULT_CACHE, names: tuple[str, ...] = ("sensors", "charlm", "large", "reverse"),
                    log: Any = print) -> dict[str, Model]:
     """Train/export what is missing from ``cache``; return the models by name."""
     out = {}
@@ -87,7 +87,7 @@ def _export_large(folder: Path) -> None:
 class Data:
     """``messages`` messages over ``keys`` keys, ``steps_per_message`` steps each, from ``seed``."""
 
-    kind: str  # numeric | tokens
+    kind: str  # numeric | tokens | letters (a seq2seq source: one word of 3-10 letters per message)
     keys: int
     messages: int
     steps_per_message: int = 1
@@ -105,6 +105,9 @@ class Data:
         """(key, value) pairs in send order: round-robin over the keys."""
         per_key = -(-self.messages // self.keys)
         rng = np.random.default_rng(self.seed)
+        if self.kind == "letters":
+            yield from _letters(rng, spec, self.messages, self.keys, self.key)
+            return
         if self.kind == "numeric":
             values = _numeric(rng, spec, self.keys, per_key * self.steps_per_message)
         else:
@@ -138,6 +141,17 @@ def _numeric(rng: np.random.Generator, spec: Any, keys: int, steps: int) -> list
 _WORDS = ("the", "a", "my", "one", "that", "red", "small", "old", "quick", "lazy", "happy", "bright", "quiet",
           "cat", "dog", "fox", "bird", "horse", "robot", "sensor", "river", "sees", "likes", "chases", "finds",
           "hears", "follows", "meets")
+
+
+def _letters(rng: np.random.Generator, spec: Any, messages: int, keys: int, key: Any) -> Iterator[tuple[bytes, bytes]]:
+    """Words of 3-10 letters (the reverse recipe's sources) as token ids, round-robin over the keys."""
+    from rnnd.daemon.tokenizer import Tokenizer
+
+    tok = Tokenizer(spec.input.tokenizer)
+    letters = list("abcdefghijkl")
+    for n in range(messages):
+        word = "".join(rng.choice(letters, size=int(rng.integers(3, 11))))
+        yield key(n % keys), orjson.dumps({"tokens": tok.encode(word).tolist()})
 
 
 def _tokens(rng: np.random.Generator, spec: Any, keys: int, steps: int) -> list[list[int]]:
@@ -177,4 +191,8 @@ def workloads(quick: bool) -> dict[str, Workload]:
                                                  1, seed=3, key_prefix="dev-"),
                           f"{5_000 if quick else 10_000:,} keys, {5_000 if quick else 20_000:,} messages of one step, "
                           "2-layer LSTM H=256 (random weights)"),
+        "seq2seq": Workload("seq2seq", "reverse", Data("letters", 1_000, 4_000 if quick else 20_000, 1, seed=5,
+                                                       key_prefix="req-"),
+                            f"1,000 keys, {4_000 if quick else 20_000:,} messages of one word (3-10 letters), "
+                            "reverse (GRU encoder-decoder with attention, greedy)"),
     }

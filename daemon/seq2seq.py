@@ -74,7 +74,7 @@ class _Message:
     tag: object  # the caller's: returned with the answer
     length: int  # source length S (its memory's unpadded part)
     width: int  # rows (live hypotheses): 1 greedy, k beam
-    tokens: list[list[int]] = field(default_factory=list)  # per row, the ids generated so far
+    tokens: list[list[int]] = field(default_factory=list)  # beam: per row, the ids generated so far
     ended: list[tuple[float, list[int], float, str]] = field(default_factory=list)  # (score, ids, logp, stop): beam
     nonfinite: bool = False
 
@@ -100,6 +100,8 @@ class Cells:
         self.messages: list[_Message] = []
         self.prev = np.zeros(0, dtype=np.int64)  # [R] the previous token of each row
         self.scores = np.zeros(0, dtype=np.float64)  # [R] each row's log-probability so far
+        self.generated = np.zeros(0, dtype=np.int64)  # [R] tokens generated so far
+        self.history = np.zeros((0, self.max_len), dtype=np.int64)  # greedy: [R, max_len] the tokens generated
         self.states: list[np.ndarray] = [np.zeros(s.graph_shape(0), dtype=s.dtype) for s in self.s2s.states]
         self.memory = np.zeros((0, 0, self.s2s.memory_size), dtype=np.float32)
         self.mask = np.zeros((0, 0), dtype=bool)
@@ -115,36 +117,43 @@ class Cells:
     # --- join -------------------------------------------------------------------------------
     def add(self, items: Sequence[tuple[object, np.ndarray]]) -> None:
         """Encode the sources (``[S]`` ids or ``[S, F]`` model-space numbers), one encoder call per
-        source length, and add their rows: ``bos`` as the previous token, the encoder's state."""
+        source length, and add their rows: ``bos`` as the previous token, the encoder's state.
+        The rows join the others in one concatenation (each array is copied once per round)."""
+        if not items:
+            return
         by_len: dict[int, list[int]] = {}
         for i, (_, src) in enumerate(items):
             by_len.setdefault(len(src), []).append(i)
+        k = self.k
+        tags: list[object] = []
+        lengths: list[int] = []
+        memories: list[np.ndarray] = []
+        states: list[list[np.ndarray]] = []
         for length, idx in by_len.items():
-            source = np.stack([items[i][1] for i in idx])
-            memory, states = self.model.encode(source)
-            if self.k > 1:  # k rows per message, all from the same start; only the first is live
-                memory = np.repeat(memory, self.k, axis=0)
-                states = [np.repeat(s, self.k, axis=ax) for s, ax in zip(states, self._axes, strict=True)]
-            self._append([items[i][0] for i in idx], length, memory, states)
-
-    def _append(self, tags: list[object], length: int, memory: np.ndarray, states: list[np.ndarray]) -> None:
-        n, k = len(tags), self.k
-        s_old, s_new = self.memory.shape[1], length
-        width = max(s_old, s_new)
-        old_mem, old_mask = _pad(self.memory, self.mask, width)
-        mask = np.zeros((n * k, s_new), dtype=bool)
-        mask[:] = True
-        new_mem, new_mask = _pad(memory.astype(np.float32, copy=False), mask, width)
-        self.memory = np.concatenate([old_mem, new_mem])
-        self.mask = np.concatenate([old_mask, new_mask])
-        self.states = [np.concatenate([a, b], axis=ax) for a, b, ax in zip(self.states, states, self._axes,
-                                                                           strict=True)]
+            memory, first = self.model.encode(np.stack([items[i][1] for i in idx]))
+            if k > 1:  # k rows per message, all from the same start; only the first is live
+                memory = np.repeat(memory, k, axis=0)
+                first = [np.repeat(s, k, axis=ax) for s, ax in zip(first, self._axes, strict=True)]
+            tags += [items[i][0] for i in idx]
+            lengths += [length] * len(idx)
+            memories.append(memory.astype(np.float32, copy=False))
+            states.append(first)
+        width = max(self.memory.shape[1], *lengths)
+        self.memory = np.concatenate([_pad(m, width) for m in (self.memory, *memories)])
+        new_mask = np.arange(width)[None, :] < np.repeat(np.asarray(lengths), k)[:, None]
+        self.mask = np.concatenate([_pad(self.mask, width), new_mask])
+        self.states = [np.concatenate([old, *(part[j] for part in states)], axis=ax)
+                       for j, (old, ax) in enumerate(zip(self.states, self._axes, strict=True))]
+        n = len(tags)
         self.prev = np.concatenate([self.prev, np.full(n * k, self.s2s.bos_id, dtype=np.int64)])
-        first = np.zeros(n * k)
-        if k > 1:
-            first.reshape(n, k)[:, 1:] = -np.inf
-        self.scores = np.concatenate([self.scores, first])
-        self.messages += [_Message(t, length, k, [[] for _ in range(k)]) for t in tags]
+        first_scores = np.zeros((n, k))
+        first_scores[:, 1:] = -np.inf
+        self.scores = np.concatenate([self.scores, first_scores.reshape(-1)])
+        self.generated = np.concatenate([self.generated, np.zeros(n * k, dtype=np.int64)])
+        if k == 1:
+            self.history = np.concatenate([self.history, np.zeros((n, self.max_len), dtype=np.int64)])
+        self.messages += [_Message(t, length, k, [[] for _ in range(k)])
+                          for t, length in zip(tags, lengths, strict=True)]
 
     # --- advance ----------------------------------------------------------------------------
     def step(self) -> list[tuple[object, Answer]]:
@@ -160,26 +169,23 @@ class Cells:
 
     def _greedy(self, logits: np.ndarray, logp: np.ndarray, states: list[np.ndarray]) -> list[tuple[object, Answer]]:
         ids = logits.argmax(axis=-1)
-        rows = np.arange(len(ids))
-        self.scores = self.scores + logp[rows, ids]
-        eos, max_len = self.s2s.eos_id, self.max_len
+        self.scores = self.scores + logp[np.arange(len(ids)), ids]
         finite = np.isfinite(self.scores)
-        done: list[tuple[object, Answer]] = []
-        keep = np.ones(len(ids), dtype=bool)
-        for r, (m, tok) in enumerate(zip(self.messages, ids.tolist(), strict=True)):
-            toks = m.tokens[0]
-            if tok == eos or not finite[r]:
-                done.append((m.tag, Answer(toks, float(self.scores[r]), END_TOKEN, not bool(finite[r]))))
-                keep[r] = False
-                continue
-            toks.append(tok)
-            if len(toks) >= max_len:
-                done.append((m.tag, Answer(toks, float(self.scores[r]), MAX_LENGTH)))
-                keep[r] = False
+        ended = (ids == self.s2s.eos_id) | ~finite
+        live = np.flatnonzero(~ended)
+        self.history[live, self.generated[live]] = ids[live]  # one row per message: no per-row Python
+        self.generated[live] += 1
+        cut = ~ended & (self.generated >= self.max_len)
         self.prev = ids.astype(np.int64)
         self.states = states
-        if done:
-            self._keep(keep, [m for m, k in zip(self.messages, keep.tolist(), strict=True) if k])
+        leaving = ended | cut
+        if not leaving.any():
+            return []
+        done = [(self.messages[r].tag, Answer(self.history[r, : self.generated[r]].tolist(), float(self.scores[r]),
+                                              MAX_LENGTH if cut[r] else END_TOKEN, not bool(finite[r])))
+                for r in np.flatnonzero(leaving).tolist()]
+        keep = ~leaving
+        self._keep(keep, [m for m, k in zip(self.messages, keep.tolist(), strict=True) if k])
         return done
 
     def _beam(self, logp: np.ndarray, states: list[np.ndarray]) -> list[tuple[object, Answer]]:
@@ -226,6 +232,7 @@ class Cells:
                 parents[base + j], prev[base + j], scores[base + j] = base + b, tok, s
             kept.append(m)
         self.prev, self.scores = prev, scores
+        self.generated = self.generated + 1
         self.states = [np.take(s, parents, axis=ax) for s, ax in zip(states, self._axes, strict=True)]
         if done:
             self._keep(keep, kept)
@@ -241,19 +248,21 @@ class Cells:
     def _keep(self, keep: np.ndarray, messages: list[_Message]) -> None:
         """Drop the rows of answered messages; trim the memory padding nobody needs any more."""
         self.messages = messages
-        self.prev, self.scores = self.prev[keep], self.scores[keep]
+        self.prev, self.scores, self.generated = self.prev[keep], self.scores[keep], self.generated[keep]
+        if self.k == 1:
+            self.history = self.history[keep]
         self.states = [np.compress(keep, s, axis=ax) for s, ax in zip(self.states, self._axes, strict=True)]
         width = max((m.length for m in messages), default=0)
         self.memory = self.memory[keep, :width]
         self.mask = self.mask[keep, :width]
 
 
-def _pad(memory: np.ndarray, mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``memory[R, S, H]`` and ``mask[R, S]`` widened to S = ``width`` (zeros, masked out)."""
-    extra = width - memory.shape[1]
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    """``memory[R, S, H]`` or ``mask[R, S]`` widened to S = ``width``: zeros (False), masked out."""
+    extra = width - a.shape[1]
     if extra <= 0:
-        return memory, mask
-    return (np.pad(memory, ((0, 0), (0, extra), (0, 0))), np.pad(mask, ((0, 0), (0, extra))))
+        return a
+    return np.pad(a, ((0, 0), (0, extra)) + ((0, 0),) * (a.ndim - 2))
 
 
 def teacher_forced(model: BundleModel, source: np.ndarray, targets: np.ndarray) -> np.ndarray:
