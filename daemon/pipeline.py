@@ -343,6 +343,12 @@ class Pipeline:
     def busy(self) -> bool:
         return self.scheduler.inflight > 0
 
+    @property
+    def answering(self) -> int:
+        """Messages part-way through their answer (seq2seq; 0 here): the model must not wait for
+        company (max_wait_ms) while they are, or every token of theirs would wait too."""
+        return 0
+
     def pending_in(self, partition: int) -> int:
         return self.offsets.pending(partition)
 
@@ -421,6 +427,10 @@ class Seq2SeqPipeline(Pipeline):
         self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
         self.max_messages = max(1, cfg.max_batch // cfg.beam_size)
         self._vocab, self._separator = model.spec.output.vocab, s2s.separator
+
+    @property
+    def answering(self) -> int:
+        return len(self.cells)
 
     def plan(self) -> list[Call]:
         room = self.max_messages - len(self.cells)

@@ -49,19 +49,36 @@ def rnnd(capsys) -> Callable[..., CliResult]:
 
 
 @pytest.fixture(scope="session")
-def recipe_bundle(tmp_path_factory) -> Callable[[str], Path]:
-    """A recipe's trained bundle (trained once per session: real models, trained by our recipes)."""
-    from rnnd.export.recipes import run_recipe
+def recipe_training(tmp_path_factory) -> Callable[[str], tuple[CliResult, Path]]:
+    """``rnnd train NAME --quiet`` run once per session per recipe, in-process: what it printed, and
+    its folder (NAME.pt, NAME.onnx). test_recipes checks the command; everything else uses its models."""
+    import contextlib
+    import io
 
-    cache: dict[str, Path] = {}
+    from rnnd.cli import main
+
+    cache: dict[str, tuple[CliResult, Path]] = {}
     folder = tmp_path_factory.mktemp("recipes")
 
-    def get(name: str) -> Path:
+    def get(name: str) -> tuple[CliResult, Path]:
         if name not in cache:
-            result = run_recipe(name, folder, seed=0, progress=False)
-            assert result.bundle is not None, result.summary()
-            cache[name] = result.bundle
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["train", name, "--out", str(folder), "--quiet"])
+            cache[name] = (CliResult(code, out.getvalue(), err.getvalue()), folder)
         return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def recipe_bundle(recipe_training) -> Callable[[str], Path]:
+    """A recipe's trained bundle (trained once per session: real models, trained by our recipes)."""
+
+    def get(name: str) -> Path:
+        result, folder = recipe_training(name)
+        assert result.code == 0 and (folder / f"{name}.onnx").is_file(), result.out + result.err
+        return folder / f"{name}.onnx"
 
     return get
 

@@ -246,3 +246,32 @@ def test_export_proves_padding_is_masked_and_refuses_what_is_not_the_protocol(tm
 
         export_bundle(zoo.Translator(src_vocab=10, tgt_vocab=10).eval(),
                       _options(random_init=RandomInit("normal", (0.0, 1.0), 0)), tmp_path / "x.onnx")
+
+
+def test_a_numeric_source_is_answered_as_pytorch_answers_it(tmp_path: Path) -> None:
+    """A source of numbers (3 features per step, normalised as the bundle says) answered with tokens:
+    the daemon's answers to {"x": [[...], ...]} messages equal PyTorch's greedy answers to the
+    normalised sources."""
+    torch.manual_seed(2)
+    model = zoo.Translator(n_features=3, tgt_vocab=7, hidden=16, embed_dim=8).eval()
+    inp = InputSpec("numeric", features=("a", "b", "c"), mean=(1.0, 0.0, -2.0), std=(2.0, 1.0, 0.5))
+    out = OutputSpec("language_model", vocab=("<s>", "</s>", *"wxyzv"))
+    bundle = BundleModel(export_bundle(model, ExportOptions(name="num", input=inp, output=out, mode="seq2seq",
+                                                            max_output_len=10), tmp_path / "num.onnx").path)
+    assert bundle.spec.seq2seq is not None and bundle.spec.seq2seq.separator == " "  # no char tokenizer: words
+    rng = np.random.default_rng(3)
+    raw = [rng.normal([1.0, 0.0, -2.0], [2.0, 1.0, 0.5], size=(int(rng.integers(1, 9)), 3)).round(3)
+           for _ in range(30)]
+    pipeline = pipeline_for(bundle, ServeConfig(model="m", input_topic=TOPIC, output_topic="o"), TOPIC)
+    sent = [Sent(f"k{i}".encode(), json.dumps({"x": r.tolist()}).encode(), i) for i, r in enumerate(raw)]
+    assert pipeline.accept_many(0, sent) == len(sent)
+    docs = []
+    while pipeline.busy():
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+    assert len(docs) == len(raw)
+    for d in docs:
+        src = ((raw[d["offset"]] - np.array(inp.mean)) / np.array(inp.std)).astype(np.float32)
+        ids, logp, stop = torch_greedy(model, src, 10)
+        assert (d["prediction"]["output_ids"], d["prediction"]["stop"]) == (ids, stop)
+        assert abs(d["prediction"]["logp"] - logp) <= 1e-4 * max(1, len(ids))
+        assert d["prediction"]["output"] == " ".join(out.vocab[i] for i in ids)

@@ -177,7 +177,7 @@ class Inferrer:
             await work.wait()
             work.clear()
             while True:
-                if max_wait and len(pipeline.scheduler.ready) < min_batch:
+                if max_wait and len(pipeline.scheduler.ready) < min_batch and not pipeline.answering:
                     await asyncio.sleep(max_wait)
                 async with call_lock:
                     calls = pipeline.plan()
