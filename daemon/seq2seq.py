@@ -101,6 +101,7 @@ class Cells:
         self.prev = np.zeros(0, dtype=np.int64)  # [R] the previous token of each row
         self.scores = np.zeros(0, dtype=np.float64)  # [R] each row's log-probability so far
         self.generated = np.zeros(0, dtype=np.int64)  # [R] tokens generated so far
+        self.source_len = np.zeros(0, dtype=np.int64)  # [R] the unpadded length of each row's source
         self.history = np.zeros((0, self.max_len), dtype=np.int64)  # greedy: [R, max_len] the tokens generated
         self.states: list[np.ndarray] = [np.zeros(s.graph_shape(0), dtype=s.dtype) for s in self.s2s.states]
         self.memory = np.zeros((0, 0, self.s2s.memory_size), dtype=np.float32)
@@ -150,6 +151,7 @@ class Cells:
         first_scores[:, 1:] = -np.inf
         self.scores = np.concatenate([self.scores, first_scores.reshape(-1)])
         self.generated = np.concatenate([self.generated, np.zeros(n * k, dtype=np.int64)])
+        self.source_len = np.concatenate([self.source_len, np.repeat(np.asarray(lengths, dtype=np.int64), k)])
         if k == 1:
             self.history = np.concatenate([self.history, np.zeros((n, self.max_len), dtype=np.int64)])
         self.messages += [_Message(t, length, k, [[] for _ in range(k)])
@@ -181,9 +183,12 @@ class Cells:
         leaving = ended | cut
         if not leaving.any():
             return []
-        done = [(self.messages[r].tag, Answer(self.history[r, : self.generated[r]].tolist(), float(self.scores[r]),
-                                              MAX_LENGTH if cut[r] else END_TOKEN, not bool(finite[r])))
-                for r in np.flatnonzero(leaving).tolist()]
+        rows = np.flatnonzero(leaving)
+        messages = self.messages  # the leaving rows' values as Python lists, once: no numpy scalar per row
+        done = [(messages[r].tag, Answer(h[:n], s, MAX_LENGTH if c else END_TOKEN, not f))
+                for r, h, n, s, c, f in zip(rows.tolist(), self.history[rows].tolist(), self.generated[rows].tolist(),
+                                            self.scores[rows].tolist(), cut[rows].tolist(), finite[rows].tolist(),
+                                            strict=True)]
         keep = ~leaving
         self._keep(keep, [m for m, k in zip(self.messages, keep.tolist(), strict=True) if k])
         return done
@@ -252,7 +257,8 @@ class Cells:
         if self.k == 1:
             self.history = self.history[keep]
         self.states = [np.compress(keep, s, axis=ax) for s, ax in zip(self.states, self._axes, strict=True)]
-        width = max((m.length for m in messages), default=0)
+        self.source_len = self.source_len[keep]
+        width = int(self.source_len.max()) if len(self.source_len) else 0
         self.memory = self.memory[keep, :width]
         self.mask = self.mask[keep, :width]
 
