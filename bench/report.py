@@ -28,6 +28,7 @@ LABELS = {
     "passthrough-min": "pass-through, orjson, minimal output (no model)",
     "naive-onnx": "naive ONNX (one run per message)",
     "naive-torch": "naive PyTorch eager",
+    "naive-seq2seq": "naive seq2seq (each message encoded and decoded alone)",
     "quix-store": "Quix Streams, state in its store",
     "quix-dict": "Quix Streams, state in a dict",
     "batched": "simple batched consumer",
