@@ -432,6 +432,12 @@ class Seq2SeqPipeline(Pipeline):
     def answering(self) -> int:
         return len(self.cells)
 
+    def revoke(self, partition: int) -> int:
+        """Also drop the partition's answers in flight: their records are uncommitted, so the partition's
+        next owner answers them again (under the call lock, like every change to the cells)."""
+        self.cells.drop(lambda tag: cast(tuple[Record, int, int], tag)[0].partition == partition)
+        return super().revoke(partition)
+
     def plan(self) -> list[Call]:
         room = self.max_messages - len(self.cells)
         groups = self.scheduler.next_batch(limit=room) if room > 0 else []

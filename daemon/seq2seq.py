@@ -28,7 +28,7 @@ Search, the same for every message of a daemon:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -249,6 +249,15 @@ class Cells:
         best = max(range(len(m.ended)), key=lambda j: (m.ended[j][0], -j))
         _, ids, logp, stop = m.ended[best]
         return Answer(ids, logp, stop)
+
+    def drop(self, leaves: Callable[[object], bool]) -> int:
+        """Remove the messages whose tag ``leaves`` says go (a revoked partition's), unanswered."""
+        gone = [leaves(m.tag) for m in self.messages]
+        if not any(gone):
+            return 0
+        keep = np.repeat(~np.asarray(gone), [m.width for m in self.messages])
+        self._keep(keep, [m for m, g in zip(self.messages, gone, strict=True) if not g])
+        return sum(gone)
 
     def _keep(self, keep: np.ndarray, messages: list[_Message]) -> None:
         """Drop the rows of answered messages; trim the memory padding nobody needs any more."""

@@ -56,11 +56,13 @@ def recipe_training(tmp_path_factory) -> Callable[[str], tuple[CliResult, Path]]
     import io
 
     from rnnd.cli import main
+    from rnnd.export.recipes import RECIPES  # (torch: the markers see it here)
 
     cache: dict[str, tuple[CliResult, Path]] = {}
     folder = tmp_path_factory.mktemp("recipes")
 
     def get(name: str) -> tuple[CliResult, Path]:
+        assert name in RECIPES, f"no recipe {name!r}"
         if name not in cache:
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -275,3 +275,26 @@ def test_a_numeric_source_is_answered_as_pytorch_answers_it(tmp_path: Path) -> N
         assert (d["prediction"]["output_ids"], d["prediction"]["stop"]) == (ids, stop)
         assert abs(d["prediction"]["logp"] - logp) <= 1e-4 * max(1, len(ids))
         assert d["prediction"]["output"] == " ".join(out.vocab[i] for i in ids)
+
+
+def test_a_revoked_partition_leaves_the_cells_and_the_others_finish(reverse) -> None:
+    """Messages of a revoked partition in mid-answer are dropped with it (uncommitted: the next owner
+    answers them); the other partition's answers are unaffected and every record is accounted for."""
+    bundle, _ = reverse
+    pipeline = pipeline_for(bundle, ServeConfig(model="m", input_topic=TOPIC, output_topic="o"), TOPIC)
+    texts = words(np.random.default_rng(9), 40, (6, 10))
+    for p in (0, 1):
+        assert pipeline.accept_many(p, [Sent(f"p{p}k{i}".encode(), json.dumps({"text": t}).encode(), i)
+                                        for i, t in enumerate(texts)]) == len(texts)
+    docs = [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+    assert docs == [] and pipeline.answering == 80  # one token each so far: nobody answered yet
+    pipeline.revoke(1)
+    assert pipeline.answering == 40
+    while pipeline.busy():
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+    assert sorted((d["partition"], d["offset"]) for d in docs) == [(0, i) for i in range(40)]
+    assert pipeline.scheduler.inflight == 0 and pipeline.offsets.commit_points() == {0: 40}
+    tok = pipeline.decoder.tokenizer
+    assert tok is not None
+    for d in docs:
+        assert d["prediction"]["output_ids"] == answer_one(bundle, tok.encode(texts[d["offset"]])).ids
