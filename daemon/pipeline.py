@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
-from .seq2seq import Answer, Cells
+from .seq2seq import Answer, Cells, encoded
 from .state import Eviction, StateArena, Streams, WindowArena
 
 #: emit=end: what is kept of a stream's latest prediction, to encode should the stream end before
@@ -476,7 +476,7 @@ class Seq2SeqPipeline(Pipeline):
                     g.slots.append(slot)
                     g.refs.append((rec, i))
                 g.first_step = self.streams.steps[g.slots].tolist()
-                preds = [a.json(self._vocab, self._separator) for _, a in c.answers]
+                preds = encoded([a for _, a in c.answers], self._vocab, self._separator)
                 bad = [j for j, (_, a) in enumerate(c.answers) if a.nonfinite] or None
                 self._emit(g, preds, now_ms, bad)
                 self.scheduler.complete(g)

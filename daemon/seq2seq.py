@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import orjson
@@ -49,22 +49,35 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A message's generated sequence: its ids (without the end token) and their log-probability."""
+class Answer(NamedTuple):
+    """A message's generated sequence: its ids (without the end token) and their log-probability.
+
+    A named tuple: one is made per message, and a frozen dataclass costs three times as much."""
 
     ids: list[int]
     logp: float
     stop: str  # END_TOKEN | MAX_LENGTH
     nonfinite: bool = False  # the model's logits held NaN or infinity on the way
 
-    def json(self, vocab: Sequence[str], separator: str) -> bytes:
-        """The prediction document (see schemas/output.schema.json, seq2seq)."""
-        if self.nonfinite:
-            return orjson.dumps({"output": None, "output_ids": None, "logp": None, "stop": self.stop})
-        text = separator.join(vocab[i] for i in self.ids)
-        return orjson.dumps({"output": text, "output_ids": self.ids, "logp": float(np.float32(self.logp)),
-                             "stop": self.stop})
+
+def encoded(answers: Sequence[Answer], vocab: Sequence[str], separator: str) -> list[bytes]:
+    """Each answer's prediction document (schemas/output.schema.json, seq2seq), in one pass: the
+    log-probabilities in float32's shortest form by one orjson call, like the stream heads' numbers."""
+    if not answers:
+        return []
+    logps = orjson.dumps(np.asarray([a.logp for a in answers], dtype=np.float32),
+                         option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+    stops = {END_TOKEN: b'"end_token"}', MAX_LENGTH: b'"max_output_len"}'}
+    dumps = orjson.dumps
+    out = []
+    for a, lp in zip(answers, logps, strict=True):
+        if a.nonfinite:
+            out.append(b'{"output":null,"output_ids":null,"logp":null,"stop":' + stops[a.stop])
+            continue
+        ids = a.ids
+        out.append(b'{"output":%b,"output_ids":%b,"logp":%b,"stop":%b' % (
+            dumps(separator.join([vocab[i] for i in ids])), dumps(ids), lp, stops[a.stop]))
+    return out
 
 
 @dataclass
