@@ -286,6 +286,8 @@ def rnnd_batching(metrics: str) -> str:
         return ""
     streams = _metric(metrics, "rnnd_batch_size_sum")
     steps = _metric(metrics, "rnnd_steps_total")
+    if _metric(metrics, "rnnd_chunk_steps_count") <= 0:  # seq2seq: a call advances hypotheses, not streams
+        return f"{calls:.0f} decoder calls, {streams / calls:.0f} hypotheses each"
     return f"{calls:.0f} model calls, {streams / calls:.0f} streams × {steps / max(1.0, streams):.1f} steps each"
 
 
