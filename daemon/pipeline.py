@@ -378,8 +378,9 @@ class Round(Call):
     rows: int = 0  # hypotheses in the decoder call
 
 
-class _Sources:
-    """The codec's decoder, each record's steps made one step: the whole source of one message."""
+class SourceDecoder:
+    """The codec's decoder, each record's steps made one step: the whole source of one message.
+    ``verify`` decodes with it too, so that the oracle takes exactly the sources the daemon takes."""
 
     def __init__(self, decoder: codec.Decoder, max_source_len: int) -> None:
         self.inner = decoder
@@ -423,7 +424,7 @@ class Seq2SeqPipeline(Pipeline):
             raise ConfigError(f"emit must be left at 'every' for a seq2seq bundle, not {cfg.emit!r}: it picks steps "
                               "of a stream, and a seq2seq bundle answers every message", "emit")
         super().__init__(model, cfg, topic, metrics, clock)
-        self.decoder = _Sources(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
+        self.decoder = SourceDecoder(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
         self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
         self.max_messages = max(1, cfg.max_batch // cfg.beam_size)
         self._vocab, self._separator = model.spec.output.vocab, s2s.separator

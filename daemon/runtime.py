@@ -74,25 +74,23 @@ class BundleModel:
         proto = load_proto(data, source)
         self.spec: BundleSpec = (verified_spec(proto, source) if check_content
                                  else spec_from_metadata(metadata_entries(proto, source), source))
-        # init(context) -> state, when the model has one: its own graph, run by its own session.
-        self.start_session: ort.InferenceSession | None = None
-        if self.spec.start is not None:
-            graph = embedded_graph(metadata_entries(proto, source), self.spec.start.graph, source)
+        # A bundle's second graph, run by its own session: init(context) -> state, when the model has
+        # one; a seq2seq bundle's encoder, run once per message (see Seq2SeqSpec).
+        metadata = metadata_entries(proto, source)
+
+        def second(key: str, what: str) -> ort.InferenceSession:
             try:
-                self.start_session = ort.InferenceSession(graph, sess_options=opts, providers=list(providers))
+                return ort.InferenceSession(embedded_graph(metadata, key, source), sess_options=opts,
+                                            providers=list(providers))
+            except BundleError:
+                raise
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{source}: its init(context) graph is not one ONNX Runtime can load: {first}") \
-                    from None
-        # A seq2seq bundle's encoder: the second graph, run once per message (see Seq2SeqSpec).
-        self.encoder_session: ort.InferenceSession | None = None
-        if self.spec.seq2seq is not None:
-            graph = embedded_graph(metadata_entries(proto, source), self.spec.seq2seq.encoder_graph, source)
-            try:
-                self.encoder_session = ort.InferenceSession(graph, sess_options=opts, providers=list(providers))
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BundleError(f"{source}: its encoder graph is not one ONNX Runtime can load: {first}") from None
+                raise BundleError(f"{source}: its {what} graph is not one ONNX Runtime can load: {first}") from None
+
+        start, s2s = self.spec.start, self.spec.seq2seq
+        self.start_session = second(start.graph, "init(context)") if start is not None else None
+        self.encoder_session = second(s2s.encoder_graph, "encoder") if s2s is not None else None
         del proto, data
         self._check_graph_matches_spec()
         states = self.spec.seq2seq.states if self.spec.seq2seq is not None else self.spec.states

@@ -41,6 +41,7 @@ from . import config
 from .codec import Decoder, Record
 from .emit import Emitter
 from .heads import softmax
+from .pipeline import SourceDecoder
 from .runtime import BundleModel
 from .seq2seq import Answer, answer_one
 
@@ -213,7 +214,8 @@ def expected_answers(model: BundleModel, cfg: config.ServeConfig,
     """Seq2seq: id → the answer to each message's source, decoded alone (the daemon decodes it in a
     padded batch beside other messages), with the daemon's search settings."""
     spec = model.spec
-    decoder = Decoder(spec, cfg, cfg.input_topic)
+    assert spec.seq2seq is not None
+    decoder = SourceDecoder(Decoder(spec, cfg, cfg.input_topic), spec.seq2seq.max_source_len)
     numeric = spec.input.kind == "numeric"
     expected: dict[str, Any] = {}
     count = 0
@@ -221,12 +223,10 @@ def expected_answers(model: BundleModel, cfg: config.ServeConfig,
         for key, value, offset, ts in recs:
             count += 1
             item = decoder.decode(key, value, partition, offset, ts)
-            s2s = spec.seq2seq
-            assert s2s is not None
-            if not isinstance(item, Record) or not item.steps or len(item.steps) > s2s.max_source_len:
+            if not isinstance(item, Record) or not item.steps:
                 continue  # a dead letter, or a control alone
-            source = (spec.input.normalise(np.asarray(item.steps, dtype=np.float32)) if numeric
-                      else np.asarray(item.steps, dtype=np.int64))
+            source = (spec.input.normalise(np.asarray(item.steps[0], dtype=np.float32)) if numeric
+                      else np.asarray(item.steps[0], dtype=np.int64))
             expected[f"{cfg.input_topic}/{partition}/{offset}/0"] = answer_one(
                 model, source, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
     return expected, count

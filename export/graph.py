@@ -131,17 +131,24 @@ def trace_start(model: nn.Module, start: ContextStart, states: tuple[StateSpec, 
     names_out = [start.output_name(s) for s in states]
     dyn: dict[str, dict[int, str]] = {start.input_name: {0: "B"}}
     dyn.update({name: {s.batch_axis: "B"} for name, s in zip(names_out, states, strict=True)})
+    return trace_function(_Start(model).train(model.training), (example,), [start.input_name], names_out, dyn,
+                          "init(context)")
+
+
+def trace_function(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],
+                   dyn: dict[str, dict[int, str]], what: str) -> onnx.ModelProto:
+    """TorchScript-export one function of a model (``init(context)``, a seq2seq encoder or decoder
+    step) with the given axes dynamic; a failure is one line naming ``what``."""
     buf = io.BytesIO()
-    with warnings.catch_warnings(), _stdout_silenced():
+    with warnings.catch_warnings(), _stdout_silenced(), attention_fastpath(False):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(
-                _Start(model).train(model.training), (example,), buf,  # type: ignore[arg-type]
-                dynamo=False, opset_version=OPSET, input_names=[start.input_name], output_names=names_out,
-                dynamic_axes=dyn, do_constant_folding=True)
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]
+                              input_names=names_in, output_names=names_out, dynamic_axes=dyn,
+                              do_constant_folding=True)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"PyTorch could not export init(context) to ONNX: {msg[:300]} "
+            raise ExportError(f"PyTorch could not export {what} to ONNX: {msg[:300]} "
                               "(run with --debug for the full trace)") from e
     return onnx.load_from_string(buf.getvalue())
 

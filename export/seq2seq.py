@@ -27,8 +27,6 @@ tensor's batch axis is found by calling ``encode`` at two batch sizes.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -135,22 +133,6 @@ class _DecoderStep(nn.Module):
         return tuple(cast(Any, self.model).decode_step(token, memory, mask, *state))
 
 
-def _export(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],
-            dyn: dict[str, dict[int, str]], what: str) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), graph._stdout_silenced(), graph.attention_fastpath(False):
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module, args, buf, dynamo=False, opset_version=graph.OPSET,  # type: ignore[arg-type]
-                              input_names=names_in, output_names=names_out, dynamic_axes=dyn,
-                              do_constant_folding=True)
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"PyTorch could not export the {what} to ONNX: {msg[:300]} (run with --debug for the "
-                              "full trace)") from e
-    return onnx.load_from_string(buf.getvalue())
-
-
 def trace(model: nn.Module, spec: BundleSpec, example: Callable[[int, int], torch.Tensor]
           ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(decoder step graph, encoder graph), with B and S symbolic."""
@@ -159,19 +141,19 @@ def trace(model: nn.Module, spec: BundleSpec, example: Callable[[int, int], torc
     wrapper_mode = model.training
     source = example(3, 5)
     memory, state = _encode(model, source)
-    enc = _export(_Encoder(model).train(wrapper_mode), (source,), [s2s.source_name],
-                  [s2s.memory_name] + [s2s.init_name(s) for s in s2s.states],
-                  {s2s.source_name: {0: "B", 1: "S"}, s2s.memory_name: {0: "B", 1: "S"},
-                   **{s2s.init_name(s): {s.batch_axis: "B"} for s in s2s.states}}, "encoder")
+    enc = graph.trace_function(_Encoder(model).train(wrapper_mode), (source,), [s2s.source_name],
+                               [s2s.memory_name] + [s2s.init_name(s) for s in s2s.states],
+                               {s2s.source_name: {0: "B", 1: "S"}, s2s.memory_name: {0: "B", 1: "S"},
+                                **{s2s.init_name(s): {s.batch_axis: "B"} for s in s2s.states}}, "the encoder")
     token = torch.full((3,), s2s.bos_id, dtype=torch.int64)
     mask = torch.ones(memory.shape[:2], dtype=torch.bool)
     dyn: dict[str, dict[int, str]] = {spec.x_name: {0: "B"}, spec.y_name: {0: "B"},
                                       s2s.memory_name: {0: "B", 1: "S"}, s2s.mask_name: {0: "B", 1: "S"}}
     for s in s2s.states:
         dyn[s.input_name] = dyn[s.output_name] = {s.batch_axis: "B"}
-    dec = _export(_DecoderStep(model).train(wrapper_mode), (token, memory, mask, *state),
-                  [spec.x_name, s2s.memory_name, s2s.mask_name] + [s.input_name for s in s2s.states],
-                  [spec.y_name] + [s.output_name for s in s2s.states], dyn, "decoder step")
+    dec = graph.trace_function(_DecoderStep(model).train(wrapper_mode), (token, memory, mask, *state),
+                               [spec.x_name, s2s.memory_name, s2s.mask_name] + [s.input_name for s in s2s.states],
+                               [spec.y_name] + [s.output_name for s in s2s.states], dyn, "the decoder step")
     for proto, names in ((enc, [s2s.source_name, s2s.memory_name]), (dec, [s2s.memory_name, s2s.mask_name])):
         for v in [*proto.graph.input, *proto.graph.output]:
             if v.name in names and not all(d.dim_param for d in v.type.tensor_type.shape.dim[:2]):

@@ -88,12 +88,10 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
                export: bool = True) -> RecipeResult:
     """Generate data, train, measure, save the checkpoint and export the bundle."""
     import dataclasses
-    import sys
 
     import torch
 
     from .. import zoo
-    from ..exporter import ExportOptions, export_bundle
     from . import training
 
     recipe = RECIPES[name]
@@ -112,35 +110,17 @@ def run_recipe(name: str, out_dir: Path, seed: int = 0, progress: bool = True,
     value = task.score(training.predict(model, task.test.x), task.test, recipe.warmup_steps)
     seconds = float(model.train_seconds)  # type: ignore[arg-type]  # set by training.train
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / f"{name}.pt"
-    embedded = {
-        "factory": "rnnd.export.zoo:build", "kwargs": kwargs, "name": name, "version": "1",
-        "description": recipe.summary, "mode": "stateful", "warmup_steps": recipe.warmup_steps,
-        "input": dataclasses.asdict(task.input), "output": dataclasses.asdict(task.output),
-        "sample": torch.from_numpy(task.sample),
-        "metric": {"name": recipe.metric, "value": value, "level": recipe.level},
-    }
-    torch.save({"state_dict": model.state_dict(), "rnnd": embedded}, ckpt)
-    bundle = None
-    if export and recipe.passes(value):
-        opts = ExportOptions(name=name, input=task.input, output=task.output, version="1",
-                             description=recipe.summary, warmup_steps=recipe.warmup_steps,
-                             sample=task.sample, source=f"rnnd train {name} (seed {seed})")
-        log = (lambda m: print(m, file=sys.stderr)) if progress else None
-        bundle = export_bundle(model, opts, out_dir / f"{name}.onnx", log=log).path
-    return RecipeResult(recipe, value, ckpt, bundle, seconds)
+    return _save_and_export(recipe, out_dir, seed, model, kwargs, task.input, task.output, task.sample, value,
+                            seconds, progress, export, mode="stateful", warmup_steps=recipe.warmup_steps)
 
 
 def _run_seq2seq(recipe: Recipe, out_dir: Path, seed: int, progress: bool, export: bool) -> RecipeResult:
     """``run_recipe`` for an encoder–decoder: teacher forcing, then greedy exact match on held-out sources."""
     import dataclasses
-    import sys
 
     import torch
 
     from .. import zoo
-    from ..exporter import ExportOptions, export_bundle
     from ..seq2seq import reference_answer
     from . import training
 
@@ -158,21 +138,35 @@ def _run_seq2seq(recipe: Recipe, out_dir: Path, seed: int, progress: bool, expor
     value = hits / len(task.test)
     seconds = float(model.train_seconds)  # type: ignore[arg-type]  # set by training.train_seq2seq
 
+    return _save_and_export(recipe, out_dir, seed, model, kwargs, task.input, task.output, task.sample, value,
+                            seconds, progress, export, mode="seq2seq", max_output_len=max_len)
+
+
+def _save_and_export(recipe: Recipe, out_dir: Path, seed: int, model: Any, kwargs: dict[str, Any], inp: Any,
+                     out: Any, sample: Any, value: float, seconds: float, progress: bool, export: bool,
+                     **mode: Any) -> RecipeResult:
+    """The checkpoint (the weights, and all `rnnd export` needs to re-export them) and, if the recipe
+    reached its level, the bundle. ``mode``: the mode and its settings, as ExportOptions names them."""
+    import dataclasses
+    import sys
+
+    import torch
+
+    from ..exporter import ExportOptions, export_bundle
+
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / f"{recipe.name}.pt"
     embedded = {
         "factory": "rnnd.export.zoo:build", "kwargs": kwargs, "name": recipe.name, "version": "1",
-        "description": recipe.summary, "mode": "seq2seq", "max_output_len": max_len,
-        "input": dataclasses.asdict(task.input), "output": dataclasses.asdict(task.output),
-        "sample": torch.from_numpy(task.sample),
+        "description": recipe.summary, **mode, "input": dataclasses.asdict(inp), "output": dataclasses.asdict(out),
+        "sample": torch.from_numpy(sample),
         "metric": {"name": recipe.metric, "value": value, "level": recipe.level},
     }
     torch.save({"state_dict": model.state_dict(), "rnnd": embedded}, ckpt)
     bundle = None
     if export and recipe.passes(value):
-        opts = ExportOptions(name=recipe.name, input=task.input, output=task.output, version="1",
-                             description=recipe.summary, mode="seq2seq", max_output_len=max_len, sample=task.sample,
-                             source=f"rnnd train {recipe.name} (seed {seed})")
+        opts = ExportOptions(name=recipe.name, input=inp, output=out, version="1", description=recipe.summary,
+                             sample=sample, source=f"rnnd train {recipe.name} (seed {seed})", **mode)
         log = (lambda m: print(m, file=sys.stderr)) if progress else None
         bundle = export_bundle(model, opts, out_dir / f"{recipe.name}.onnx", log=log).path
     return RecipeResult(recipe, value, ckpt, bundle, seconds)

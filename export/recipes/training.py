@@ -93,17 +93,8 @@ def _train(model: nn.Module, data: Data, output_kind: str, cfg: TrainConfig, pro
             out, *state = model(x_all[idx, sl], *state)
             state = [s.detach() for s in state]
             loss = _loss(output_kind, out, y_all[idx, sl], None if m_all is None else m_all[idx, sl])
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            _update(model, opt, sched, loss, cfg.clip, losses, bar)
             it += 1
-            if bar is not None:
-                bar.update(1)
-                if it % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     if bar is not None:
         bar.close()
     model.eval()
@@ -125,23 +116,14 @@ def train_seq2seq(model: nn.Module, draw, lengths: tuple[int, int], bos: int, eo
     model.train()
     started = time.monotonic()
     try:
-        for it in range(cfg.iterations):
+        for _ in range(cfg.iterations):
             x, y = draw(rng, cfg.batch, int(rng.integers(lengths[0], lengths[1] + 1)))
             target_in = np.concatenate([np.full((len(y), 1), bos), y], axis=1)
             target_out = np.concatenate([y, np.full((len(y), 1), eos)], axis=1)
             logits = model(torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(target_in)))
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                torch.from_numpy(np.ascontiguousarray(target_out)).reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if (it + 1) % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            _update(model, opt, sched, loss, cfg.clip, losses, bar)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
@@ -149,6 +131,22 @@ def train_seq2seq(model: nn.Module, draw, lengths: tuple[int, int], bos: int, eo
     model.eval()
     model.train_seconds = time.monotonic() - started  # type: ignore[assignment]  # read back by run_recipe
     return losses
+
+
+def _update(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+            loss: torch.Tensor, clip: float, losses: list[float], bar) -> None:
+    """One optimiser step with the gradient clipped; the loss recorded, the bar moved (its postfix the
+    mean loss of the last 20 steps)."""
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    if bar is not None:
+        bar.update(1)
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
 
 
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
