@@ -86,7 +86,6 @@ class _Message:
     """One message being answered: ``width`` consecutive rows of ``Cells``."""
 
     tag: object  # the caller's: returned with the answer
-    length: int  # source length S (its memory's unpadded part)
     width: int  # rows (live hypotheses): 1 greedy, k beam
     tokens: list[list[int]] = field(default_factory=list)  # beam: per row, the ids generated so far
     ended: list[tuple[float, list[int], float, str]] = field(default_factory=list)  # (score, ids, logp, stop): beam
@@ -120,7 +119,6 @@ class Cells:
         self.states: list[np.ndarray] = [np.zeros(s.graph_shape(0), dtype=s.dtype) for s in self.s2s.states]
         self.memory = np.zeros((0, 0, self.s2s.memory_size), dtype=np.float32)
         self.mask = np.zeros((0, 0), dtype=bool)
-        self.decoder_calls = 0
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -168,8 +166,7 @@ class Cells:
         self.source_len = np.concatenate([self.source_len, np.repeat(np.asarray(lengths, dtype=np.int64), k)])
         if k == 1:
             self.history = np.concatenate([self.history, np.zeros((n, self.max_len), dtype=np.int64)])
-        self.messages += [_Message(t, length, k, [[] for _ in range(k)])
-                          for t, length in zip(tags, lengths, strict=True)]
+        self.messages += [_Message(t, k, [[] for _ in range(k)]) for t in tags]
 
     # --- advance ----------------------------------------------------------------------------
     def step(self) -> list[tuple[object, Answer]]:
@@ -177,7 +174,6 @@ class Cells:
         if not self.messages:
             return []
         logits, states = self.model.decode_step(self.prev, self.memory, self.mask, self.states)
-        self.decoder_calls += 1
         logp = log_softmax(logits)
         if self.k == 1:
             return self._greedy(logits, logp, states)

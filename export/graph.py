@@ -24,7 +24,6 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -112,17 +111,19 @@ def trace(
     return onnx.load_from_string(buf.getvalue())
 
 
-class _Start(nn.Module):
-    """``init(context)`` as a module: the states it returns, flat, for the tracer."""
+class Method(nn.Module):
+    """One method of a model as a module, for the tracer: ``init`` (a context start), or a seq2seq
+    model's ``encode`` and ``decode_step``. What it returns is flattened to a tuple of tensors."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, name: str) -> None:
         super().__init__()
         self.model = model
+        self.method = name
 
-    def forward(self, context):
+    def forward(self, *args):
         from .protocol import flatten
 
-        return tuple(flatten(cast(Any, self.model).init(context)))
+        return tuple(flatten(getattr(self.model, self.method)(*args)))
 
 
 def trace_start(model: nn.Module, start: ContextStart, states: tuple[StateSpec, ...],
@@ -131,8 +132,8 @@ def trace_start(model: nn.Module, start: ContextStart, states: tuple[StateSpec, 
     names_out = [start.output_name(s) for s in states]
     dyn: dict[str, dict[int, str]] = {start.input_name: {0: "B"}}
     dyn.update({name: {s.batch_axis: "B"} for name, s in zip(names_out, states, strict=True)})
-    return trace_function(_Start(model).train(model.training), (example,), [start.input_name], names_out, dyn,
-                          "init(context)")
+    return trace_function(Method(model, "init").train(model.training), (example,), [start.input_name], names_out,
+                          dyn, "init(context)")
 
 
 def trace_function(module: nn.Module, args: tuple, names_in: list[str], names_out: list[str],

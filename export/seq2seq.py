@@ -115,24 +115,6 @@ def state_specs(model: nn.Module, example: Callable[[int, int], torch.Tensor]) -
 # --- the two graphs ---------------------------------------------------------------------------
 
 
-class _Encoder(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, source):
-        return tuple(cast(Any, self.model).encode(source))
-
-
-class _DecoderStep(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, token, memory, mask, *state):
-        return tuple(cast(Any, self.model).decode_step(token, memory, mask, *state))
-
-
 def trace(model: nn.Module, spec: BundleSpec, example: Callable[[int, int], torch.Tensor]
           ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(decoder step graph, encoder graph), with B and S symbolic."""
@@ -141,7 +123,7 @@ def trace(model: nn.Module, spec: BundleSpec, example: Callable[[int, int], torc
     wrapper_mode = model.training
     source = example(3, 5)
     memory, state = _encode(model, source)
-    enc = graph.trace_function(_Encoder(model).train(wrapper_mode), (source,), [s2s.source_name],
+    enc = graph.trace_function(graph.Method(model, "encode").train(wrapper_mode), (source,), [s2s.source_name],
                                [s2s.memory_name] + [s2s.init_name(s) for s in s2s.states],
                                {s2s.source_name: {0: "B", 1: "S"}, s2s.memory_name: {0: "B", 1: "S"},
                                 **{s2s.init_name(s): {s.batch_axis: "B"} for s in s2s.states}}, "the encoder")
@@ -151,7 +133,7 @@ def trace(model: nn.Module, spec: BundleSpec, example: Callable[[int, int], torc
                                       s2s.memory_name: {0: "B", 1: "S"}, s2s.mask_name: {0: "B", 1: "S"}}
     for s in s2s.states:
         dyn[s.input_name] = dyn[s.output_name] = {s.batch_axis: "B"}
-    dec = graph.trace_function(_DecoderStep(model).train(wrapper_mode), (token, memory, mask, *state),
+    dec = graph.trace_function(graph.Method(model, "decode_step").train(wrapper_mode), (token, memory, mask, *state),
                                [spec.x_name, s2s.memory_name, s2s.mask_name] + [s.input_name for s in s2s.states],
                                [spec.y_name] + [s.output_name for s in s2s.states], dyn, "the decoder step")
     for proto, names in ((enc, [s2s.source_name, s2s.memory_name]), (dec, [s2s.memory_name, s2s.mask_name])):
