@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -373,7 +373,7 @@ class Round(Call):
     """A seq2seq round: the messages that join the cells (``(record, index, slot)``, source) and those
     the round's decoder call answered."""
 
-    arrivals: list[tuple[tuple[Record, int, int], np.ndarray]] = field(default_factory=list)
+    arrivals: list[tuple[tuple[Record, int, int], Any]] = field(default_factory=list)  # a source: ids, or an array
     answers: list[tuple[object, Answer]] = field(default_factory=list)
     rows: int = 0  # hypotheses in the decoder call
 
@@ -404,6 +404,15 @@ class SourceDecoder:
         return rec
 
 
+# While answers are in flight, arrivals join the cells once max_batch / ADMIT_BATCH_FRACTION of them
+# are ready, or after ADMIT_MAX_HOLD rounds at most (a few ms: a decoder round of 1,000 rows takes
+# ~1.5 ms on 2 cores); into idle cells they join at once. Why wait at all: the encoder runs once
+# per source length per round, and its cost per source falls with the batch (reverse recipe, S=7:
+# 9 µs at 16 sources, 6 µs at 64); gathering cut a round's cost per message by 8% at 1,000 in flight.
+ADMIT_BATCH_FRACTION = 8
+ADMIT_MAX_HOLD = 2
+
+
 class Seq2SeqPipeline(Pipeline):
     """Each message's answer, decoded beside every other message in flight (``seq2seq.Cells``).
 
@@ -427,6 +436,7 @@ class Seq2SeqPipeline(Pipeline):
         self.decoder = SourceDecoder(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
         self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
         self.max_messages = max(1, cfg.max_batch // cfg.beam_size)
+        self._held = 0  # rounds the ready arrivals have been held back to gather (ADMIT_MAX_HOLD)
         self._vocab, self._separator = model.spec.output.vocab, s2s.separator
 
     @property
@@ -441,15 +451,20 @@ class Seq2SeqPipeline(Pipeline):
 
     def plan(self) -> list[Call]:
         room = self.max_messages - len(self.cells)
+        gather = min(room, self.max_messages // ADMIT_BATCH_FRACTION)
+        if len(self.cells) and len(self.scheduler.ready) < gather and self._held < ADMIT_MAX_HOLD:
+            room, self._held = 0, self._held + 1  # answers in flight: let arrivals gather a little
+        else:
+            self._held = 0
         groups = self.scheduler.next_batch(limit=room) if room > 0 else []
         self.scheduler.starts = {}
-        arrivals = []
-        dtype = np.float32 if self.numeric else np.int64
+        arrivals: list[tuple[tuple[Record, int, int], Any]] = []
+        normalise = self.normalise
         for g in groups:
             for slot, (rec, i) in zip(g.slots, g.refs, strict=True):
-                src = np.asarray(rec.steps[i], dtype=dtype)
-                if self.normalise is not None:
-                    src = self.normalise(src).astype(np.float32)
+                src = rec.steps[i]  # token ids as they are: the cells make one array per source length
+                if normalise is not None:
+                    src = normalise(np.asarray(src, dtype=np.float32)).astype(np.float32)
                 arrivals.append(((rec, i, slot), src))
         if not arrivals and not len(self.cells):
             return []

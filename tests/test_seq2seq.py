@@ -23,7 +23,7 @@ from rnnd.daemon.codec import TOO_MANY_STEPS
 from rnnd.daemon.config import ConfigError, ServeConfig
 from rnnd.daemon.pipeline import Seq2SeqPipeline, pipeline_for
 from rnnd.daemon.runtime import BundleModel
-from rnnd.daemon.seq2seq import answer_one
+from rnnd.daemon.seq2seq import Cells, answer_one
 from rnnd.export import zoo
 from rnnd.export.errors import ExportError, ParityError
 from rnnd.export.exporter import ExportOptions, export_bundle
@@ -120,11 +120,12 @@ def serve(model: BundleModel, texts: list[str], keys: int, **cfg: Any) -> tuple[
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_batched_answers_equal_pytorch_and_one_at_a_time(reverse, beam: int) -> None:
-    """150 messages decoded concurrently (sources of 1-14 letters padded together) answer exactly as
-    PyTorch answers each alone, and as the bundle answers each alone."""
+    """150 messages, 100 decoded concurrently and the other 50 joining as their stream's first answer
+    leaves (sources of 1-14 letters padded together), answer exactly as PyTorch answers each alone,
+    and as the bundle answers each alone."""
     bundle, model = reverse
     texts = words(np.random.default_rng(beam), 150, (1, 14))
-    docs, pipeline = serve(bundle, texts, keys=150, beam_size=beam)
+    docs, pipeline = serve(bundle, texts, keys=100, beam_size=beam)
     assert pipeline.widest >= 100  # type: ignore[attr-defined]
     assert len(docs) == len(texts) and pipeline.offsets.commit_points() == {0: len(texts)}
     tok = pipeline.decoder.tokenizer
@@ -144,6 +145,32 @@ def test_batched_answers_equal_pytorch_and_one_at_a_time(reverse, beam: int) -> 
             exact += pred["output"] == texts[d["offset"]][::-1]
             trained += 1
     assert exact >= 0.9 * trained, (exact, trained)
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_rows_that_join_leave_and_move_keep_their_answers(reverse, beam: int) -> None:
+    """Cells straight: long sources first, short ones joining every round. Leaving rows are filled
+    by the last ones, the memory buffer grows for arrivals and narrows once the long sources are
+    answered; every answer stays the bundle's answer to that source alone."""
+    bundle, _ = reverse
+    rng = np.random.default_rng(11)
+    long = [rng.integers(2, 14, size=20) for _ in range(6)]
+    short = [rng.integers(2, 14, size=int(rng.integers(2, 5))) for _ in range(400)]
+    cells = Cells(bundle, beam_size=beam)
+    cells.add([(("long", i), src) for i, src in enumerate(long)])
+    answers: dict[tuple[str, int], list[int]] = {}
+    widths = []
+    for r in range(200):
+        cells.add([(("short", i), short[i]) for i in range(10 * r, min(len(short), 10 * r + 10))])
+        widths.append(cells.memory.shape[1])
+        assert cells.memory.shape[0] == cells.rows == beam * len(cells)
+        answers.update((tag, a.ids) for tag, a in cells.step())  # type: ignore[misc]
+        if not len(cells) and 10 * r >= len(short):
+            break
+    assert len(answers) == len(long) + len(short)
+    assert widths[0] == 20 and min(widths) <= 4  # grown for the long sources, narrowed after them
+    for (kind, i), ids in answers.items():
+        assert ids == answer_one(bundle, (long if kind == "long" else short)[i], beam_size=beam).ids, (kind, i)
 
 
 def test_max_output_len_cuts_answers_and_a_stream_is_answered_in_order(reverse) -> None:
