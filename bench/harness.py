@@ -304,10 +304,10 @@ class Live:
     linger_ms: int = 5  # librdkafka's default and the daemon's; 1 ms makes Tansu burn most of a core on requests
 
 
-# How often the harness asks rnnd's /metrics whether it is done. A scrape costs the daemon ~5 ms of
-# its event loop (330 series through prometheus-client, under py-spy --gil): every 0.1 s that was ~9%
-# of a one-second backlog run. Throughput is clocked by the outputs' own timestamps, so polling
-# less often only adds idle wall time after the last output, never to the measured interval.
+# How often the harness asks rnnd's /metrics whether it is done. A scrape takes rnnd's event loop a
+# few ms (330 series through prometheus-client); throughput is clocked by the outputs' own
+# timestamps, so a slower poll only adds idle wall time after the last output. 0.1 and 0.5 s
+# measured alike (wide and seq2seq backlogs, back to back): 0.5 s keeps the harness's own load down.
 DONE_POLL_S = 0.5
 
 
