@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rnnd", description="Streaming inference for stateful sequence models on Kafka.")
     parser.add_argument("--version", action="version", version=f"rnnd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from rnnd import bench_cmd, broker_cmd, demo, tools, topics
+    from rnnd import bench_cmd, broker_cmd, demo, predict, tools, topics
     from rnnd.daemon import cli as serve_cmd
     from rnnd.daemon import inspect as inspect_cmd
     from rnnd.daemon import verify as verify_cmd
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd.add_parser(sub)
     verify_cmd.add_parser(sub)
+    predict.add_parser(sub)
     demo.add_parser(sub)
     tools.add_parsers(sub)
     broker_cmd.add_parser(sub)

@@ -39,6 +39,7 @@ __all__ = [
     "TokenBucket",
     "ToolError",
     "add_parsers",
+    "column_names",
     "format_prediction",
     "format_value",
     "produce",
@@ -81,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="send at most N messages")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
                    help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
-    p.add_argument("--features", type=_names, default=None, metavar="a,b,c",
+    p.add_argument("--features", type=column_names, default=None, metavar="a,b,c",
                    help="CSV: the columns to send as features, in this order (default: every other column)")
     security.add_arguments(p)
     p.set_defaults(run=produce)
@@ -123,7 +124,7 @@ def positive_int(text: str) -> int:
     return v
 
 
-def _names(text: str) -> list[str]:
+def column_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give at least one column name")

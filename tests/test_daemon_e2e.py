@@ -8,7 +8,10 @@ step, with the id that names the input's coordinates.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -59,6 +62,28 @@ def check_ids_and_steps(topic: str, sent: list[Sent], outputs: list[Received], s
         order = [(v["offset"], v["index"]) for v in vs]
         assert order == sorted(order), f"{k!r}: steps applied out of order"
     return per_key
+
+
+def same_as_predict(bundle, topic: str, items: list[tuple[bytes, dict]], outputs: list[Received], tmp_path) -> None:
+    """`rnnd predict` over the same messages as a file, keys placed as Kafka placed them (``--partitions``):
+    every document the daemon wrote, id and all, is the one predict writes (times aside; the values
+    within float32 rounding: the two batch the streams differently)."""
+    rows = tmp_path / "sent.jsonl"
+    rows.write_text("".join(json.dumps({"stream": k.decode(), **m}) + "\n" for k, m in items))
+    out = tmp_path / "predicted.jsonl"
+    r = subprocess.run([sys.executable, "-m", "rnnd", "predict", str(rows), "--model", str(bundle), "--key-column",
+                        "stream", "--topic", topic, "--partitions", "4", "--output", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    predicted = {d["id"]: d for d in map(json.loads, out.read_text().splitlines())}
+    daemon = {o.value["id"]: o.value for o in outputs}
+    assert predicted.keys() == daemon.keys()
+    for i, d in daemon.items():
+        p = predicted[i]
+        assert {k: v for k, v in p.items() if k not in ("prediction", "input_ts", "output_ts")} == {
+            k: v for k, v in d.items() if k not in ("prediction", "input_ts", "output_ts")}, i
+        for name, v in d["prediction"]["values"].items():
+            assert p["prediction"]["values"][name] == pytest.approx(v, rel=1e-5, abs=1e-5), (i, name)
 
 
 def normalised_values(spec: BundleSpec, v: dict) -> np.ndarray:
@@ -116,6 +141,7 @@ def test_numeric_streams_match_full_sequence_reference(mode, bootstrap, topic_fa
         assert d.metric("rnnd_steps_total") == total
         assert d.metric("rnnd_active_streams") == N_STREAMS
         assert d.stop() == 0
+    same_as_predict(bundle, topic_in, items, outputs, tmp_path)
     worst = 0.0
     for key, raw in seqs.items():
         x = ((raw - np.array(spec.input.mean or 0.0)) / np.array(spec.input.std or 1.0)).astype(np.float32)[None]

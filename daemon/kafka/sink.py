@@ -21,7 +21,7 @@ from aiokafka.partitioner import murmur2
 
 from .quirks import known_partition_count
 
-__all__ = ["Headers", "Sink"]
+__all__ = ["Headers", "Sink", "default_partition"]
 
 log = logging.getLogger("rnnd.kafka")
 
@@ -33,6 +33,11 @@ _Sent = tuple[asyncio.Future, str, int, list[tuple], "list[Headers] | None", int
 # What waits for a partition's pump: the records, their headers, their timestamp, their delivery.
 _Queued = tuple[list[tuple], "list[Headers] | None", int, asyncio.Future]
 
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed record (murmur2 of the key), as the
+    Java clients and aiokafka place it; ``rnnd predict`` places a file's keys the same way."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 class Sink:
     """The producer, plus the bookkeeping that makes ``flush`` mean 'everything acknowledged'.
@@ -90,7 +95,7 @@ class Sink:
                 key = item[0]
                 p = cache.get(key) if key is not None else random.randrange(n)
                 if p is None:
-                    p = (murmur2(key) & 0x7FFFFFFF) % n
+                    p = default_partition(key, n)
                     if len(cache) >= 1_000_000:
                         cache.clear()
                     cache[key] = p
