@@ -56,8 +56,8 @@ class Record:
     steps and controls not yet applied; the record's offset may be committed once it is 0.
     """
 
-    __slots__ = ("context", "cursor", "echo", "end", "key", "offset", "partition", "remaining", "reset", "steps",
-                 "timestamp", "words")
+    __slots__ = ("context", "cursor", "echo", "end", "headers", "key", "offset", "partition", "remaining", "reset",
+                 "steps", "timestamp", "words")
 
     def __init__(self, key: bytes, partition: int, offset: int, timestamp: int, steps: list,
                  reset: bool = False, end: bool = False, echo: dict[str, Any] | None = None,
@@ -77,6 +77,8 @@ class Record:
         self.words = words
         # The stream (re)starts from init(context) before this record's steps (``reset`` is set too).
         self.context = context
+        # The record's headers that every output made from it carries (``copy_headers``), if any.
+        self.headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +398,7 @@ class Output(NamedTuple):
     value: bytes  # the output document
     input_timestamp: int  # ms, the input record's timestamp (latency runs from it)
     source: int  # the input partition it came from: with exactly-once, its transaction carries it
+    headers: list[tuple[str, bytes]] | None = None  # the input record's copied headers (``copy_headers``)
 
 
 # Output(...) runs a Python-level __new__; this C-level constructor builds the same object in
@@ -454,7 +457,8 @@ class Encoder:
                     key_json[rkey] = kj
             p, offset, ts = record.partition, record.offset, record.timestamp
             doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, pred, ts)
-            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p)))
+            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p,
+                                     record.headers)))
         return _mark_nonfinite(out, nonfinite)
 
     def _token_outputs(self, refs: list[tuple[Record, int]], steps: list[int], predictions: list[bytes],
@@ -472,7 +476,8 @@ class Encoder:
             p, offset, ts = record.partition, record.offset, record.timestamp
             doc = (warm if step < warmup else trusted) % (kj, p, offset, index, p, offset, index, step, tj, token_id,
                                                           pred, ts)
-            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p)))
+            out.append(new(Output, (rkey, with_fields(doc, record.echo) if record.echo else doc, ts, p,
+                                     record.headers)))
         return _mark_nonfinite(out, nonfinite)
 
     def _key_text(self, rkey: bytes) -> bytes:
@@ -495,7 +500,7 @@ _NONFINITE = {"nonfinite": True}
 def _mark_nonfinite(out: list[Output], nonfinite: list[int] | None) -> list[Output]:
     for i in nonfinite or ():
         o = out[i]
-        out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp, o.source)
+        out[i] = Output(o.key, with_fields(o.value, _NONFINITE), o.input_timestamp, o.source, o.headers)
     return out
 
 

@@ -48,6 +48,9 @@ class ServeConfig:
     group_id: str = opt("", "Consumer group; replicas of one deployment share it (default: rnnd-<model name>).")
     client_id: str = opt("rnnd", "Kafka client id prefix (shows in broker logs and quotas).")
     create_topics: bool = opt(True, "Create missing output/dead-letter topics (same partition count as input).")
+    copy_headers: str = opt("traceparent,tracestate", "Input record headers copied to every output made from the "
+                            "record, comma-separated ('' for none): W3C trace context by default, so that a trace "
+                            "continues through the model.")
     # --- model execution ---
     provider: str = opt("cpu", "Execution provider: cpu, cuda[:N] or tensorrt[:N].")
     provider_fallback: bool = opt(False, "If the provider is unavailable, run on CPU (logged, and labelled in "
@@ -162,6 +165,11 @@ class ServeConfig:
         return self.processing_guarantee == "exactly_once"
 
     @property
+    def copied_headers(self) -> frozenset[str]:
+        """The header names ``copy_headers`` lists."""
+        return frozenset(n.strip() for n in self.copy_headers.split(",") if n.strip())
+
+    @property
     def emit_every(self) -> int:
         """1 for every step, N for every:N, 0 for end only."""
         return _parse_emit(self.emit)
@@ -178,6 +186,10 @@ class ServeConfig:
         if not re.fullmatch(r"(cpu|cuda(:\d+)?|tensorrt(:\d+)?)", self.provider):
             raise ConfigError(f"provider must be cpu, cuda[:N] or tensorrt[:N], not {self.provider!r}", "provider")
         _parse_emit(self.emit)
+        bad = [n for n in self.copy_headers.split(",") if not re.fullmatch(r"\s*[\x21-\x7e]+\s*", n)]
+        if self.copy_headers.strip() and bad:
+            raise ConfigError(f"copy_headers must be header names separated by commas, not {self.copy_headers!r} "
+                              f"(an empty or unprintable name: {bad[0]!r})", "copy_headers")
         _check_bootstrap(self.bootstrap_servers)
         self._validate_combinations()
         self._validate_topics()

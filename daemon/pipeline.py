@@ -107,6 +107,7 @@ class Pipeline:
         self.evictions: list[Eviction] = []
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
+        self.copied_headers = cfg.copied_headers
         self._layout_hash = spec.state_hash
         tokenizer = spec.input.tokenizer
         echo = tokenizer is not None and spec.input.kind == "tokens" and spec.mode != "seq2seq"
@@ -134,6 +135,7 @@ class Pipeline:
         add = self.scheduler.add
         track = po.records.append
         last_offset = streams.last_offset
+        copied = self.copied_headers
         n = 0
         for r in records:
             offset = r.offset
@@ -145,6 +147,10 @@ class Pipeline:
                 self._dead_letter(item)
             else:
                 rec: Record = item  # type: ignore[assignment]  # not a dead letter, so a Record (its key is set)
+                if copied:
+                    headers = getattr(r, "headers", None)  # aiokafka's ConsumerRecord has them; plain test records not
+                    if headers:
+                        rec.headers = [(k, v) for k, v in headers if k in copied] or None
                 key = rec.key
                 slot = index.get(key) if index is not None else None
                 if slot is not None and last_offset[slot] >= offset:
@@ -287,7 +293,7 @@ class Pipeline:
             doc = self.encoder.outputs([ref], [step], [pred], made_ms, [0] if bad else None)[0].value
             # latency runs from the end control
             self.outputs.append(Output(record.key, codec.with_fields(doc, {"ended": True}), record.timestamp,
-                                       record.partition))
+                                       record.partition, record.headers))
         if self.metrics:
             self.metrics.stream_ends.inc()
 

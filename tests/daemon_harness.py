@@ -148,6 +148,7 @@ class Received:
     partition: int
     offset: int
     raw: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60, settle: float = 0.0) -> list[Received]:
@@ -173,7 +174,8 @@ def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60, settle
             while time.monotonic() < deadline:
                 batch = await c.getmany(timeout_ms=200)
                 for tp, recs in batch.items():
-                    out.extend(Received(r.key, orjson.loads(r.value), tp.partition, r.offset, r.value) for r in recs)
+                    out.extend(Received(r.key, orjson.loads(r.value), tp.partition, r.offset, r.value, tuple(r.headers))
+                               for r in recs)
                 if len(out) >= expect:
                     if settle_until is None:
                         settle_until = time.monotonic() + settle

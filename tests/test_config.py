@@ -188,6 +188,18 @@ def test_bad_emit_values(emit: str) -> None:
         config.load(argv_values=REQUIRED, env={"RNND_EMIT": emit})
 
 
+@pytest.mark.parametrize(("value", "names"), [("traceparent,tracestate", {"traceparent", "tracestate"}),
+                                              ("", set()), (" b3 , x-request-id ", {"b3", "x-request-id"})])
+def test_copy_headers_values(value: str, names: set[str]) -> None:
+    assert config.load(argv_values={**REQUIRED, "copy_headers": value}, env={}).copied_headers == names
+
+
+@pytest.mark.parametrize("value", ["traceparent,,tracestate", "a b", ",", "trace\tparent"])
+def test_bad_copy_headers_values(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"copy_headers .*must be header names separated by commas"):
+        config.load(argv_values={**REQUIRED, "copy_headers": value}, env={})
+
+
 @pytest.mark.parametrize(("provider", "ok"), [("cpu", True), ("cuda", True), ("cuda:1", True), ("tensorrt:0", True),
                                               ("gpu", False), ("cuda:", False), ("cpu:0", False)])
 def test_provider_values(provider: str, ok: bool) -> None:

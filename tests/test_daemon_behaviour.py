@@ -3,6 +3,7 @@ dead letters, metrics, shutdown and device selection."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -12,6 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaProducer
 from daemon_harness import DaemonProcess, consume, free_port, produce
 
 from rnnd.daemon.runtime import BundleModel
@@ -233,6 +235,44 @@ def test_sigterm_drains_and_commits(bootstrap, topic_factory, recipe_bundle, tmp
     assert d2.stop() == 0
     ids = [o.value["id"] for o in outs]
     assert len(ids) == len(set(ids)) == 3010
+
+
+def test_trace_headers_reach_every_output_made_from_their_record(bootstrap, topic_factory, recipe_bundle,
+                                                                 tmp_path):
+    """W3C trace context (copy_headers' default) is copied from an input record to each of its outputs,
+    a multi-step message's included; other headers are not; untraced records' outputs carry none."""
+    bundle = recipe_bundle("product")
+    topic_in, topic_out = topic_factory("hdr-in", 2), topic_factory("hdr-out", 2)
+    sent: list[tuple[bytes, dict, list[tuple[str, bytes]]]] = []
+    for i in range(60):
+        trace = [("traceparent", f"00-{i:032x}-{i:016x}-01".encode())] if i % 3 else []
+        extra = [("tracestate", b"rnnd=t%d" % i)] if i % 5 == 1 else []
+        steps = [[0.1 * (i % 7)], [0.2]] if i % 4 == 0 else [0.3]
+        sent.append((f"h{i % 10}".encode(), {"x": steps}, trace + extra + [("x-other", b"not copied")]))
+
+    async def send() -> dict[tuple[int, int], tuple[tuple[str, bytes], ...]]:
+        """Each record's coordinates → the headers its outputs must carry."""
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await p.start()
+        try:
+            want = {}
+            for key, value, headers in sent:
+                md = await p.send_and_wait(topic_in, json.dumps(value).encode(), key=key, headers=headers)
+                want[(md.partition, md.offset)] = tuple(h for h in headers if h[0] in ("traceparent", "tracestate"))
+            return want
+        finally:
+            await p.stop()
+
+    want = asyncio.run(send())
+    expected = sum(2 if isinstance(v["x"][0], list) else 1 for _, v, _ in sent)
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, log_dir=tmp_path) as d:
+        d.start()
+        outs = consume(bootstrap, topic_out, expected, timeout=60, settle=0.5)
+        assert d.stop() == 0
+    assert len(outs) == expected
+    for o in outs:
+        assert o.headers == want[(o.value["partition"], o.value["offset"])], (o.value["id"], o.headers)
+    assert sum(1 for o in outs if o.headers) > expected // 2  # most records were traced: the check bites
 
 
 def test_broker_unreachable_at_start_is_retried_not_fatal(recipe_bundle, tmp_path):

@@ -24,6 +24,7 @@ class Publisher:
         self.clients = clients
         self.latency = metrics.latency
         self.predictions = metrics.predictions
+        self.copy_headers = bool(cfg.copied_headers)
 
     async def publish(self, outputs: list[Output]) -> None:
         """One model call's outputs (a batch: one send, one latency observation for all)."""
@@ -31,7 +32,10 @@ class Publisher:
             return
         sink = self.clients.sink
         assert sink is not None
-        await sink.send_many(self.output_topic, outputs)
+        if self.copy_headers and any(o[4] for o in outputs):
+            await sink.send_many(self.output_topic, outputs, headers=[o[4] or [] for o in outputs])
+        else:
+            await sink.send_many(self.output_topic, outputs)
         ts = np.fromiter((o[2] for o in outputs), np.float64, len(outputs))
         self.latency.observe_many(np.maximum(time.time() - ts / 1000, 0.0))
         self.predictions.inc(len(outputs))
