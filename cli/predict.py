@@ -1,16 +1,19 @@
-"""`rnnd predict`: a CSV or JSONL file scored by the daemon's pipeline, predictions to a file, no Kafka.
+"""`rnnd predict`: recorded input scored by the daemon's pipeline, predictions to a file, no serving.
 
-For backfills and for checking a model on recorded data: the rows are read as ``rnnd
-produce`` would send them (``tools.MessageSource``: the same columns, the same message
-format), run through ``rnnd.daemon.local.Session`` (the pipeline ``rnnd serve`` runs, with
-the same settings: ``--config`` takes serve's TOML file, and RNND_* variables apply), and
-written as the output documents the daemon would produce, one JSON object per line.
+For backfills and for checking a model on recorded data. The input is a CSV or JSONL file,
+its rows read as ``rnnd produce`` would send them (``tools.MessageSource``: the same columns,
+the same message format), or a range of offsets of an input topic (``--input-topic``, read
+without joining a group). Either goes through ``rnnd.daemon.local.Session`` (the pipeline
+``rnnd serve`` runs, with the same settings: ``--config`` takes serve's TOML file, and RNND_*
+variables apply), and comes out as the output documents the daemon would produce, one JSON
+object per line.
 
-With ``--partitions N`` and ``--topic NAME``, each row takes the partition Kafka's default
-partitioner would give its key and the next offset there, so that every document, its id
-included, equals the daemon's for a topic of N partitions filled from this file in order
-(tests/test_local.py compares them). Rows are read and scored in chunks of ``CHUNK``
-messages: a file of any size runs in bounded memory.
+Ids equal the daemon's: a topic's records keep their own partitions and offsets; a file's
+rows take, with ``--partitions N`` and ``--topic NAME``, the partition Kafka's default
+partitioner would give their key and the next offset there, as if a topic of N partitions
+had been filled from the file in order (tests/test_daemon_e2e.py compares both with a
+daemon's output topic). Input is scored in chunks of ``CHUNK`` messages (a file) or one
+fetch at a time (a topic): memory does not grow with the input.
 
 Exit codes as ``rnnd produce``'s: 2 for a file, a column or a setting to fix (one line on
 stderr), 1 for a bundle that cannot be used; dead letters are not failures, they are counted
@@ -20,21 +23,31 @@ stderr), 1 for a bundle that cannot be used; dead letters are not failures, they
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
-from rnnd.daemon import config
+from rnnd.daemon import config, security
 from rnnd.daemon.errors import RnndError
 from rnnd.daemon.kafka.sink import default_partition
 from rnnd.daemon.local import DEFAULT_TOPIC, Session
-from rnnd.tools import MessageSource, column_names, positive_int
+from rnnd.tools import (
+    MessageSource,
+    ToolError,
+    column_names,
+    connection,
+    existing_partitions,
+    kafka_security,
+    positive_int,
+    unreachable,
+)
 
 #: Messages read before they are scored: large enough for full model calls (the daemon's rounds
 #: take up to max_batch streams), small enough that memory does not grow with the file.
@@ -50,9 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "documents it would produce (schemas/output.schema.json), one per line. Rows are read as `rnnd produce` "
         "reads them. Serving settings (emit, warmup, generate_tokens, beam_size, ...) come from --config (serve's "
         "TOML file) and RNND_* variables; the Kafka settings there do not apply.")
-    p.add_argument("file", type=Path, help="the CSV or JSONL file")
+    p.add_argument("file", type=Path, nargs="?", help="the CSV or JSONL file (or give --input-topic)")
     p.add_argument("--model", required=True, help="the bundle (.onnx)")
-    p.add_argument("--key-column", required=True, help="column (CSV) or field (JSONL) holding the stream key")
+    p.add_argument("--key-column", default=None, help="a file's column (CSV) or field (JSONL) holding the stream key")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None,
                    help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
     p.add_argument("--features", type=column_names, default=None, metavar="a,b,c",
@@ -65,10 +78,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partitions", type=positive_int, default=1,
                    help="place keys on N partitions as Kafka's default partitioner does (default 1): with the "
                         "input topic's count and --topic, every id equals the daemon's")
+    p.add_argument("--input-topic", default=None, help="read this topic instead of a file (every partition)")
+    p.add_argument("--bootstrap-servers", default=None, help="with --input-topic: Kafka bootstrap servers")
+    p.add_argument("--start-offset", type=_offset, default=0,
+                   help="with --input-topic: first offset read in every partition (default: its beginning)")
+    p.add_argument("--end-offset", type=_offset, default=None,
+                   help="with --input-topic: read up to this offset, not included (default: each partition's end "
+                        "when the read starts)")
     p.add_argument("--config", default=None, help="TOML file of `rnnd serve` settings (its [serve] table)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    security.add_arguments(p)
     p.set_defaults(run=run)
+
+
+def _offset(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an offset: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {v}")
+    return v
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,39 +112,112 @@ def run(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
+#: One input message: key, value, partition, offset (None: the partition's next), timestamp (None: now).
+Row = tuple[bytes, bytes | None, int, int | None, int | None]
+
+
 def predict(args: argparse.Namespace) -> int:
-    cfg = config.load({"model": args.model, "input_topic": args.topic, "output_topic": f"{args.topic}-out"},
-                      config_file=args.config)
+    _check_arguments(args)
+    topic = args.input_topic or args.topic
+    given = {"model": args.model, "input_topic": topic, "output_topic": f"{topic}-out"}
+    if args.bootstrap_servers:
+        given["bootstrap_servers"] = args.bootstrap_servers
+    cfg = config.load(given, config_file=args.config)
     with contextlib.ExitStack() as stack:
-        source = stack.enter_context(MessageSource(args.file, args.key_column, args.format, args.features))
-        session = Session(cfg.model, args.topic, config=cfg)
+        source = (None if args.input_topic else
+                  stack.enter_context(MessageSource(args.file, args.key_column, args.format, args.features)))
+        session = Session(cfg.model, topic, config=cfg)
         out: BinaryIO = stack.enter_context(args.output.open("wb")) if args.output else sys.stdout.buffer
         dead: BinaryIO | None = stack.enter_context(args.dead_letters.open("wb")) if args.dead_letters else None
-        progress = _Progress(args.quiet)
-        messages = predictions = 0
-        reasons: Counter[str] = Counter()
-        for chunk in _chunks(source, CHUNK):
-            for m in chunk:
-                session.send(m.key, m.value, partition=default_partition(m.key, args.partitions))
-            docs = session.run_bytes()
-            out.write(b"".join(d + b"\n" for d in docs))
-            for d in session.dead_letters:
-                reasons[d["reason"]] += 1
-                if dead is not None:
-                    dead.write(orjson.dumps(d) + b"\n")
-            session.dead_letters.clear()
-            messages += len(chunk)
-            predictions += len(docs)
-            progress.show(messages, predictions)
+        scorer = _Scorer(session, out, dead, _Progress(args.quiet))
+        if source is None:
+            asyncio.run(_score_topic(args, cfg.bootstrap_servers, kafka_security(args), scorer))
+        else:
+            for chunk in _chunks(source, CHUNK):
+                scorer.score([(m.key, m.value, default_partition(m.key, args.partitions), None, None) for m in chunk])
         out.flush()
     where = f" -> {args.output}" if args.output else ""
-    summary = f"rnnd predict: {messages:,} messages, {predictions:,} predictions{where}"
-    if reasons:
+    summary = f"rnnd predict: {scorer.messages:,} messages, {scorer.predictions:,} predictions{where}"
+    if scorer.reasons:
         kept = f" -> {args.dead_letters}" if args.dead_letters else " (--dead-letters FILE keeps them)"
-        summary += (f"; {sum(reasons.values()):,} dead letters ("
-                    + ", ".join(f"{r}: {n:,}" for r, n in reasons.most_common()) + ")" + kept)
+        summary += (f"; {sum(scorer.reasons.values()):,} dead letters ("
+                    + ", ".join(f"{r}: {n:,}" for r, n in scorer.reasons.most_common()) + ")" + kept)
     print(summary, file=sys.stderr)
     return 0
+
+
+class _Scorer:
+    """Rows in, documents and dead letters out, counted: one ``Session`` round trip per chunk."""
+
+    def __init__(self, session: Session, out: BinaryIO, dead: BinaryIO | None, progress: _Progress) -> None:
+        self.session, self.out, self.dead, self.progress = session, out, dead, progress
+        self.messages = self.predictions = 0
+        self.reasons: Counter[str] = Counter()
+
+    def score(self, rows: list[Row]) -> None:
+        session = self.session
+        for key, value, partition, offset, ts in rows:
+            session.send(key, value, partition=partition, offset=offset, timestamp=ts)
+        docs = session.run_bytes()
+        self.out.write(b"".join(d + b"\n" for d in docs))
+        for d in session.dead_letters:
+            self.reasons[d["reason"]] += 1
+            if self.dead is not None:
+                self.dead.write(orjson.dumps(d) + b"\n")
+        session.dead_letters.clear()
+        self.messages += len(rows)
+        self.predictions += len(docs)
+        self.progress.show(self.messages, self.predictions)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """One input, and only the options that apply to it: none is silently ignored."""
+    if (args.file is None) == (args.input_topic is None):
+        raise ToolError("give a file or --input-topic (one of them)")
+    if args.file is not None:
+        if args.key_column is None:
+            raise ToolError("a file needs --key-column: the column (CSV) or field (JSONL) holding the stream key")
+        for flag, value, default in (("--bootstrap-servers", args.bootstrap_servers, None),
+                                     ("--start-offset", args.start_offset, 0), ("--end-offset", args.end_offset, None)):
+            if value != default:
+                raise ToolError(f"{flag} applies to --input-topic, not to a file")
+    else:
+        for flag, value, default in (("--key-column", args.key_column, None), ("--format", args.format, None),
+                                     ("--features", args.features, None), ("--partitions", args.partitions, 1),
+                                     ("--topic", args.topic, DEFAULT_TOPIC)):
+            if value != default:
+                raise ToolError(f"{flag} applies to a file, not to --input-topic (a topic's records keep their own "
+                                "keys, partitions and offsets)")
+        if args.end_offset is not None and args.end_offset <= args.start_offset:
+            raise ToolError(f"--end-offset ({args.end_offset}) must be past --start-offset ({args.start_offset})")
+
+
+async def _score_topic(args: argparse.Namespace, bootstrap: str, kafka: dict[str, Any], scorer: _Scorer) -> None:
+    """Every partition's records in [start, end), each fetch scored as it arrives, read without a group
+    (``read_to_end`` stops at the end as the fetches report it: right on Tansu as on Apache Kafka)."""
+    from aiokafka import TopicPartition
+
+    from rnnd.daemon.kafka import read_to_end, reader
+
+    end = args.end_offset
+    partitions = await existing_partitions(bootstrap, args.input_topic, kafka)
+    consumer = reader(connection(bootstrap, kafka), "rnnd-predict")
+    try:
+        await consumer.start()
+    except Exception as e:
+        raise unreachable(bootstrap, e) from None
+
+    def take(tp: Any, recs: list) -> None:
+        rows: list[Row] = [(r.key or b"", r.value, tp.partition, r.offset, r.timestamp) for r in recs
+                           if end is None or r.offset < end]
+        if rows:
+            scorer.score(rows)
+
+    try:
+        await read_to_end(consumer, [TopicPartition(args.input_topic, p) for p in partitions], take,
+                          start=args.start_offset)
+    finally:
+        await consumer.stop()
 
 
 def _chunks(source: MessageSource, size: int) -> Iterator[list]:

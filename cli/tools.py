@@ -40,10 +40,14 @@ __all__ = [
     "ToolError",
     "add_parsers",
     "column_names",
+    "connection",
+    "existing_partitions",
     "format_prediction",
     "format_value",
+    "kafka_security",
     "produce",
     "tail",
+    "unreachable",
 ]
 
 #: Message fields a CSV column may carry as-is instead of as a feature (see input.schema.json).
@@ -146,7 +150,7 @@ def _quiet_client_logs() -> None:
     watch_login_refusals()
 
 
-def _unreachable(bootstrap: str, e: BaseException) -> ToolError:
+def unreachable(bootstrap: str, e: BaseException) -> ToolError:
     """A broker that refused the login (exit 2: fix the settings) or that could not be reached (exit 1)."""
     from rnnd.daemon.kafka import login_refused
 
@@ -162,7 +166,7 @@ def _fail(command: str, e: ToolError) -> int:
     return e.exit_code
 
 
-def _kafka_security(args: argparse.Namespace) -> dict[str, Any]:
+def kafka_security(args: argparse.Namespace) -> dict[str, Any]:
     """aiokafka arguments for TLS/SASL from the security flags and RNND_* variables (as `rnnd serve`).
 
     A namespace without the flags (a caller that built its own) means no security, as before.
@@ -439,7 +443,7 @@ def produce(args: argparse.Namespace) -> int:
     _quiet_client_logs()
     tally = _Tally()
     try:
-        kafka = _kafka_security(args)
+        kafka = kafka_security(args)
         with MessageSource(args.file, args.key_column, args.format, args.features) as source:
             rows = iter(source)
             first = next(rows, None)  # a bad first row fails before a connection is made
@@ -463,14 +467,14 @@ async def _produce(args: argparse.Namespace, first: Message | None, rows: Iterat
 
     # acks=all: a replay is input data; losing some silently would make results misleading.
     # No idempotence: Tansu refuses it (rnnd.daemon.kafka.quirks).
-    producer = AIOKafkaProducer(**_connection(args.bootstrap_servers, kafka), acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(**connection(args.bootstrap_servers, kafka), acks="all", linger_ms=5,
                                 client_id="rnnd-produce")
     try:
         await producer.start()
     except KafkaError as e:
         with contextlib.suppress(Exception):
             await producer.stop()
-        raise _unreachable(args.bootstrap_servers, e) from None
+        raise unreachable(args.bootstrap_servers, e) from None
 
     errors: list[BaseException] = []
 
@@ -585,7 +589,7 @@ def tail(args: argparse.Namespace) -> int:
     """Run ``rnnd tail``; returns the exit status (130 after Ctrl-C, like other Unix tools)."""
     _quiet_client_logs()
     try:
-        asyncio.run(_tail(args, sys.stdout, _kafka_security(args)))
+        asyncio.run(_tail(args, sys.stdout, kafka_security(args)))
     except ToolError as e:
         return _fail("tail", e)
     except KeyboardInterrupt:
@@ -598,23 +602,23 @@ def tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(bootstrap: str, kafka: dict[str, Any] | None) -> dict[str, Any]:
-    """Where Kafka is, plus the TLS/SASL arguments of :func:`_kafka_security`: what every client here starts from."""
+def connection(bootstrap: str, kafka: dict[str, Any] | None) -> dict[str, Any]:
+    """Where Kafka is, plus the TLS/SASL arguments of :func:`kafka_security`: what every client here starts from."""
     return {"bootstrap_servers": bootstrap, **(kafka or {})}
 
 
-async def _partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None = None) -> list[int]:
+async def existing_partitions(bootstrap: str, topic: str, kafka: dict[str, Any] | None = None) -> list[int]:
     """The topic's partitions, without creating it: a typo in --topic is an error, not a new empty topic."""
     from aiokafka.errors import KafkaError
 
     from rnnd.daemon.kafka import admin, topic_partitions
 
-    client = admin(_connection(bootstrap, kafka), "rnnd-tail")
+    client = admin(connection(bootstrap, kafka), "rnnd-tail")
     try:
         await client.start()
         existing = await topic_partitions(client)
     except KafkaError as e:
-        raise _unreachable(bootstrap, e) from None
+        raise unreachable(bootstrap, e) from None
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -630,17 +634,17 @@ async def _tail(args: argparse.Namespace, out: TextIO, kafka: dict[str, Any] | N
 
     from rnnd.daemon.kafka import position_at_end, reader
 
-    partitions = await _partitions(args.bootstrap_servers, args.topic, kafka)
+    partitions = await existing_partitions(args.bootstrap_servers, args.topic, kafka)
     tps = [TopicPartition(args.topic, p) for p in partitions]
     keys = {k.encode() for k in args.key} if args.key else None
     # No group: tail only reads, never commits, and must not join (and so rebalance) anyone's group.
-    consumer = reader(_connection(args.bootstrap_servers, kafka), "rnnd-tail")
+    consumer = reader(connection(args.bootstrap_servers, kafka), "rnnd-tail")
     printed = 0
     try:
         try:
             await consumer.start()
         except KafkaError as e:
-            raise _unreachable(args.bootstrap_servers, e) from None
+            raise unreachable(args.bootstrap_servers, e) from None
         consumer.assign(tps)
         if args.from_beginning:
             await consumer.seek_to_beginning(*tps)

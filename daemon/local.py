@@ -87,16 +87,22 @@ class Session:
         self.pipeline: Pipeline = pipeline_for(self.model, cfg, topic)
         self.dead_letters: list[dict[str, Any]] = []
         self._next: dict[int, int] = {}  # partition -> the offset its next message takes
+        self._applied: dict[int, int] = {}  # partition -> the offset after the last message run
         self._queued: dict[int, list[_Record]] = {}
 
     # --- input ------------------------------------------------------------------------------
-    def send(self, key: str | bytes, message: Message | None, *, partition: int = 0,
+    def send(self, key: str | bytes, message: Message | None, *, partition: int = 0, offset: int | None = None,
              timestamp: int | None = None) -> int:
         """Queue one input message for stream ``key`` (a dict, or its JSON text/bytes; None: an empty
-        value, dead-lettered as the daemon does); returns its offset. Nothing runs until ``run``."""
+        value, dead-lettered as the daemon does); returns its offset: ``offset`` (a record's own,
+        read from a topic: past the partition's last), else the partition's next. Nothing runs until ``run``."""
         if partition < 0:
             raise ValueError(f"partition must be >= 0, not {partition}")
-        offset = self._next.get(partition, 0)
+        following = self._next.get(partition, 0)
+        if offset is None:
+            offset = following
+        elif offset < following:
+            raise ValueError(f"offset {offset} of partition {partition} is not past its last ({following - 1})")
         self._next[partition] = offset + 1
         if timestamp is None:  # as a producer's CreateTime: the moment it was sent
             timestamp = int(time.time() * 1000)
@@ -121,6 +127,8 @@ class Session:
                 taken += n
                 if taken < len(records):  # every stream slot holds queued work: apply some first
                     out += self._rounds()
+            if records:
+                self._applied[partition] = records[-1].offset + 1
         self._queued = {}
         out += self._rounds()
         return out
@@ -171,9 +179,8 @@ class Session:
                                            self.model.spec.state_hash)
                 records.append([partition, base64.b64encode(key).decode(),
                                 base64.b64encode(changelog.encode(st)).decode()])
-        applied = {p: self._next[p] - len(self._queued.get(p, ())) for p in self._next}
         return orjson.dumps({"format": CHECKPOINT_FORMAT, "model": self.model.spec.model.ref,
-                             "next_offsets": {str(p): o for p, o in applied.items()}, "streams": records})
+                             "next_offsets": {str(p): o for p, o in self._applied.items()}, "streams": records})
 
     def restore(self, data: bytes) -> None:
         """Install a ``checkpoint``: its streams' state, and offsets that continue after its own."""
@@ -199,3 +206,4 @@ class Session:
             self.pipeline.restore(partition, states)
         for partition, offset in offsets.items():
             self._next[partition] = max(self._next.get(partition, 0), offset)
+            self._applied[partition] = max(self._applied.get(partition, 0), offset)

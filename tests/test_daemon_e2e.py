@@ -64,26 +64,42 @@ def check_ids_and_steps(topic: str, sent: list[Sent], outputs: list[Received], s
     return per_key
 
 
-def same_as_predict(bundle, topic: str, items: list[tuple[bytes, dict]], outputs: list[Received], tmp_path) -> None:
-    """`rnnd predict` over the same messages as a file, keys placed as Kafka placed them (``--partitions``):
-    every document the daemon wrote, id and all, is the one predict writes (times aside; the values
-    within float32 rounding: the two batch the streams differently)."""
+def same_as_predict(bundle, topic: str, items: list[tuple[bytes, dict]], outputs: list[Received], tmp_path,
+                    bootstrap: str | None) -> None:
+    """`rnnd predict` over the same messages as a file, keys placed as Kafka placed them (``--partitions``),
+    and (given ``bootstrap``) over the input topic itself, as two ranges of offsets: every document the
+    daemon wrote, id and all, is the one predict writes (times aside; the values within float32
+    rounding: the two batch the streams differently)."""
     rows = tmp_path / "sent.jsonl"
     rows.write_text("".join(json.dumps({"stream": k.decode(), **m}) + "\n" for k, m in items))
-    out = tmp_path / "predicted.jsonl"
-    r = subprocess.run([sys.executable, "-m", "rnnd", "predict", str(rows), "--model", str(bundle), "--key-column",
-                        "stream", "--topic", topic, "--partitions", "4", "--output", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    predicted = {d["id"]: d for d in map(json.loads, out.read_text().splitlines())}
+    runs = [["--key-column", "stream", "--topic", topic, "--partitions", "4", str(rows)]]
+    if bootstrap:
+        middle = len(items) // 8  # about a half of each of the 4 partitions' offsets
+        runs += [["--input-topic", topic, "--bootstrap-servers", bootstrap, "--end-offset", str(middle)],
+                 ["--input-topic", topic, "--bootstrap-servers", bootstrap, "--start-offset", str(middle)]]
+    results = []
+    for n, argv in enumerate(runs):
+        out = tmp_path / f"predicted-{n}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "rnnd", "predict", "--model", str(bundle), "--output", str(out),
+                            *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results.append({d["id"]: d for d in map(json.loads, out.read_text().splitlines())})
     daemon = {o.value["id"]: o.value for o in outputs}
-    assert predicted.keys() == daemon.keys()
-    for i, d in daemon.items():
-        p = predicted[i]
-        assert {k: v for k, v in p.items() if k not in ("prediction", "input_ts", "output_ts")} == {
-            k: v for k, v in d.items() if k not in ("prediction", "input_ts", "output_ts")}, i
-        for name, v in d["prediction"]["values"].items():
-            assert p["prediction"]["values"][name] == pytest.approx(v, rel=1e-5, abs=1e-5), (i, name)
+
+    def same(predicted: dict[str, dict], times: tuple[str, ...]) -> None:
+        for i, p in predicted.items():
+            d = daemon[i]
+            assert {k: v for k, v in p.items() if k not in ("prediction", *times)} == {
+                k: v for k, v in d.items() if k not in ("prediction", *times)}, i
+            for name, v in d["prediction"]["values"].items():
+                assert p["prediction"]["values"][name] == pytest.approx(v, rel=1e-5, abs=1e-5), (i, name)
+
+    assert results[0].keys() == daemon.keys()
+    same(results[0], ("input_ts", "output_ts"))
+    if bootstrap:  # a topic's records keep their timestamps too; the second range starts its streams afresh
+        first, second = results[1], results[2]
+        assert first.keys() | second.keys() == daemon.keys() and first and second and not first.keys() & second.keys()
+        same(first, ("output_ts",))
 
 
 def normalised_values(spec: BundleSpec, v: dict) -> np.ndarray:
@@ -141,7 +157,7 @@ def test_numeric_streams_match_full_sequence_reference(mode, bootstrap, topic_fa
         assert d.metric("rnnd_steps_total") == total
         assert d.metric("rnnd_active_streams") == N_STREAMS
         assert d.stop() == 0
-    same_as_predict(bundle, topic_in, items, outputs, tmp_path)
+    same_as_predict(bundle, topic_in, items, outputs, tmp_path, bootstrap if mode == "stateful" else None)
     worst = 0.0
     for key, raw in seqs.items():
         x = ((raw - np.array(spec.input.mean or 0.0)) / np.array(spec.input.std or 1.0)).astype(np.float32)[None]

@@ -155,6 +155,12 @@ def test_predict_scores_a_file_as_a_session_does_and_says_what_to_fix(recipe_bun
                       (["--key-column", "device", "--partitions", "0"], "must be >= 1")):
         r = run_predict(rows, "--model", bundle, *argv)
         assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for argv, fix in (([], "give a file or --input-topic"),
+                      (["--input-topic", "t", "--key-column", "device"], "--key-column applies to a file"),
+                      (["--input-topic", "t", "--start-offset", "5", "--end-offset", "5"], "must be past"),
+                      ([rows, "--key-column", "device", "--end-offset", "9"], "--end-offset applies to --input-topic")):
+        r = run_predict("--model", bundle, *argv)
+        assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run_predict(rows, "--model", tmp_path / "missing.onnx", "--key-column", "device")
     assert r.returncode in (1, 2) and "missing.onnx" in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -144,7 +144,7 @@ def test_environment_check_knows_every_class_the_variables_are_shared_with() -> 
 def test_the_tools_accept_serve_settings_in_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RNND_MAX_BATCH", "8")
     monkeypatch.setenv("RNND_SECURITY_PROTOCOL", "PLAINTEXT")
-    assert tools._kafka_security(argparse.Namespace()) == {"security_protocol": "PLAINTEXT"}
+    assert tools.kafka_security(argparse.Namespace()) == {"security_protocol": "PLAINTEXT"}
 
 
 def _imports(path: Path, package: str) -> set[str]:

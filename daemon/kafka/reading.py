@@ -16,14 +16,18 @@ from .quirks import fetched_end
 
 
 async def read_to_end(consumer: Any, tps: Sequence[Any], on_batch: Callable[[Any, list], None], idle_s: float = 2.0,
-                      max_records: int = 20_000) -> None:
-    """Assign ``tps`` to ``consumer`` and read them from their beginning to their current end.
+                      max_records: int = 20_000, start: int | None = None) -> None:
+    """Assign ``tps`` to ``consumer`` and read them from their beginning (or offset ``start``, the
+    beginning where that is later) to their current end.
 
     ``on_batch(tp, records)`` is called for each non-empty fetch of a partition, in offset
     order. A partition that reports no watermark for ``idle_s`` is taken as empty.
     """
     consumer.assign(list(tps))
     await consumer.seek_to_beginning(*tps)
+    if start:
+        for tp, first in (await consumer.beginning_offsets(list(tps))).items():
+            consumer.seek(tp, max(first, start))
     started = time.monotonic()
     pending = set(tps)
     while pending:
