@@ -621,6 +621,8 @@ class FakeTxnProducer:
 
     async def commit_transaction(self) -> None:
         await asyncio.sleep(ROUND_TRIP_S)
+        if self.fakes.hang_commits:  # a broker that never answers
+            await asyncio.Event().wait()
         error = self.fakes.fail_commits.pop(self.partition, None)
         if error is not None:
             raise error
@@ -679,6 +681,7 @@ class TxnFakes(FakeClients):
     def __init__(self) -> None:
         super().__init__()
         self.fail_commits: dict[int, BaseException] = {}
+        self.hang_commits = False
         self.committed: list[tuple[str, bytes | None, bytes | None]] = []
         self.group.history = {}
         self.group.committed_offsets = {}
@@ -740,6 +743,28 @@ def test_exactly_once_commits_a_partitions_outputs_state_and_offset_in_one_trans
         assert len(fakes.committed_outputs()) == 5
         assert daemon.metrics.registry.get_sample_value("rnnd_transactions_total", {"outcome": "committed"}) == 1
         await stopped(daemon, run)
+
+    asyncio.run(scenario())
+
+
+def test_an_unanswered_final_commit_does_not_hold_the_exit(recipe_bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly-once, and the broker never answers the shutdown's commit: the daemon gives up after
+    FINAL_CHECKPOINT_S and exits 0, within the shutdown budget. Nothing of the open transaction is
+    visible and the offset stays uncommitted, so the partition's next owner makes those outputs again."""
+    monkeypatch.setattr(checkpoint, "FINAL_CHECKPOINT_S", 0.2)
+    fakes = TxnFakes()
+
+    async def scenario() -> None:
+        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
+        run = await started(daemon, fakes)
+        fakes.group.feed(TP0, values(b"a", 0.5, 0.25))
+        await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())
+        fakes.hang_commits = True
+        began = time.monotonic()
+        daemon.stop()
+        assert await asyncio.wait_for(run, 10) == 0
+        assert time.monotonic() - began < 5
+        assert fakes.committed == [] and fakes.group.committed_offsets.get(0) is None
 
     asyncio.run(scenario())
 

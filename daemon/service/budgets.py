@@ -15,9 +15,10 @@ from __future__ import annotations
 #: held to ``max_inflight_steps`` is normally worked off in well under this; a model that is
 #: slower leaves the rest unapplied and uncommitted, for the next owner.
 DRAIN_S = 30.0
-#: The final checkpoint's patience with a broker that does not acknowledge: one producer
-#: ``request_timeout_ms`` (30 s, kafka.producer_settings). A broker that is gone is not waited for
-#: longer; the inputs behind the unacknowledged outputs are simply re-read later.
+#: The final checkpoint's patience with a broker that does not acknowledge (or, under exactly-once,
+#: does not answer the transactions' commits): one producer ``request_timeout_ms`` (30 s,
+#: kafka.producer_settings). A broker that is gone is not waited for longer; the inputs behind the
+#: unacknowledged outputs (or the open transactions, which the broker aborts) are re-read later.
 FINAL_CHECKPOINT_S = 30.0
 #: Each of ``consumer.stop()`` (leaves the group, so partitions move on at once rather than after
 #: ``session_timeout_ms``) and ``producer.stop()``. Half a checkpoint's budget: by then every

@@ -133,7 +133,15 @@ class Checkpointer:
         if consumer is None or sink is None:
             return
         if self.cfg.exactly_once:
-            await self._transactional(partitions, final)
+            if not final:
+                await self._transactional(partitions, final)
+                return
+            try:  # the same patience as below: a commit the broker does not answer must not hold the exit
+                await asyncio.wait_for(self._transactional(partitions, final), FINAL_CHECKPOINT_S)
+            except TimeoutError:
+                log.warning("the final transactions were not committed within %.0fs: left open, the broker "
+                            "aborts them; their inputs are read again by the partitions' next owner",
+                            FINAL_CHECKPOINT_S)
             return
         give_up = time.monotonic() + FINAL_CHECKPOINT_S
 
