@@ -331,13 +331,27 @@ def upgrade_bundles(tmp_path_factory, recipe_bundle):
     return v1, v2, v3
 
 
-def test_model_upgrade_policies(bootstrap, topic_factory, upgrade_bundles, tmp_path):
+@pytest.mark.brokers("tansu")  # ``bootstrap`` is Tansu's; the Kafka node comes from ``apache_kafka``
+def test_model_upgrade_policies(bootstrap, apache_kafka, upgrade_bundles, tmp_path):
+    """The upgrade schedule on Tansu and on Apache Kafka at once, each on its own topics and group
+    (the wall time of one: Tansu's group joins pause 3 s each, five daemons in a row)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(upgrade_schedule, bs, upgrade_bundles, tmp_path / where)
+                   for where, bs in (("tansu", bootstrap), ("kafka", apache_kafka.bootstrap_servers))]
+        for f in futures:
+            f.result()
+
+
+def upgrade_schedule(bootstrap: str, upgrade_bundles, tmp_path) -> None:
+    """v1 → v2 (same state layout: streams continue) → v3 (another layout: refused; then served by
+    the previous model when told so; then restarted from initial state when told so)."""
+    tmp_path.mkdir()
     v1, v2, v3 = upgrade_bundles
     m1, m2, m3 = BundleModel(v1), BundleModel(v2), BundleModel(v3)
     assert m1.spec.state_hash == m2.spec.state_hash != m3.spec.state_hash
     rng = np.random.default_rng(9)
     xs = rng.uniform(-1, 1, size=(6, 1)).astype(np.float32)
-    topic_in, topic_out = topic_factory("up-in", 1), topic_factory("up-out", 1)
+    topic_in, topic_out = topics(bootstrap, "up", 1)
     group = f"g-{topic_in}"
 
     def run(bundle, first: int, last: int, *extra: str) -> list[dict]:
