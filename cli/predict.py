@@ -41,10 +41,11 @@ from rnnd.daemon.local import DEFAULT_TOPIC, Session
 from rnnd.tools import (
     MessageSource,
     ToolError,
-    column_names,
+    add_reading_arguments,
     connection,
     existing_partitions,
     kafka_security,
+    non_negative_int,
     positive_int,
     unreachable,
 )
@@ -58,18 +59,16 @@ PROGRESS_EVERY_S = 2.0
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="score a CSV or JSONL file as the daemon would, predictions to a JSONL file",
-        description="Run a bundle over a CSV or JSONL file with the daemon's own pipeline, and write the output "
-        "documents it would produce (schemas/output.schema.json), one per line. Rows are read as `rnnd produce` "
-        "reads them. Serving settings (emit, warmup, generate_tokens, beam_size, ...) come from --config (serve's "
-        "TOML file) and RNND_* variables; the Kafka settings there do not apply.")
+        "predict", help="score a CSV/JSONL file or a topic's offsets as the daemon would, predictions to a file",
+        description="Run a bundle over a CSV or JSONL file, or a range of an input topic's offsets, with the daemon's "
+        "own pipeline, and write the output documents it would produce (schemas/output.schema.json), one per line. "
+        "A file's rows are read as `rnnd produce` reads them. Serving settings (emit, warmup, generate_tokens, "
+        "beam_size, ...) come from --config (serve's TOML file) and RNND_* variables; the Kafka settings there do "
+        "not apply.")
     p.add_argument("file", type=Path, nargs="?", help="the CSV or JSONL file (or give --input-topic)")
     p.add_argument("--model", required=True, help="the bundle (.onnx)")
     p.add_argument("--key-column", default=None, help="a file's column (CSV) or field (JSONL) holding the stream key")
-    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
-                   help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
-    p.add_argument("--features", type=column_names, default=None, metavar="a,b,c",
-                   help="CSV: the columns to send as features, in this order (default: every other column)")
+    add_reading_arguments(p)
     p.add_argument("--output", type=Path, default=None, help="where to write the predictions (default: stdout)")
     p.add_argument("--dead-letters", type=Path, default=None,
                    help="write the dead letters (schemas/dead-letter.schema.json) here; without it they are counted")
@@ -80,9 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "input topic's count and --topic, every id equals the daemon's")
     p.add_argument("--input-topic", default=None, help="read this topic instead of a file (every partition)")
     p.add_argument("--bootstrap-servers", default=None, help="with --input-topic: Kafka bootstrap servers")
-    p.add_argument("--start-offset", type=_offset, default=0,
+    p.add_argument("--start-offset", type=non_negative_int, default=0,
                    help="with --input-topic: first offset read in every partition (default: its beginning)")
-    p.add_argument("--end-offset", type=_offset, default=None,
+    p.add_argument("--end-offset", type=non_negative_int, default=None,
                    help="with --input-topic: read up to this offset, not included (default: each partition's end "
                         "when the read starts)")
     p.add_argument("--config", default=None, help="TOML file of `rnnd serve` settings (its [serve] table)")
@@ -90,16 +89,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     security.add_arguments(p)
     p.set_defaults(run=run)
-
-
-def _offset(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an offset: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {v}")
-    return v
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,12 +39,14 @@ __all__ = [
     "TokenBucket",
     "ToolError",
     "add_parsers",
+    "add_reading_arguments",
     "column_names",
     "connection",
     "existing_partitions",
     "format_prediction",
     "format_value",
     "kafka_security",
+    "non_negative_int",
     "produce",
     "tail",
     "unreachable",
@@ -84,10 +86,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=positive_float, default=None, metavar="MSGS_PER_S",
                    help="send at most this many messages per second (default: as fast as possible)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="send at most N messages")
-    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
-                   help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
-    p.add_argument("--features", type=column_names, default=None, metavar="a,b,c",
-                   help="CSV: the columns to send as features, in this order (default: every other column)")
+    add_reading_arguments(p)
     security.add_arguments(p)
     p.set_defaults(run=produce)
 
@@ -108,6 +107,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(run=tail)
 
 
+def add_reading_arguments(p: argparse.ArgumentParser) -> None:
+    """``--format`` and ``--features``: how a data file's rows are read (``MessageSource``), for
+    ``rnnd produce`` and ``rnnd predict`` alike."""
+    p.add_argument("--format", choices=("csv", "jsonl"), default=None,
+                   help="file format (default: from the extension: .csv, .jsonl or .ndjson)")
+    p.add_argument("--features", type=column_names, default=None, metavar="a,b,c",
+                   help="CSV: the columns to send as features, in this order (default: every other column)")
+
+
 def positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -119,12 +127,20 @@ def positive_float(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, not {text}")
     return v
 
 

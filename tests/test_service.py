@@ -747,6 +747,15 @@ def test_exactly_once_commits_a_partitions_outputs_state_and_offset_in_one_trans
     asyncio.run(scenario())
 
 
+async def two_outputs_in_a_transaction(bundle: Any, fakes: TxnFakes) -> tuple[Daemon, asyncio.Task]:
+    """An exactly-once daemon on partition 0 that has made two outputs, not yet committed."""
+    daemon = make_daemon(bundle, fakes, processing_guarantee="exactly_once")
+    run = await started(daemon, fakes)
+    fakes.group.feed(TP0, values(b"a", 0.5, 0.25))
+    await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())
+    return daemon, run
+
+
 def test_an_unanswered_final_commit_does_not_hold_the_exit(recipe_bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exactly-once, and the broker never answers the shutdown's commit: the daemon gives up after
     FINAL_CHECKPOINT_S and exits 0, within the shutdown budget. Nothing of the open transaction is
@@ -755,10 +764,7 @@ def test_an_unanswered_final_commit_does_not_hold_the_exit(recipe_bundle, monkey
     fakes = TxnFakes()
 
     async def scenario() -> None:
-        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
-        run = await started(daemon, fakes)
-        fakes.group.feed(TP0, values(b"a", 0.5, 0.25))
-        await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())
+        daemon, run = await two_outputs_in_a_transaction(recipe_bundle("product"), fakes)
         fakes.hang_commits = True
         began = time.monotonic()
         daemon.stop()
@@ -814,10 +820,7 @@ def test_a_fenced_partition_is_left_to_its_new_owner(recipe_bundle) -> None:
     fakes = TxnFakes()
 
     async def scenario() -> None:
-        daemon = make_daemon(recipe_bundle("product"), fakes, processing_guarantee="exactly_once")
-        run = await started(daemon, fakes)
-        fakes.group.feed(TP0, values(b"a", 0.5, 0.25))
-        await until(lambda: len(fakes.sinks[0].outputs()) == 2 and not daemon.pipeline.busy())
+        daemon, run = await two_outputs_in_a_transaction(recipe_bundle("product"), fakes)
         mark = len(fakes.log)
         fakes.fail_commits[0] = ProducerFenced()
         await daemon.checkpointer.checkpoint()
