@@ -185,6 +185,7 @@ async def _score_topic(args: argparse.Namespace, bootstrap: str, kafka: dict[str
     """Every partition's records in [start, end), each fetch scored as it arrives, read without a group
     (``read_to_end`` stops at the end as the fetches report it: right on Tansu as on Apache Kafka)."""
     from aiokafka import TopicPartition
+    from aiokafka.errors import KafkaError
 
     from rnnd.daemon.kafka import read_to_end, reader
 
@@ -193,7 +194,7 @@ async def _score_topic(args: argparse.Namespace, bootstrap: str, kafka: dict[str
     consumer = reader(connection(bootstrap, kafka), "rnnd-predict")
     try:
         await consumer.start()
-    except Exception as e:
+    except (KafkaError, OSError) as e:
         raise unreachable(bootstrap, e) from None
 
     def take(tp: Any, recs: list) -> None:
