@@ -92,6 +92,7 @@ class DeadLetter:
     key: bytes | None  # the record's key, or its first KEY_SHOWN_BYTES when key_bytes is set
     value: bytes | None
     key_bytes: int | None = None  # the full key's length, when ``key`` holds only its start
+    headers: list[tuple[str, bytes]] | None = None  # the record's copied headers (``copy_headers``), if any
 
     def encode(self) -> bytes:
         doc = {

@@ -48,9 +48,9 @@ class ServeConfig:
     group_id: str = opt("", "Consumer group; replicas of one deployment share it (default: rnnd-<model name>).")
     client_id: str = opt("rnnd", "Kafka client id prefix (shows in broker logs and quotas).")
     create_topics: bool = opt(True, "Create missing output/dead-letter topics (same partition count as input).")
-    copy_headers: str = opt("traceparent,tracestate", "Input record headers copied to every output made from the "
-                            "record, comma-separated ('' for none): W3C trace context by default, so that a trace "
-                            "continues through the model.")
+    copy_headers: str = opt("traceparent,tracestate", "Input record headers copied to every output (and dead "
+                            "letter) made from the record, comma-separated ('' for none): W3C trace context by "
+                            "default, so that a trace continues through the model.")
     # --- model execution ---
     provider: str = opt("cpu", "Execution provider: cpu, cuda[:N] or tensorrt[:N].")
     provider_fallback: bool = opt(False, "If the provider is unavailable, run on CPU (logged, and labelled in "

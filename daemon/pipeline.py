@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -142,15 +143,17 @@ class Pipeline:
             if offset <= po.last:
                 n += 1
                 continue  # fetched again (after a seek): already taken
+            headers = None
+            if copied:
+                given = getattr(r, "headers", None)  # aiokafka's ConsumerRecord has them; plain test records not
+                if given:
+                    headers = [(k, v) for k, v in given if k in copied] or None
             item = decode(r.key, r.value, partition, offset, r.timestamp)
             if item.__class__ is DeadLetter:
-                self._dead_letter(item)
+                self._dead_letter(dataclass_replace(item, headers=headers) if headers else item)
             else:
                 rec: Record = item  # type: ignore[assignment]  # not a dead letter, so a Record (its key is set)
-                if copied:
-                    headers = getattr(r, "headers", None)  # aiokafka's ConsumerRecord has them; plain test records not
-                    if headers:
-                        rec.headers = [(k, v) for k, v in headers if k in copied] or None
+                rec.headers = headers
                 key = rec.key
                 slot = index.get(key) if index is not None else None
                 if slot is not None and last_offset[slot] >= offset:

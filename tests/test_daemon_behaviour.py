@@ -240,7 +240,8 @@ def test_sigterm_drains_and_commits(bootstrap, topic_factory, recipe_bundle, tmp
 def test_trace_headers_reach_every_output_made_from_their_record(bootstrap, topic_factory, recipe_bundle,
                                                                  tmp_path):
     """W3C trace context (copy_headers' default) is copied from an input record to each of its outputs,
-    a multi-step message's included; other headers are not; untraced records' outputs carry none."""
+    a multi-step message's included, and to its dead letter beside the reason; other headers are not;
+    untraced records' outputs carry none."""
     bundle = recipe_bundle("product")
     topic_in, topic_out = topic_factory("hdr-in", 2), topic_factory("hdr-out", 2)
     sent: list[tuple[bytes, dict, list[tuple[str, bytes]]]] = []
@@ -263,13 +264,27 @@ def test_trace_headers_reach_every_output_made_from_their_record(bootstrap, topi
         finally:
             await p.stop()
 
+    bad_trace = [("traceparent", b"00-" + b"e" * 32 + b"-" + b"f" * 16 + b"-01"), ("x-other", b"not copied")]
+
+    async def send_bad() -> None:
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await p.start()
+        try:
+            await p.send_and_wait(topic_in, b'{"x": [1.0, 2.0, 3.0]}', key=b"h0", headers=bad_trace)  # feature_count
+        finally:
+            await p.stop()
+
     want = asyncio.run(send())
+    asyncio.run(send_bad())
     expected = sum(2 if isinstance(v["x"][0], list) else 1 for _, v, _ in sent)
     with DaemonProcess(bundle, bootstrap, topic_in, topic_out, log_dir=tmp_path) as d:
         d.start()
         outs = consume(bootstrap, topic_out, expected, timeout=60, settle=0.5)
+        dead = consume(bootstrap, f"{topic_in}.dlq", 1, timeout=30)
         assert d.stop() == 0
     assert len(outs) == expected
+    assert [(dl.value["reason"], dl.headers) for dl in dead] == [
+        ("feature_count", (("rnnd.reason", b"feature_count"), bad_trace[0]))]
     for o in outs:
         assert o.headers == want[(o.value["partition"], o.value["offset"])], (o.value["id"], o.headers)
     assert sum(1 for o in outs if o.headers) > expected // 2  # most records were traced: the check bites

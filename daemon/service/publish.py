@@ -51,5 +51,5 @@ class Publisher:
         if not dead or sink is None:
             return
         await sink.send_many(self.dlq_topic, [(d.key, d.encode()) for d in dead],
-                             headers=[[("rnnd.reason", d.reason.encode())] for d in dead],
+                             headers=[[("rnnd.reason", d.reason.encode()), *(d.headers or ())] for d in dead],
                              sources=[d.partition for d in dead])
