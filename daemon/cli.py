@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.check:  # with workers > 1 too: each worker would check the same settings and the same model
         daemon = Daemon(cfg)
-        print(f"ok: {daemon.model.spec.model.ref} on {daemon.provider.actual}")
+        print(f"ok: {daemon.model.spec.model.ref} on {daemon.reloader.provider.actual}")
         return 0
     if cfg.workers > 1:
         from .service.workers import supervise

@@ -107,7 +107,9 @@ class ServeConfig:
     changelog_topic: str = opt("", f"State changelog topic (default: {names.CHANGELOG_RULE}).")
     on_state_mismatch: str = opt("refuse", "When the changelog holds state of another state layout (a model whose "
                                            "state-spec hash differs): refuse to start, reset the streams, or serve "
-                                           "them with previous_model.", choices=("refuse", "reset", "previous"))
+                                           "them with previous_model. A hot reload of such a bundle is refused, "
+                                           "except with reset (every stream starts over on it).",
+                                 choices=("refuse", "reset", "previous"))
     previous_model: str = opt("", "With on_state_mismatch=previous: the bundle whose state the changelog holds.")
     processing_guarantee: str = opt("at_least_once", "at_least_once: a crash repeats some predictions (same ids; "
                                                      "state is applied exactly once either way). exactly_once: each "
@@ -143,6 +145,13 @@ class ServeConfig:
     workers: int = opt(1, "Processes of `rnnd serve` on this machine, in one consumer group (partitions are split "
                           "among them), stopped together, behind one /metrics with a worker label; each loads "
                           "the model. 1: this process serves, as without the setting.", ge=1, le=1024)
+    watch_model: bool = opt(True, "Load a new bundle written at `model` while serving (replace the file by a rename): "
+                                  "checked in the background (content hash, self-check, input, state layout) and "
+                                  "swapped in at a checkpoint, with no restart and no rebalance; a bundle that fails "
+                                  "a check is refused and the serving one stays.")
+    admin_address: str = opt("", "host:port of the admin endpoint, POST /admin/reload (load the bundle at `model` "
+                                 "now; the answer says how it went). Empty: none. Apart from http_host/http_port, "
+                                 "which face the cluster: keep it on loopback (e.g. 127.0.0.1:9465).")
     http_host: str = opt("0.0.0.0", "Bind address of /metrics, /healthz and /readyz.")
     http_port: int = opt(9100, "Port of /metrics, /healthz and /readyz (0: pick a free port).", ge=0, le=65535)
     log_format: str = opt("text", "Log lines as text or json.", choices=("text", "json"))
@@ -170,6 +179,19 @@ class ServeConfig:
         return frozenset(n.strip() for n in self.copy_headers.split(",") if n.strip())
 
     @property
+    def reloads(self) -> bool:
+        """A bundle can be swapped in while serving (``watch_model`` or the admin endpoint)."""
+        return self.watch_model or bool(self.admin_address)
+
+    @property
+    def admin_endpoint(self) -> tuple[str, int] | None:
+        """``admin_address`` as (host, port); None when there is no admin endpoint."""
+        if not self.admin_address:
+            return None
+        host, _, port = self.admin_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
     def emit_every(self) -> int:
         """1 for every step, N for every:N, 0 for end only."""
         return _parse_emit(self.emit)
@@ -191,6 +213,10 @@ class ServeConfig:
             raise ConfigError(f"copy_headers must be header names separated by commas, not {self.copy_headers!r} "
                               f"(an empty or unprintable name: {bad[0]!r})", "copy_headers")
         _check_bootstrap(self.bootstrap_servers)
+        host, _, port = self.admin_address.rpartition(":")
+        if self.admin_address and not (host and port.isdigit() and int(port) <= 65535):
+            raise ConfigError(f"admin_address must be host:port (e.g. 127.0.0.1:9465; port 0 picks a free one), "
+                              f"not {self.admin_address!r}", "admin_address")
         self._validate_combinations()
         self._validate_topics()
         try:
@@ -219,11 +245,16 @@ class ServeConfig:
             raise ConfigError(f"length_penalty must be left at 1.0 when beam_size is 1, not {self.length_penalty}: "
                               "greedy decoding ranks no hypotheses; set beam_size too", "length_penalty")
         if not self.changelog:
+            # Without a changelog a state layout meets another only in a hot reload, where reset applies.
+            reload_reset = self.on_state_mismatch == "reset" and self.reloads
             for name, default in (("changelog_topic", ""), ("on_state_mismatch", "refuse")):
-                if getattr(self, name) != default:
+                if getattr(self, name) != default and not (name == "on_state_mismatch" and reload_reset):
+                    why = "without a changelog there is no state to restore"
+                    if name == "on_state_mismatch":
+                        why += (" (only on_state_mismatch=reset acts without one, on a hot reload; watch_model is "
+                                "false and admin_address empty)" if self.on_state_mismatch == "reset" else "")
                     raise ConfigError(f"{name} must be left at {default!r} when changelog is false, not "
-                                      f"{getattr(self, name)!r}: without a changelog there is no state to restore",
-                                      name)
+                                      f"{getattr(self, name)!r}: {why}", name)
         if self.exactly_once and not self.changelog:
             raise ConfigError("processing_guarantee=exactly_once needs changelog=true: the state of a stream is part "
                               "of what each transaction commits", "processing_guarantee")

@@ -35,14 +35,19 @@ class Emitter(Generic[T]):
     back from ``ended``. What is kept is the caller's choice (T).
     """
 
-    __slots__ = ("_last", "at_end", "every", "every_step", "first")
+    __slots__ = ("_last", "at_end", "every", "every_step", "first", "hold_warmup")
 
     def __init__(self, every: int, hold_warmup: bool, warmup_steps: int) -> None:
         self.every = every  # 1: every step, N: every Nth, 0: at the end only
         self.at_end = every == 0
-        self.first = warmup_steps if hold_warmup else 0  # the first step whose prediction may go out
-        self.every_step = every == 1 and self.first == 0  # the default: everything, no per-step test
+        self.hold_warmup = hold_warmup
+        self.warm_up(warmup_steps)
         self._last: dict[int, T] = {}  # emit=end: per stream slot, what was kept of its latest prediction
+
+    def warm_up(self, warmup_steps: int) -> None:
+        """The bundle's warm-up (set again when a hot reload brings another bundle)."""
+        self.first = warmup_steps if self.hold_warmup else 0  # the first step whose prediction may go out
+        self.every_step = self.every == 1 and self.first == 0  # the default: everything, no per-step test
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, warmup_steps: int) -> Emitter[T]:

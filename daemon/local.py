@@ -9,6 +9,7 @@
     session.state("dev-1")                               # {"h": array([...]), ...}
     saved = session.checkpoint()                         # bytes: every stream's state
     Session("models/sensors.onnx").restore(saved)        # ... continued elsewhere
+    session.swap("models/sensors-v2.onnx")               # streams continue on a retrained model
 
 A ``Session`` drives ``pipeline.Pipeline`` (``Seq2SeqPipeline`` for an encoder–decoder), the
 code ``rnnd serve`` runs between its Kafka consumer and producer, with Kafka's parts played by
@@ -24,7 +25,9 @@ plain values:
 * ``checkpoint`` holds what the daemon's changelog holds for every stream (its state tensors,
   step count and input position, in the changelog's binary encoding) and the next offset of
   each partition; ``restore`` installs it, refusing state of another layout (``BundleError``),
-  as the daemon's restore does.
+  as the daemon's restore does;
+* ``swap`` replaces the bundle as the daemon's hot reload does (the same checks of its input and
+  state layout, the same ``on_state_mismatch`` policy), between runs.
 
 Predictions equal the daemon's for the same messages (``rnnd predict`` is this class over a
 file; a test compares it with a daemon's output topic). Not thread-safe: one caller at a time.
@@ -47,6 +50,7 @@ from .config import replace as settings_replace
 from .errors import BundleError
 from .pipeline import Pipeline, pipeline_for
 from .runtime import BundleModel, open_bundle
+from .upgrade import upgrade
 
 __all__ = ["Session"]
 
@@ -151,6 +155,23 @@ class Session:
             pipeline.take_evictions()
             if not calls and not pipeline.busy():
                 return out
+
+    # --- the bundle ---------------------------------------------------------------------------
+    def swap(self, model: str | Path | BundleModel) -> str:
+        """Serve ``model`` from now on, as the daemon's hot reload does: every stream continues on it
+        (the same state layout), or starts over on it (another layout, with ``on_state_mismatch=reset``);
+        anything else is refused with a ``BundleError``, and the serving bundle stays. Messages sent
+        and not yet run are run by the new bundle. Returns what became of the streams."""
+        new = model if isinstance(model, BundleModel) else open_bundle(
+            model, self.config.provider, self.config.provider_fallback, self.config.intra_op_threads,
+            self.config.ort_spinning)[0]
+        plan = upgrade(self.model.spec, new.spec, self.config)
+        if plan.action == "refuse":
+            raise BundleError(f"{new.spec.model.ref} cannot take over from {self.model.spec.model.ref}: {plan.why}")
+        swapped = self.pipeline.swap(new, reset=plan.action == "reset")
+        assert swapped, "between runs no answer is in flight"
+        self.model = new
+        return plan.why
 
     # --- state ------------------------------------------------------------------------------
     def state(self, key: str | bytes, partition: int = 0) -> dict[str, np.ndarray] | None:

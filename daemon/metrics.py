@@ -93,9 +93,13 @@ class Metrics:
         self.ready = Gauge("rnnd_ready", "1 when the daemon is ready (what /readyz answers): connected, in the group, "
                            "a broker answered within broker_unreachable_s.", registry=r)
         self.assigned = Gauge("rnnd_assigned_partitions", "Input partitions assigned to this replica.", registry=r)
-        self.model_info = Gauge("rnnd_model_info", "The served model (value 1).",
+        self.model_info = Gauge("rnnd_model_info", "The served model (value 1; after a hot reload, the new one's "
+                                "series alone).",
                                 ["model", "version", "provider", "requested_provider", "fallback", "state_hash"],
                                 registry=r)
+        self.reloads = Counter("rnnd_model_reloads", "Hot reloads by result: swapped (a new bundle serves), unchanged "
+                               "(the bundle serving), refused (it failed a check; the serving one stays).",
+                               ["result"], registry=r)
         self.gc_pause = BulkHistogram("rnnd_gc_pause_seconds", "Python garbage-collection pauses (every generation): "
                                       "they stop the event loop, so they show in latency (see gc_threshold).",
                                       registry=r, buckets=_TIME_BUCKETS)
@@ -172,6 +176,10 @@ Answer = tuple[int, bytes, str]
 NOT_FOUND: Answer = (404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
 
 
+_REASONS = {200: "OK", 202: "Accepted", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            422: "Unprocessable Content", 503: "Service Unavailable"}
+
+
 class HttpEndpoint:
     """A few GET paths on asyncio streams, one request per connection; :meth:`answer` says what each
     path returns. Shared by the daemon (:class:`HttpServer`) and ``rnnd serve --workers``' supervisor."""
@@ -190,7 +198,7 @@ class HttpEndpoint:
             self._server.close()
             await self._server.wait_closed()
 
-    async def answer(self, path: str) -> Answer:
+    async def answer(self, path: str, method: str = "GET") -> Answer:
         return NOT_FOUND
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -199,8 +207,9 @@ class HttpEndpoint:
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = request.decode("latin-1").split()
-            status, body, ctype = await self.answer(parts[1].split("?")[0] if len(parts) >= 2 else "")
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            status, body, ctype = await self.answer(parts[1].split("?")[0] if len(parts) >= 2 else "",
+                                                    parts[0] if parts else "")
+            reason = _REASONS[status]
             head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                     "Connection: close\r\n\r\n")
             writer.write(head.encode() + body)
@@ -219,7 +228,7 @@ class HttpServer(HttpEndpoint):
         self.metrics = metrics
         self.ready = ready
 
-    async def answer(self, path: str) -> Answer:
+    async def answer(self, path: str, method: str = "GET") -> Answer:
         if path == "/metrics":
             return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
         if path == "/healthz":

@@ -74,15 +74,12 @@ class Call:
 class Pipeline:
     def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        spec = self.spec = model.spec
-        self.model = model
+        spec = model.spec
         self.cfg = cfg
         self.topic = topic
         self.metrics = metrics
-        self.model_ref = spec.model.ref
         self.window = spec.mode == "window"
         self.numeric = spec.input.kind == "numeric"
-        self.decoder = codec.Decoder(spec, cfg, topic)
         self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock)
         self.streams.on_evict.append(self._evicted)
         rollout = cfg.forecast_horizon > 0 or cfg.generate_tokens > 0
@@ -92,32 +89,63 @@ class Pipeline:
         self.scheduler = Scheduler(self.streams, cfg.max_batch, max_chunk, on_reset=self._on_reset,
                                    on_end=self._on_end)
         self.offsets = Offsets()
-        self.heads = Heads(spec, cfg.top_k, metrics)
-        self.forecaster = Forecaster(model, cfg.forecast_horizon) if cfg.forecast_horizon else None
-        self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
-                          if cfg.generate_tokens else None)
         self.generate_at_end = cfg.generate_at == "end"
         self.starting: dict[int, list[float]] = {}  # slot → context: init(context) runs before this round's calls
-        if (self.forecaster or self.generator) and self.window:
-            raise ValueError("forecasts and generation need a stateful bundle")
-        self.normalise = spec.input.normalise if spec.input.normalised else None
-        self.warmup = spec.warmup_steps
-        self.emitter: Emitter[Kept] = Emitter.from_config(cfg, self.warmup)
+        self.emitter: Emitter[Kept] = Emitter.from_config(cfg, spec.warmup_steps)
         self.dead: list[DeadLetter] = []
         self.outputs: list[Output] = []
         self.evictions: list[Eviction] = []
         self.tombstones: list[tuple[int, bytes]] = []  # (partition, key): streams ended or evicted
         self.durable = cfg.changelog
         self.copied_headers = cfg.copied_headers
-        self._layout_hash = spec.state_hash
-        tokenizer = spec.input.tokenizer
-        echo = tokenizer is not None and spec.input.kind == "tokens" and spec.mode != "seq2seq"
-        self.encoder = codec.Encoder(topic, self.model_ref, self.warmup,
-                                     tokenizer.vocab if echo and tokenizer else None)
+        self._use(model)
         if metrics:  # read at scrape time: always current, nothing to update on the hot path
             metrics.active_streams.set_function(lambda: self.streams.active)
             metrics.state_bytes.set_function(lambda: self.streams.state_bytes)
             metrics.inflight.set_function(lambda: self.scheduler.inflight)
+
+    def _use(self, model: BundleModel) -> None:
+        """Everything made from the bundle (its spec and sessions), and nothing else: what ``swap`` replaces.
+
+        Streams, queued steps, offsets and kept predictions are the daemon's, not the bundle's,
+        and stay as they are.
+        """
+        spec = self.spec = model.spec
+        cfg = self.cfg
+        self.model = model
+        self.model_ref = spec.model.ref
+        self.decoder = codec.Decoder(spec, cfg, self.topic)
+        self.heads = Heads(spec, cfg.top_k, self.metrics)
+        self.forecaster = Forecaster(model, cfg.forecast_horizon) if cfg.forecast_horizon else None
+        self.generator = (Generator(model, cfg.generate_tokens, cfg.generate_strategy, cfg.top_k, cfg.generate_seed)
+                          if cfg.generate_tokens else None)
+        if (self.forecaster or self.generator) and self.window:
+            raise ValueError("forecasts and generation need a stateful bundle")
+        self.normalise = spec.input.normalise if spec.input.normalised else None
+        self.warmup = spec.warmup_steps
+        self.emitter.warm_up(spec.warmup_steps)
+        self._layout_hash = spec.state_hash
+        tokenizer = spec.input.tokenizer
+        echo = tokenizer is not None and spec.input.kind == "tokens" and spec.mode != "seq2seq"
+        self.encoder = codec.Encoder(self.topic, self.model_ref, self.warmup,
+                                     tokenizer.vocab if echo and tokenizer else None)
+
+    def swap(self, model: BundleModel, reset: bool = False) -> bool:
+        """Serve ``model`` from the next round on (a hot reload); True once it serves.
+
+        Called between rounds (under the daemon's call lock: no call planned and not finished).
+        Its input must read as the serving one's (``upgrade.upgrade`` decides that, and ``reset``):
+        the steps already queued were decoded for the serving bundle. ``reset``: its state layout
+        differs, so every stream starts over on it (``Streams.adopt``) and what ``emit=end`` kept
+        of a stream's last prediction is dropped, as a reset control drops it.
+        """
+        check_config(model, self.cfg)
+        used = self.streams.adopt(model.spec, reset)
+        if reset:
+            for slot in used:
+                self.emitter.forget(slot)
+        self._use(model)
+        return True
 
     # --- accept ---------------------------------------------------------------------------
     def accept_many(self, partition: int, records: Sequence[InputRecord]) -> int:
@@ -368,13 +396,28 @@ class Pipeline:
 def pipeline_for(model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> Pipeline:
     """The pipeline a bundle calls for: ``Seq2SeqPipeline`` for an encoder–decoder, else ``Pipeline``."""
+    check_config(model, cfg)
     if model.spec.mode == "seq2seq":
         return Seq2SeqPipeline(model, cfg, topic, metrics, clock)
-    if cfg.beam_size != 1 or cfg.max_output_len:
-        name = "beam_size" if cfg.beam_size != 1 else "max_output_len"
-        raise ConfigError(f"{name} is for seq2seq bundles; {model.spec.model.ref} is a {model.spec.mode} bundle: "
-                          "leave it unset", name)
     return Pipeline(model, cfg, topic, metrics, clock)
+
+
+def check_config(model: BundleModel, cfg: ServeConfig) -> None:
+    """The settings that only some bundles take, checked against this one (at start and at a swap)."""
+    spec = model.spec
+    s2s = spec.seq2seq
+    if s2s is None:
+        if cfg.beam_size != 1 or cfg.max_output_len:
+            name = "beam_size" if cfg.beam_size != 1 else "max_output_len"
+            raise ConfigError(f"{name} is for seq2seq bundles; {spec.model.ref} is a {spec.mode} bundle: leave it "
+                              "unset", name)
+        return
+    if cfg.max_output_len > s2s.max_output_len:
+        raise ConfigError(f"max_output_len must be at most {s2s.max_output_len} for {spec.model.ref} (the "
+                          f"bundle's, as exported), not {cfg.max_output_len}", "max_output_len")
+    if cfg.emit != "every":
+        raise ConfigError(f"emit must be left at 'every' for a seq2seq bundle, not {cfg.emit!r}: it picks steps "
+                          "of a stream, and a seq2seq bundle answers every message", "emit")
 
 
 @dataclass
@@ -433,20 +476,29 @@ class Seq2SeqPipeline(Pipeline):
 
     def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        s2s = model.spec.seq2seq
-        assert s2s is not None
-        if cfg.max_output_len > s2s.max_output_len:
-            raise ConfigError(f"max_output_len must be at most {s2s.max_output_len} for {model.spec.model.ref} (the "
-                              f"bundle's, as exported), not {cfg.max_output_len}", "max_output_len")
-        if cfg.emit != "every":
-            raise ConfigError(f"emit must be left at 'every' for a seq2seq bundle, not {cfg.emit!r}: it picks steps "
-                              "of a stream, and a seq2seq bundle answers every message", "emit")
-        super().__init__(model, cfg, topic, metrics, clock)
-        self.decoder = SourceDecoder(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
-        self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
         self.max_messages = max(1, cfg.max_batch // cfg.beam_size)
         self._held = 0  # rounds the ready arrivals have been held back to gather (ADMIT_MAX_HOLD)
+        self._next: tuple[BundleModel, bool] | None = None  # a swap waiting for the answers in flight
+        super().__init__(model, cfg, topic, metrics, clock)
+
+    def _use(self, model: BundleModel) -> None:
+        super()._use(model)
+        s2s = model.spec.seq2seq
+        assert s2s is not None
+        cfg = self.cfg
+        self.decoder = SourceDecoder(self.decoder, s2s.max_source_len)  # type: ignore[assignment]
+        self.cells = Cells(model, cfg.beam_size, cfg.max_output_len or None, cfg.length_penalty)
         self._vocab, self._separator = model.spec.output.vocab, s2s.separator
+
+    def swap(self, model: BundleModel, reset: bool = False) -> bool:
+        """As ``Pipeline.swap``, once the answers in flight are out: each answer is one model's, so
+        no message joins the cells until then (``plan``), and the swap happens there."""
+        if len(self.cells):
+            check_config(model, self.cfg)
+            self._next = (model, reset)
+            return False
+        self._next = None
+        return super().swap(model, reset)
 
     @property
     def answering(self) -> int:
@@ -459,7 +511,9 @@ class Seq2SeqPipeline(Pipeline):
         return super().revoke(partition)
 
     def plan(self) -> list[Call]:
-        room = self.max_messages - len(self.cells)
+        if self._next is not None and not len(self.cells):
+            self.swap(*self._next)  # the last answer of the serving bundle is out
+        room = self.max_messages - len(self.cells) if self._next is None else 0
         gather = min(room, self.max_messages // ADMIT_BATCH_FRACTION)
         if len(self.cells) and len(self.scheduler.ready) < gather and self._held < ADMIT_MAX_HOLD:
             room, self._held = 0, self._held + 1  # answers in flight: let arrivals gather a little

@@ -30,8 +30,12 @@ if TYPE_CHECKING:
 
 class StateArena:
     def __init__(self, spec: BundleSpec, capacity: int) -> None:
-        self.specs = spec.states
         self.tensors = [np.zeros(s.graph_shape(capacity), dtype=s.dtype) for s in spec.states]
+        self.adopt(spec)
+
+    def adopt(self, spec: BundleSpec) -> None:
+        """Start new streams from ``spec``'s initial values; the state held stays (same layout: same hash)."""
+        self.specs = spec.states
         # Per state: None (zeros), a value every stream starts from (learned), or the spec (random:
         # each stream's own draw).
         self.initial = [None if s.init == "zeros" else s if s.init == "random" else s.initial() for s in spec.states]
@@ -269,6 +273,29 @@ class Streams:
             self._free.append(slot)
         self.active -= len(keys)
         return len(keys)
+
+    def adopt(self, spec: BundleSpec, reset: bool = False) -> list[int]:
+        """Another bundle serves these streams from now on (a hot reload); returns the slots in use.
+
+        Its state layout is the old one (equal ``state_hash``): every stream keeps its state and
+        step count, and only new streams start from the new bundle's initial values. ``reset``:
+        another layout, so every stream starts over from the new bundle's initial state at step 0
+        (its input position stays, so inputs already applied are not applied again), and is
+        marked changed, so that the next checkpoint writes the new layout to the changelog.
+        """
+        used = [int(s) for s in np.flatnonzero(self.in_use[: self._next])]
+        if not reset:
+            if isinstance(self.arena, StateArena):
+                self.arena.adopt(spec)
+            return used
+        self.arena = WindowArena(spec, self.capacity) if spec.mode == "window" else StateArena(spec, self.capacity)
+        for slot in used:
+            key = self.keys[slot]
+            assert key is not None
+            self.arena.init(slot, key, fresh=True)  # the new arrays hold zeros (or the fill) everywhere
+            self.steps[slot] = 0
+            self.dirty.add(slot)
+        return used
 
     def slots_of(self, partition: int) -> Iterator[tuple[bytes, int]]:
         return iter(self.index.get(partition, {}).items())

@@ -86,6 +86,30 @@ def recipe_bundle(recipe_training) -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="session")
+def upgrade_bundles(tmp_path_factory, recipe_bundle) -> tuple[Path, Path, Path]:
+    """Three versions of one model: v1 (the product recipe), v2 (its architecture with other weights: the
+    same state layout, another version), v3 (a GRU of another width: another state layout)."""
+    import torch
+
+    from rnnd.daemon.runtime import BundleModel
+    from rnnd.export import zoo
+    from rnnd.export.exporter import ExportOptions, export_bundle
+
+    folder = tmp_path_factory.mktemp("upgrade")
+    v1 = recipe_bundle("product")
+    spec = BundleModel(v1).spec
+    out = []
+    for version, hidden, seed in (("2", 32, 1), ("3", 16, 0)):
+        torch.manual_seed(seed)
+        path = folder / f"v{version}.onnx"
+        export_bundle(zoo.build(cell="gru", n_features=1, hidden=hidden, out_size=1),
+                      ExportOptions(name=spec.model.name, version=version, input=spec.input, output=spec.output,
+                                    warmup_steps=spec.warmup_steps), path)
+        out.append(path)
+    return v1, out[0], out[1]
+
+
+@pytest.fixture(scope="session")
 def window_bundle(tmp_path_factory) -> Path:
     """A window-mode bundle: a bidirectional LSTM over the last 6 steps of 3 features."""
     import torch

@@ -151,11 +151,14 @@ class Received:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60, settle: float = 0.0) -> list[Received]:
-    """Read the topic from the start until ``expect`` records arrived (then ``settle`` s more)."""
+def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60, settle: float = 0.0,
+            committed: bool = False) -> list[Received]:
+    """Read the topic from the start until ``expect`` records arrived (then ``settle`` s more).
+    ``committed``: as a downstream reader of exactly-once outputs reads (read_committed)."""
 
     async def run() -> list[Received]:
-        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+                             isolation_level="read_committed" if committed else "read_uncommitted")
         await c.start()
         try:
             parts = None

@@ -311,26 +311,6 @@ def test_broker_restart_keeps_state_and_outputs_on_apache_kafka(recipe_bundle, t
             start[key] += n
 
 
-@pytest.fixture(scope="module")
-def upgrade_bundles(tmp_path_factory, recipe_bundle):
-    """v1 (the product recipe), v2 retrained with another seed (same state layout), v3 wider (another layout)."""
-    import torch
-
-    from rnnd.export import zoo
-    from rnnd.export.exporter import ExportOptions, export_bundle
-    from rnnd.export.recipes import run_recipe
-
-    folder = tmp_path_factory.mktemp("upgrade")
-    v1 = recipe_bundle("product")
-    v2 = run_recipe("product", folder / "v2", seed=1, progress=False).bundle
-    spec = BundleModel(v1).spec
-    torch.manual_seed(0)
-    v3 = folder / "v3.onnx"
-    export_bundle(zoo.build(cell="gru", n_features=1, hidden=16, out_size=1),
-                  ExportOptions(name="product", version="3", input=spec.input, output=spec.output), v3)
-    return v1, v2, v3
-
-
 @pytest.mark.brokers("tansu")  # ``bootstrap`` is Tansu's; the Kafka node comes from ``apache_kafka``
 def test_model_upgrade_policies(bootstrap, apache_kafka, upgrade_bundles, tmp_path):
     """The upgrade schedule on Tansu and on Apache Kafka at once, each on its own topics and group

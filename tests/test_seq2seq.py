@@ -325,3 +325,35 @@ def test_a_revoked_partition_leaves_the_cells_and_the_others_finish(reverse) -> 
     assert tok is not None
     for d in docs:
         assert d["prediction"]["output_ids"] == answer_one(bundle, tok.encode(texts[d["offset"]])).ids
+
+
+def test_a_hot_swap_waits_for_the_answers_in_flight(reverse, recipe_bundle) -> None:
+    """A swap asked for while answers are in flight admits no message until they are out, then swaps:
+    every answer is one bundle's, and equals that source answered alone."""
+    bundle, _ = reverse
+    texts = words(np.random.default_rng(5), 80, (6, 12))
+    pipeline = pipeline_for(bundle, ServeConfig(model="m", input_topic=TOPIC, output_topic="out"), TOPIC)
+    assert isinstance(pipeline, Seq2SeqPipeline)
+    sent = [Sent(f"k{i % 40}".encode(), json.dumps({"text": t}).encode(), i) for i, t in enumerate(texts)]
+    assert pipeline.accept_many(0, sent) == len(sent)
+    docs = []
+    for _ in range(2):
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+    assert len(pipeline.cells) >= 20  # the first message of each stream, being answered
+    other = BundleModel(recipe_bundle("reverse"))  # the same file opened again: another model object
+    assert pipeline.swap(other) is False  # answers in flight: not yet
+    in_flight = [len(pipeline.cells)]
+    while pipeline.model is not other:
+        calls = pipeline.plan()  # the round that swaps admits the next messages, to the new bundle's cells
+        assert pipeline.model is other or not any(c.arrivals for c in calls)  # type: ignore[attr-defined]
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(calls))]
+        if pipeline.model is not other:
+            in_flight.append(len(pipeline.cells))
+    assert in_flight == sorted(in_flight, reverse=True) and in_flight[-1] == 0
+    while pipeline.busy():
+        docs += [orjson.loads(o.value) for o in pipeline.finish(pipeline.execute(pipeline.plan()))]
+    assert pipeline.cells.model is other
+    tok = pipeline.decoder.tokenizer
+    assert tok is not None and sorted(d["offset"] for d in docs) == list(range(len(texts)))
+    for d in docs:
+        assert d["prediction"]["output_ids"] == answer_one(bundle, tok.encode(texts[d["offset"]])).ids

@@ -292,8 +292,12 @@ IGNORED: list[tuple[dict[str, str], str, dict[str, str]]] = [
     ({"changelog": "false", "changelog_topic": "state"},
      "changelog_topic from --changelog-topic must be left at '' when changelog is false, not 'state': without a "
      "changelog there is no state to restore", {"changelog": "true"}),
-    ({"changelog": "false", "on_state_mismatch": "reset"},
+    ({"changelog": "false", "on_state_mismatch": "reset", "watch_model": "false"},
      "on_state_mismatch from --on-state-mismatch must be left at 'refuse' when changelog is false, not 'reset': "
+     "without a changelog there is no state to restore (only on_state_mismatch=reset acts without one, on a hot "
+     "reload; watch_model is false and admin_address empty)", {"watch_model": "true"}),
+    ({"changelog": "false", "on_state_mismatch": "previous", "previous_model": "v1.onnx"},
+     "on_state_mismatch from --on-state-mismatch must be left at 'refuse' when changelog is false, not 'previous': "
      "without a changelog there is no state to restore", {"changelog": "true"}),
     ({"previous_model": "v1.onnx"}, "previous_model from --previous-model must be empty unless on_state_mismatch is "
                                     "previous (it is refuse), not 'v1.onnx'", {"on_state_mismatch": "previous"}),
@@ -377,3 +381,14 @@ def test_every_rnnd_variable_the_repository_uses_is_a_setting_or_allowed() -> No
     docs = (REPO / "docs" / "configuration.md").read_text()
     for name in config.ENV_NOT_SETTINGS:
         assert f"`{name}`" in docs, f"{name} is allowed but not documented in docs/configuration.md"
+
+
+@pytest.mark.parametrize("address", ["9465", "localhost", ":9465", "127.0.0.1:99999", "127.0.0.1:port"])
+def test_admin_address(address: str) -> None:
+    for good, endpoint in (("127.0.0.1:9465", ("127.0.0.1", 9465)), ("[::1]:0", ("::1", 0)),
+                           ("0.0.0.0:8080", ("0.0.0.0", 8080)), ("", None)):
+        assert config.load(argv_values={**REQUIRED, "admin_address": good}, env={}).admin_endpoint == endpoint
+    with pytest.raises(ConfigError) as err:
+        config.load(argv_values={**REQUIRED, "admin_address": address}, env={})
+    assert str(err.value) == ("admin_address from --admin-address must be host:port (e.g. 127.0.0.1:9465; port 0 "
+                              f"picks a free one), not {address!r}")

@@ -88,3 +88,16 @@ LAG_POSITION_TIMEOUT_S = 0.5
 #: follows an outage and a recovery within about a second of that setting.
 BROKER_CHECK_INTERVAL_S = 1.0
 BROKER_CHECK_TIMEOUT_S = 2.0
+
+# --- hot reload ----------------------------------------------------------------------------------
+#: How often the model path is looked at (``watch_model``): one stat, so cheap; a new bundle is
+#: taken up within two of these (it must hold still for one, see ``reload``).
+WATCH_POLL_S = 1.0
+#: After a reload's checkpoint that did not commit (a broker outage): the next try. The periodic
+#: checkpoint's own pace, so a reload never adds commits that the outage would only refuse.
+RELOAD_RETRY_S = 1.0
+#: How long POST /admin/reload waits for its answer. Loading and self-checking a bundle takes
+#: well under a second; the swap waits for one checkpoint (``commit_interval_s``) and, under a
+#: broker outage, for one that commits. Past this the answer says "still waiting" (202) and the
+#: swap still happens; the log and ``rnnd_model_info`` say when.
+ADMIN_ANSWER_S = 30.0

@@ -40,6 +40,16 @@ commit acknowledges all of it); then, still under the call lock,
    committed offset — the state and outputs of the aborted transaction never happened.
 
 Model calls wait for step 5 (the outputs they would hand over belong to the next transaction).
+
+A hot reload's checkpoint (``boundary``, either guarantee) holds the call lock to its end and
+then takes one more step:
+
+7. swap the model, still under the call lock, and only if every owned partition committed:
+   each step the old bundle applied is then committed (its outputs acknowledged, its state in
+   the changelog, its input offset past), and the new bundle applies every later one. A crash
+   never replays an old step on the new bundle (same ids, other values), and a transaction
+   never holds two bundles' outputs. A checkpoint that stops early swaps nothing; the reload
+   tries again with the next.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from aiokafka import TopicPartition
@@ -123,79 +134,90 @@ class Checkpointer:
                 self.readiness.failed("checkpoint")
                 log.warning("checkpoint failed (%s: %s); will retry", type(e).__name__, e)
 
-    async def checkpoint(self, partitions: set[int] | None = None, final: bool = False) -> None:
-        """The steps of the module docstring. ``partitions``: commit only these (a revocation's).
+    async def checkpoint(self, partitions: set[int] | None = None, final: bool = False,
+                         boundary: Callable[[], object] | None = None) -> bool:
+        """The steps of the module docstring; True when every owned partition's offsets were committed.
 
-        ``final``: the shutdown's checkpoint, which gives an unacknowledging broker
-        ``FINAL_CHECKPOINT_S`` and then gives up (the inputs are re-read by the next owner).
+        ``partitions``: commit only these (a revocation's). ``final``: the shutdown's checkpoint,
+        which gives an unacknowledging broker ``FINAL_CHECKPOINT_S`` and then gives up (the
+        inputs are re-read by the next owner). ``boundary``: step 7, run once the commit worked.
         """
         consumer, sink = self.clients.consumer, self.clients.sink
         if consumer is None or sink is None:
-            return
+            return False
         if self.cfg.exactly_once:
             if not final:
-                await self._transactional(partitions, final)
-                return
+                return await self._transactional(partitions, final, boundary)
             try:  # the same patience as below: a commit the broker does not answer must not hold the exit
-                await asyncio.wait_for(self._transactional(partitions, final), FINAL_CHECKPOINT_S)
+                return await asyncio.wait_for(self._transactional(partitions, final, None), FINAL_CHECKPOINT_S)
             except TimeoutError:
                 log.warning("the final transactions were not committed within %.0fs: left open, the broker "
                             "aborts them; their inputs are read again by the partitions' next owner",
                             FINAL_CHECKPOINT_S)
-            return
+            return False
         give_up = time.monotonic() + FINAL_CHECKPOINT_S
 
         def stopping() -> bool:
             return final and time.monotonic() > give_up
 
         pipeline = self.pipeline
-        hold = partitions is not None or final  # the call lock through step 4 (module docstring)
+        # The call lock: through step 4 for a revocation's and the final checkpoint, through step 7
+        # for a boundary (module docstring).
+        hold = partitions is not None or final or boundary is not None
         async with self.locks.commit:  # LOCK ORDER: commit, then call (see Locks)
             call = self.locks.call
             await call.acquire()  # no step is applied while the snapshot is taken
             held = True
-            records: list[tuple[int, bytes, bytes | None]] = []
             try:
-                points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
-                await self.publisher.send_side_outputs()  # 2. side outputs
-                taken = pipeline.changelog_records() if self.cfg.changelog else []  # 3. changelog records
-                records, self._unsent = self._unsent + taken, []
-                if not hold:
-                    call.release()  # model calls go on: what they apply belongs to the next checkpoint
+                records: list[tuple[int, bytes, bytes | None]] = []
+                try:
+                    points = pipeline.offsets.commit_points()  # 1. snapshot the commit points
+                    await self.publisher.send_side_outputs()  # 2. side outputs
+                    taken = pipeline.changelog_records() if self.cfg.changelog else []  # 3. changelog records
+                    records, self._unsent = self._unsent + taken, []
+                    if not hold:
+                        call.release()  # model calls go on: what they apply belongs to the next checkpoint
+                        held = False
+                    flushed = await sink.flush(stopping)  # 4. flush the outputs
+                except BaseException:
+                    self._unsent = records + self._unsent  # not lost: sent ahead of the next checkpoint's own
+                    raise
+                if held and boundary is None:
+                    call.release()
                     held = False
-                flushed = await sink.flush(stopping)  # 4. flush the outputs
-            except BaseException:
-                self._unsent = records + self._unsent  # not lost: sent ahead of the next checkpoint's own
-                raise
+                if not flushed:
+                    self._unsent = records + self._unsent
+                    return False
+                await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],  # 5. the changelog
+                                     partitions=[p for p, _, _ in records])
+                if records:
+                    self.metrics.changelog_records.inc(len(records))
+                    if not await sink.flush(stopping):  # 5. ... flushed
+                        return False
+                if partitions is not None:
+                    points = {p: o for p, o in points.items() if p in partitions}
+                owned = {tp.partition for tp in self.assigned}
+                offsets = {TopicPartition(self.cfg.input_topic, p): OffsetAndMetadata(o, "")
+                           for p, o in points.items() if p in owned}
+                if offsets:
+                    try:  # 6. commit the input offsets
+                        await consumer.commit(offsets)
+                    except KafkaError as e:
+                        self.readiness.failed("commit")
+                        log.warning("commit failed (%s: %s); will retry", type(e).__name__, e)
+                        return False
+                    pipeline.offsets.mark_committed(points)
+                    self.metrics.commits.inc()
+                    self.readiness.kafka_ok = True
+                if boundary is not None:
+                    boundary()  # 7. every step applied so far is committed, and none is applied until we release
+                return True
             finally:
                 if held:
                     call.release()
-            if not flushed:
-                self._unsent = records + self._unsent
-                return
-            await sink.send_many(self.changelog_topic, [(k, v) for _, k, v in records],  # 5. the changelog
-                                 partitions=[p for p, _, _ in records])
-            if records:
-                self.metrics.changelog_records.inc(len(records))
-                if not await sink.flush(stopping):  # 5. ... flushed
-                    return
-            if partitions is not None:
-                points = {p: o for p, o in points.items() if p in partitions}
-            owned = {tp.partition for tp in self.assigned}
-            offsets = {TopicPartition(self.cfg.input_topic, p): OffsetAndMetadata(o, "")
-                       for p, o in points.items() if p in owned}
-            if not offsets:
-                return
-            try:  # 6. commit the input offsets
-                await consumer.commit(offsets)
-                pipeline.offsets.mark_committed(points)
-                self.metrics.commits.inc()
-                self.readiness.kafka_ok = True
-            except KafkaError as e:
-                self.readiness.failed("commit")
-                log.warning("commit failed (%s: %s); will retry", type(e).__name__, e)
 
-    async def _transactional(self, partitions: set[int] | None, final: bool) -> None:
+    async def _transactional(self, partitions: set[int] | None, final: bool,
+                             boundary: Callable[[], object] | None) -> bool:
         """The exactly-once checkpoint (module docstring): one transaction per owned partition."""
         sink = self.clients.sink
         pipeline = self.pipeline
@@ -223,6 +245,8 @@ class Checkpointer:
             if done:
                 self.metrics.commits.inc()
                 self.readiness.kafka_ok = True
+            if boundary is not None and not failed:
+                boundary()  # 7. every step applied so far is committed, and none is applied until we release
         if failed:  # 6. (b) abort and recover, outside the locks (recovery takes the call lock itself)
             self.metrics.transactions.labels("aborted").inc(len(failed))
             self.readiness.failed("commit")
@@ -234,3 +258,4 @@ class Checkpointer:
                     await sink.close(p)
             else:
                 await self.recovery.recover(failed)
+        return not failed

@@ -22,6 +22,7 @@ from .. import changelog, kafka
 from ..config import ServeConfig
 from ..metrics import HttpServer, Metrics
 from ..pipeline import pipeline_for
+from ..runtime import BundleModel
 from .budgets import CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S, DRAIN_POLL_S, DRAIN_S
 from .checkpoint import Checkpointer, Locks
 from .clients import AiokafkaFactory, ClientFactory, Clients
@@ -30,20 +31,22 @@ from .loops import Assignment, Backpressure, Fetcher, Inferrer
 from .models import open_model, report_model
 from .publish import Publisher
 from .rebalance import Rebalancer
+from .reload import AdminServer, Reloader
 
 log = logging.getLogger("rnnd.daemon")
 
 
 class Daemon:
-    """One bundle served from one input topic. ``clients``: the Kafka client factory (aiokafka's by default)."""
+    """One bundle (replaceable while serving: ``reload``) served from one input topic. ``clients``: the Kafka
+    client factory (aiokafka's by default)."""
 
     def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None, clients: ClientFactory | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics = metrics or Metrics()
-        self.model, self.provider = open_model(cfg)
-        self.pipeline = pipeline = pipeline_for(self.model, cfg, cfg.input_topic, metrics)
+        model, provider = open_model(cfg)
+        self.pipeline = pipeline = pipeline_for(model, cfg, cfg.input_topic, metrics)
         self.group_id, self.changelog_topic = changelog.group_and_topic(cfg.group_id, cfg.changelog_topic,
-                                                                        cfg.input_topic, self.model.spec.model.name)
+                                                                        cfg.input_topic, model.spec.model.name)
         cfg.check_changelog_topic(self.changelog_topic)  # its default name comes from the model's
         self.exit_code = 0
         self.http = HttpServer(metrics, self.is_ready, cfg.http_host, cfg.http_port)
@@ -61,15 +64,23 @@ class Daemon:
         self.inferrer = Inferrer(cfg, pipeline, self.publisher, self.backpressure, locks.call, self._work)
         self.checkpointer = Checkpointer(cfg, pipeline, metrics, kc, locks, self.publisher, readiness,
                                          self.assigned, self.changelog_topic)
-        self.rebalancer = Rebalancer(cfg, self.model.spec, pipeline, metrics, kc, self.checkpointer, locks.call,
+        self.rebalancer = Rebalancer(cfg, pipeline, metrics, kc, self.checkpointer, locks.call,
                                      self.backpressure, readiness, self.assigned, self._work, self.fail)
         self.checkpointer.recovery = self.rebalancer  # exactly-once: a failed transaction's partition comes back
         self.housekeeper = Housekeeper(cfg, pipeline, metrics, kc, self.assigned)
         self.broker_watch = BrokerWatch(cfg, metrics, kc, factory, readiness)
         self.loop_watch = LoopWatch(metrics)
-        report_model(metrics, self.model, self.provider)
+        self.reloader = Reloader(cfg, pipeline, metrics, self.checkpointer, provider, self._stopping)
+        admin = cfg.admin_endpoint
+        self.admin = AdminServer(self.reloader, *admin) if admin else None
+        report_model(metrics, model, provider)
         metrics.messages.labels(cfg.input_topic)  # a series at 0 before the first message
         metrics.ready.set_function(lambda: float(self.is_ready()))  # what /readyz answers, when scraped
+
+    @property
+    def model(self) -> BundleModel:
+        """The bundle serving now (a hot reload replaces it)."""
+        return self.pipeline.model
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, install_signals: bool = True) -> int:
@@ -80,15 +91,26 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
                 handled.append(sig)
-        try:
-            await self.http.start()
-        except OSError as e:
-            log.error("cannot serve /metrics on %s:%d (%s): choose another http_port or http_host",
-                      self.cfg.http_host, self.cfg.http_port, e.strerror or e)
-            return 2
+        cfg = self.cfg
+        for endpoint, what, host, port, settings in (
+                (self.http, "/metrics", cfg.http_host, cfg.http_port, "http_port or http_host"),
+                (self.admin, "/admin/reload", *(cfg.admin_endpoint or ("", 0)), "admin_address")):
+            try:
+                if endpoint is not None:
+                    await endpoint.start()
+            except OSError as e:
+                log.error("cannot serve %s on %s:%d (%s): choose another %s", what, host, port, e.strerror or e,
+                          settings)
+                await self.http.stop()
+                return 2
+        provider = self.reloader.provider
         log.info("serving %s on %s (requested %s) | http://%s:%d/metrics | %s → %s", self.model.spec.model.ref,
-                 self.provider.actual, self.provider.requested, self.cfg.http_host, self.http.port,
-                 self.cfg.input_topic, self.cfg.output_topic)
+                 provider.actual, provider.requested, cfg.http_host, self.http.port, cfg.input_topic,
+                 cfg.output_topic)
+        if self.admin is not None:
+            log.info("admin endpoint: POST http://%s:%d/admin/reload", self.admin.host, self.admin.port)
+        if cfg.watch_model:
+            log.info("watching %s: a new bundle written there is checked and swapped in (watch_model)", cfg.model)
         try:
             await self._connect()
             if self._stopping.is_set():
@@ -96,7 +118,8 @@ class Daemon:
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("fetch", self.fetcher.run()), ("infer", self.inferrer.run()), ("checkpoint", self.checkpointer.run()),
                 ("housekeep", self.housekeeper.run()), ("watch", self.broker_watch.run()),
-                ("loop-watch", self.loop_watch.run()))]
+                ("loop-watch", self.loop_watch.run()),
+                *((("model-watch", self.reloader.watch()),) if cfg.watch_model else ()))]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -179,4 +202,6 @@ class Daemon:
         self.rebalancer.close()
         await self.clients.close()
         await self.http.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         self.inferrer.close()

@@ -5,6 +5,9 @@ differs from the one the changelog holds cannot continue those streams. With
 ``on_state_mismatch=previous`` the daemon then keeps serving ``previous_model`` and says so
 loudly, so that a rollout of an incompatible model is a visible no-op, not a reset of every
 stream's state.
+
+A hot reload (``reload``) asks the same question of the bundle serving and the one offered
+(``upgrade.upgrade``), with one more: whether the steps already queued are input for it too.
 """
 
 from __future__ import annotations
@@ -53,3 +56,10 @@ def report_model(metrics: Metrics, model: BundleModel, choice: ProviderChoice) -
                     choice.requested, choice.actual)
     metrics.model_info.labels(spec.model.name, spec.model.version, choice.label, choice.requested,
                               str(choice.fallback).lower(), spec.state_hash).set(1)
+
+
+def retire_model(metrics: Metrics, model: BundleModel, choice: ProviderChoice) -> None:
+    """``rnnd_model_info`` of a bundle that no longer serves: its series goes (not left at 1 beside the new one)."""
+    spec = model.spec
+    metrics.model_info.remove(spec.model.name, spec.model.version, choice.label, choice.requested,
+                              str(choice.fallback).lower(), spec.state_hash)

@@ -24,7 +24,6 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from .. import changelog
-from ..bundle import BundleSpec
 from ..config import ServeConfig
 from ..errors import ChangelogError
 from ..metrics import Metrics
@@ -48,12 +47,11 @@ log = logging.getLogger("rnnd.daemon")
 class Rebalancer(ConsumerRebalanceListener):
     """The consumer's rebalance listener. aiokafka awaits these callbacks before it rejoins the group."""
 
-    def __init__(self, cfg: ServeConfig, spec: BundleSpec, pipeline: Pipeline, metrics: Metrics, clients: Clients,
+    def __init__(self, cfg: ServeConfig, pipeline: Pipeline, metrics: Metrics, clients: Clients,
                  checkpointer: Checkpointer, call_lock: asyncio.Lock, backpressure: Backpressure,
                  readiness: Readiness, assigned: Assignment, work: asyncio.Event,
                  on_fatal: Callable[[int], None]) -> None:
         self.cfg = cfg
-        self.spec = spec
         self.pipeline = pipeline
         self.metrics = metrics
         self.clients = clients
@@ -234,11 +232,18 @@ class Rebalancer(ConsumerRebalanceListener):
                 last_log[0] = time.monotonic()
                 log.info("restoring partitions %s: %d changelog records read", partitions, n)
 
-        result = await changelog.restore_partitions(restorer, self.clients.changelog_topic, partitions, self.spec,
-                                                    self.cfg.on_state_mismatch, progress)
-        async with self.call_lock:
-            for p, states in result.states.items():
-                self.pipeline.restore(p, states)
+        while True:
+            spec = self.pipeline.spec
+            result = await changelog.restore_partitions(restorer, self.clients.changelog_topic, partitions, spec,
+                                                        self.cfg.on_state_mismatch, progress)
+            async with self.call_lock:
+                if self.pipeline.spec.state_hash == spec.state_hash:
+                    for p, states in result.states.items():
+                        self.pipeline.restore(p, states)
+                    break
+            # A hot reload of another state layout (on_state_mismatch=reset) swapped in meanwhile:
+            # what was read is of the old layout, so read it again for the new one.
+            log.info("restoring partitions %s again: the state layout changed (hot reload) while reading", partitions)
         streams = sum(len(s) for s in result.states.values())
         self.metrics.restore_seconds.observe(result.seconds)
         self.metrics.restore_records.inc(result.records)

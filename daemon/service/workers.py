@@ -14,7 +14,9 @@ them, and turns their fate into its own:
 * **One endpoint.** ``/metrics`` is every worker's ``/metrics``, scraped when asked, with a
   ``worker`` label on each sample (a panel sums them, or splits by worker); ``/healthz`` is
   200 while every worker runs; ``/readyz`` 200 only when every worker answers ready, because
-  a worker that is not ready holds partitions nobody serves.
+  a worker that is not ready holds partitions nobody serves. With ``admin_address``, POST
+  /admin/reload is forwarded to every worker's own admin endpoint (on loopback), and the
+  answer lists each worker's outcome.
 * **A worker that exits unasked stops them all**, and the supervisor exits with that worker's
   code. Carrying on with N-1 workers would be running degraded without a word: the dead
   worker's partitions move to the others (a rebalance), its share of the machine is lost, and
@@ -41,6 +43,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -51,7 +54,7 @@ from ..children import free_port, parent_death_signal
 from ..config import ServeConfig
 from ..metrics import NOT_FOUND, Answer, HttpEndpoint
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
-from .budgets import CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
+from .budgets import ADMIN_ANSWER_S, CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
 
 log = logging.getLogger("rnnd.workers")
 
@@ -72,7 +75,8 @@ def supervise(cfg: ServeConfig, debug: bool = False) -> int:
     return asyncio.run(Supervisor(cfg, debug).run())
 
 
-def worker_env(cfg: ServeConfig, index: int, port: int, environ: Mapping[str, str]) -> dict[str, str]:
+def worker_env(cfg: ServeConfig, index: int, port: int, environ: Mapping[str, str],
+               admin_port: int = 0) -> dict[str, str]:
     """The environment of worker ``index``: ``environ`` without rnnd's settings, plus the resolved ones.
 
     Through the environment rather than flags, because flags show in ``ps`` to every user of
@@ -80,11 +84,13 @@ def worker_env(cfg: ServeConfig, index: int, port: int, environ: Mapping[str, st
     sources (its flags, variables and config file): each worker then runs with exactly the
     settings the supervisor checked, whatever happens to the file meanwhile. Only values that
     differ from the default are set: nothing else is left for a worker to read them from.
-    Each worker serves its HTTP on loopback only (the supervisor scrapes it; nobody else should).
+    Each worker serves its HTTP on loopback only (the supervisor scrapes it; nobody else should),
+    and so its admin endpoint, at ``admin_port``, when there is one (the supervisor's forwards to it).
     """
     env = {k: v for k, v in environ.items()
            if not k.startswith(ENV_PREFIX) or (k in ENV_NOT_SETTINGS and k != f"{ENV_PREFIX}CONFIG")}
-    own = settings.replace(cfg, workers=1, http_host="127.0.0.1", http_port=port)
+    own = settings.replace(cfg, workers=1, http_host="127.0.0.1", http_port=port,
+                           admin_address=f"127.0.0.1:{admin_port}" if cfg.admin_address else "")
     for s in settings.of(ServeConfig):
         v = settings.value(own, s)
         if v != s.default:
@@ -130,18 +136,22 @@ class Worker:
     index: int
     port: int
     proc: asyncio.subprocess.Process
+    admin_port: int = 0
 
     @property
     def alive(self) -> bool:
         return self.proc.returncode is None
 
-    async def ask(self, path: str) -> tuple[int, bytes]:
-        """GET ``path`` from the worker's HTTP: (status, body), (0, b"") when it does not answer."""
+    async def ask(self, path: str, method: str = "GET", admin: bool = False,
+                  timeout: float = ASK_TIMEOUT_S) -> tuple[int, bytes]:
+        """``method path`` of the worker's HTTP (``admin``: of its admin endpoint): (status, body), (0, b"")
+        when it does not answer."""
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), ASK_TIMEOUT_S)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-            data = await asyncio.wait_for(reader.read(), ASK_TIMEOUT_S)  # the worker closes after one answer
+            port = self.admin_port if admin else self.port
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ASK_TIMEOUT_S)
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            data = await asyncio.wait_for(reader.read(), timeout)  # the worker closes after one answer
             head, _, body = data.partition(b"\r\n\r\n")
             return int(head.split()[1]), body
         except (OSError, TimeoutError, ValueError, IndexError):
@@ -171,8 +181,18 @@ class Supervisor:
                       cfg.http_host, cfg.http_port, e.strerror or e)
             return 2
         port = http.port
+        admin = _Admin(self, *cfg.admin_endpoint) if cfg.admin_endpoint else None
         watch = None
         try:
+            if admin is not None:
+                try:
+                    await admin.start()
+                except OSError as e:
+                    log.error("cannot serve /admin/reload on %s (%s): choose another admin_address", cfg.admin_address,
+                              e.strerror or e)
+                    return 2
+                log.info("admin endpoint: POST http://%s:%d/admin/reload (forwarded to every worker)", admin.host,
+                         admin.port)
             await self._start()
             log.info("%d workers of rnnd serve on %s, one consumer group: %s | http://%s:%d/metrics for all",
                      len(self.workers), cfg.input_topic,
@@ -202,15 +222,17 @@ class Supervisor:
                         w.proc.kill()
                     await w.proc.wait()
             await http.stop()
+            if admin is not None:
+                await admin.stop()
 
     async def _start(self) -> None:
         argv = [sys.executable, "-m", "rnnd", "serve", *(["--debug"] if self.debug else [])]
         for i in range(self.cfg.workers):
-            port = free_port()
-            proc = await asyncio.create_subprocess_exec(*argv, env=worker_env(self.cfg, i, port, os.environ),
-                                                        stdin=asyncio.subprocess.DEVNULL,
+            port, admin_port = free_port(), free_port() if self.cfg.admin_address else 0
+            env = worker_env(self.cfg, i, port, os.environ, admin_port)
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                         preexec_fn=parent_death_signal())
-            self.workers.append(Worker(i, port, proc))
+            self.workers.append(Worker(i, port, proc, admin_port))
 
     async def _stop_all(self, reported: Worker | None = None) -> int:
         """SIGTERM to every worker, each waited for up to STOP_WAIT_S: 0 if all exited 0, else the first other code.
@@ -275,7 +297,7 @@ class Supervisor:
         return combine((w.index, body.decode()) for w, (status, body) in zip(self.workers, answers, strict=True)
                        if status == 200)
 
-    async def answer(self, path: str) -> Answer:
+    async def answer(self, path: str, method: str = "GET") -> Answer:
         """The paths of metrics.HttpServer, answered for all workers."""
         if path == "/metrics":
             return 200, await self._metrics(), CONTENT_TYPE_LATEST
@@ -288,6 +310,42 @@ class Supervisor:
         return NOT_FOUND
 
 
+    async def reload(self, path: str, method: str) -> Answer:
+        """POST /admin/reload of every worker at once; the answer lists theirs, its status is the worst one's.
+
+        Each worker swaps at its own checkpoint: for a moment some serve the new bundle while
+        others serve the old one, as replicas on several machines would, and each output names
+        the bundle that made it."""
+        if path != "/admin/reload" or method != "POST":
+            return (404, b"not found: POST /admin/reload\n", "text/plain") if path != "/admin/reload" else \
+                (405, b"POST /admin/reload (it changes what the daemon serves)\n", "text/plain")
+        answers = await asyncio.gather(*(w.ask(path, "POST", admin=True, timeout=ADMIN_ANSWER_S + ASK_TIMEOUT_S)
+                                         for w in self.workers))
+        docs = []
+        for w, (status, body) in zip(self.workers, answers, strict=True):
+            try:
+                doc = orjson.loads(body) if status else {"result": "no answer"}
+            except orjson.JSONDecodeError:
+                doc = {"result": "no answer"}
+            docs.append({"worker": w.index, "status": status or 503, **doc})
+        worst = max((d["status"] for d in docs), default=503)
+        results = {d.get("result") for d in docs}
+        result = results.pop() if len(results) == 1 else "mixed"
+        return worst, orjson.dumps({"result": result, "workers": docs}, option=orjson.OPT_APPEND_NEWLINE), \
+            "application/json"
+
+
+class _Admin(HttpEndpoint):
+    """The supervisor's admin endpoint: forwards to every worker's."""
+
+    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.supervisor = supervisor
+
+    async def answer(self, path: str, method: str = "GET") -> Answer:
+        return await self.supervisor.reload(path, method)
+
+
 class _Endpoint(HttpEndpoint):
     """The supervisor's HTTP: what it answers is the supervisor's."""
 
@@ -295,5 +353,5 @@ class _Endpoint(HttpEndpoint):
         super().__init__(host, port)
         self.supervisor = supervisor
 
-    async def answer(self, path: str) -> Answer:
-        return await self.supervisor.answer(path)
+    async def answer(self, path: str, method: str = "GET") -> Answer:
+        return await self.supervisor.answer(path, method)
