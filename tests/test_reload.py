@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemon_harness import DaemonProcess, consume, free_port, produce
 
 from rnnd.daemon.errors import BundleError
 from rnnd.daemon.local import Session
 from rnnd.daemon.runtime import BundleModel
-
-from .daemon_harness import DaemonProcess, consume, free_port, produce
 
 FEATURE = "x_prev_times_x"
 

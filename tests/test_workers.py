@@ -7,6 +7,7 @@ what, and the supervisor's log line names the workers' pids, which must all be g
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,11 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from cli_checks import one_line_error
-from daemon_harness import DaemonProcess, consume, produce
+from daemon_harness import DaemonProcess, consume, free_port, produce
 from test_durability import check, topics, verify, wait_for_line, workload
 
 from rnnd.daemon import config, settings
@@ -67,6 +69,10 @@ def test_workers_see_the_settings_the_supervisor_resolved() -> None:
     assert "RNND_CONFIG" not in env and "RNND_MAX_BATCH" not in env and "RNND_WORKERS" not in env
     assert config.load(env=env) == settings.replace(cfg, workers=1, http_host="127.0.0.1", http_port=4321)
     assert config.load(env=env).group_id == ""  # unset: every worker derives the same group from the model
+    # An admin endpoint: each worker has its own, on loopback, which the supervisor's forwards to.
+    with_admin = settings.replace(cfg, admin_address="0.0.0.0:9465")
+    env = worker_env(with_admin, 1, 4321, {}, admin_port=5432)
+    assert config.load(env=env).admin_address == "127.0.0.1:5432"
 
 
 def test_combined_metrics_label_every_sample_with_its_worker() -> None:
@@ -88,8 +94,9 @@ def test_two_workers_share_the_partitions_and_stop_together(bootstrap: str, reci
     bundle = recipe_bundle("product")
     topic_in, topic_out = topics(bootstrap, "workers", 4)
     items, steps = workload(keys=60, messages=1500, seed=21)
-    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--workers", "2", group=f"g-{topic_in}",
-                       log_dir=tmp_path) as d:
+    admin = free_port()
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, "--workers", "2", "--admin-address",
+                       f"127.0.0.1:{admin}", group=f"g-{topic_in}", log_dir=tmp_path) as d:
         d.start()
         pids = worker_pids(d.log())
         assert len(pids) == 2
@@ -101,6 +108,12 @@ def test_two_workers_share_the_partitions_and_stop_together(bootstrap: str, reci
         consumed = [metrics[("rnnd_messages_consumed_total", (("topic", topic_in), ("worker", w)))] for w in "01"]
         assert all(c > 0 for c in consumed) and sum(consumed) == len(items), consumed
         assert d.http("/healthz")[0] == 200 and d.http("/readyz")[0] == 200
+        # POST /admin/reload reaches both workers (the file is the one serving: nothing to do)
+        req = urllib.request.Request(f"http://127.0.0.1:{admin}/admin/reload", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["result"] == "unchanged" and [w["worker"] for w in answer["workers"]] == [0, 1], answer
+        assert all(w["status"] == 200 and w["serving"] == "product@1" for w in answer["workers"]), answer
         assert d.stop() == 0
     assert all_gone(pids, timeout=5)  # the supervisor waited for them: gone when it is
     log = d.log()
