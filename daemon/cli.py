@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config_docs:
         print(config.docs_table())
         return 0
-    cfg = config.from_args(args)
+    routes = config.routes_from_args(args)
+    cfg = next(iter(routes.values())) if routes else config.from_args(args)
     from . import logs
 
     worker = os.environ.get(config.WORKER_ENV, "")
@@ -33,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from .service import Daemon, serve
 
     if args.check:  # with workers > 1 too: each worker would check the same settings and the same model
-        daemon = Daemon(cfg)
-        print(f"ok: {daemon.model.spec.model.ref} on {daemon.reloader.provider.actual}")
+        for name, one in (routes or {"": cfg}).items():
+            daemon = Daemon(one)
+            print(f"ok: {f'route {name}: ' if name else ''}{daemon.model.spec.model.ref} on "
+                  f"{daemon.reloader.provider.actual}")
         return 0
     if cfg.workers > 1:
         from .service.workers import supervise
 
         return supervise(cfg, debug=args.debug)
-    return serve(cfg)
+    return serve(cfg, routes)

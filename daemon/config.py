@@ -27,8 +27,8 @@ from .security import check as check_security
 from .settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV, opt, spellings
 
 __all__ = ["ENV_NOT_SETTINGS", "ENV_PREFIX", "WORKER_ENV", "ConfigError", "ServeConfig", "add_arguments",
-           "check_environment", "check_topic_name", "docs_table", "from_args", "load", "opt", "replace", "settings_of",
-           "spellings"]
+           "check_environment", "check_topic_name", "docs_table", "from_args", "load", "load_routes", "opt", "replace",
+           "routes_from_args", "settings_of", "spellings"]
 
 #: Kafka's rule for topic names (kafka.common.internals.Topic): at most 249 of these characters.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -142,6 +142,11 @@ class ServeConfig:
     # --- Kafka security (declared by the security module, shared with `rnnd produce`/`tail`) ---
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     # --- operations ---
+    route: str = opt("", "With a config file of [routes.NAME] tables: the one route this command uses (rnnd verify, "
+                         "rnnd serve of that route alone). Empty: rnnd serve serves every route.")
+    shadow: bool = opt(False, "Routes only: this route runs its model on another route's input topic, writing to "
+                              "its own output topic, in its own consumer group; it never holds that route up: its "
+                              "failure is logged and the other routes go on, and /readyz does not wait for it.")
     workers: int = opt(1, "Processes of `rnnd serve` on this machine, in one consumer group (partitions are split "
                           "among them), stopped together, behind one /metrics with a worker label; each loads "
                           "the model. 1: this process serves, as without the setting.", ge=1, le=1024)
@@ -217,6 +222,9 @@ class ServeConfig:
         if self.admin_address and not (host and port.isdigit() and int(port) <= 65535):
             raise ConfigError(f"admin_address must be host:port (e.g. 127.0.0.1:9465; port 0 picks a free one), "
                               f"not {self.admin_address!r}", "admin_address")
+        if self.shadow and not self.route:
+            raise ConfigError("shadow is for a route of a config file ([routes.NAME] with shadow = true): a daemon "
+                              "of one bundle has no other route to shadow", "shadow")
         self._validate_combinations()
         self._validate_topics()
         try:
@@ -354,17 +362,100 @@ def load(
     env: Mapping[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> ServeConfig:
-    """Defaults < file < env < flags. ``argv_values`` holds only flags the user actually gave."""
+    """Defaults < file < env < flags; a route's own table over all of them. ``argv_values``: only flags given."""
     env = os.environ if env is None else env
     check_environment(env)
     path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
-    file = (settings.read_file(path, table="serve"), f"config file {path}") if path else None
-    values, sources = settings.layer(ServeConfig, file=file, env=env, flags=argv_values)
+    doc = dict(settings.read_file(path, table="serve")) if path else {}
+    where = f"config file {path}"
+    routes = _route_tables(doc, where)
+    values, sources = settings.layer(ServeConfig, file=(doc, where) if path else None, env=env, flags=argv_values)
+    name = values.get("route", "")
+    if routes and not name:
+        raise ConfigError(f"{where} has routes ({', '.join(routes)}): this command takes one, --route NAME "
+                          "(rnnd serve without it serves them all)")
+    if name:
+        if name not in routes:
+            raise ConfigError(f"route {name!r} is not one of {where}'s routes ({', '.join(routes) or 'none'})",
+                              "route")
+        own, own_sources = settings.layer(ServeConfig, file=(routes[name], f"{where} [routes.{name}]"))
+        if "route" in own or not set(own).isdisjoint(PROCESS_SETTINGS):
+            bad = sorted(set(own) & (PROCESS_SETTINGS | {"route"}))
+            raise ConfigError(f"{where} [routes.{name}] sets {', '.join(bad)}: a setting of the whole process; set it "
+                              "at the top level of the file")
+        values.update(own)
+        sources.update(own_sources)
+        values.setdefault("group_id", f"rnnd-{name}")  # each route its own consumer group (and changelog)
+        if values.get("shadow") and "dead_letter_topic" not in values and values.get("input_topic"):
+            # its dead letters are the served route's again: kept apart from them
+            values["dead_letter_topic"] = f"{values['input_topic']}.{name}.dlq"
     try:
         cfg: ServeConfig = settings.build(ServeConfig, values)
         return cfg.validate()
     except ConfigError as e:
         raise settings.with_source(e, sources) from None
+
+
+#: Settings of the whole process, not of one route: a route's table may not set them.
+PROCESS_SETTINGS = frozenset({"workers", "http_host", "http_port", "admin_address", "log_format", "log_level",
+                              "event_loop", "gc_threshold"})
+
+
+def _route_tables(doc: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The file's ``[routes.NAME]`` tables (taken out of ``doc``), their names checked."""
+    routes = doc.pop("routes", {})
+    if not isinstance(routes, dict) or not all(isinstance(t, dict) for t in routes.values()):
+        raise ConfigError(f"{where}: `routes` must hold tables, one per route ([routes.NAME])")
+    for name in routes:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
+            raise ConfigError(f"{where}: route name {name!r} must be 1-100 letters, digits, '.', '_' or '-' (it "
+                              "names the route's consumer group and its metrics label)")
+    return routes
+
+
+def load_routes(
+    argv_values: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> dict[str, ServeConfig]:
+    """Every route of the config file, each loaded as ``load`` loads one and checked against the others;
+    {} when the file has no routes, or when ``route`` picks one (``load`` then serves it alone)."""
+    env = os.environ if env is None else env
+    path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
+    if not path or (argv_values or {}).get("route") or env.get(f"{ENV_PREFIX}ROUTE"):
+        return {}
+    where = f"config file {path}"
+    names_ = list(_route_tables(dict(settings.read_file(path, table="serve")), where))
+    if not names_:
+        return {}
+    routes = {n: load({**(argv_values or {}), "route": n}, env, path) for n in names_}
+    _check_routes(routes, where)
+    return routes
+
+
+def _check_routes(routes: Mapping[str, ServeConfig], where: str) -> None:
+    """What one route cannot see: two routes doing one job, a shadow of nothing, a setting no route can honour."""
+    first = next(iter(routes.values()))
+    if first.workers > 1:
+        raise ConfigError(f"workers must be 1 with routes ({where}), not {first.workers}: run one rnnd serve per "
+                          "route instead, each with its workers", "workers")
+    claimed: dict[tuple[str, str], str] = {}
+    for name, cfg in routes.items():
+        _, changelog_topic = names.group_and_topic(cfg.group_id, cfg.changelog_topic, cfg.input_topic, "")
+        for what, value in (("group_id", cfg.group_id), ("output_topic", cfg.output_topic),
+                            ("dead_letter_topic", cfg.dlq_topic), ("changelog_topic", changelog_topic)):
+            other = claimed.setdefault((what, value), name)
+            if other != name:
+                raise ConfigError(f"{where}: routes {other} and {name} have the same {what} {value!r}: give each "
+                                  "route its own (two routes in one group, or writing one topic, would take each "
+                                  "other's partitions or outputs)", what)
+    served = {cfg.input_topic for cfg in routes.values() if not cfg.shadow}
+    if not served:
+        raise ConfigError(f"{where}: every route is a shadow: at least one must serve its input for real", "shadow")
+    for name, cfg in routes.items():
+        if cfg.shadow and cfg.input_topic not in served:
+            raise ConfigError(f"{where}: shadow route {name} reads {cfg.input_topic!r}, which no other route serves: "
+                              "a shadow runs beside a route on the same input (or set shadow = false)", "shadow")
 
 
 def check_environment(env: Mapping[str, str]) -> None:
@@ -374,13 +465,19 @@ def check_environment(env: Mapping[str, str]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; defaults are None so that unset flags do not override env/file."""
-    parser.add_argument("--config", help="TOML config file (or RNND_CONFIG); keys as the flags, with underscores")
+    parser.add_argument("--config", help="TOML config file (or RNND_CONFIG); keys as the flags, with underscores; "
+                        "[routes.NAME] tables for several routes")
     settings.add_arguments(parser, settings_of())
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
     given = {s.name: getattr(args, s.name, None) for s in settings_of()}
     return load(given, env=env, config_file=getattr(args, "config", None))
+
+
+def routes_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, ServeConfig]:
+    given = {s.name: getattr(args, s.name, None) for s in settings_of()}
+    return load_routes(given, env=env, config_file=getattr(args, "config", None))
 
 
 def docs_table() -> str:

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+
+#: The route whose task logs (``rnnd serve`` with routes): set by the router before it starts a
+#: route's daemon, so every task that daemon creates inherits it (asyncio copies the context).
+ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("rnnd_route", default="")
+
+
+class RouteFilter(logging.Filter):
+    """Puts ``route`` on every record: "route NAME " in text (empty outside routes), a field in JSON."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        route = ROUTE.get()
+        record.route = route
+        record.route_prefix = f"route {route} " if route else ""
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,6 +34,9 @@ class JsonFormatter(logging.Formatter):
                                      "msg": record.getMessage()}
         if self.worker is not None:
             doc["worker"] = self.worker
+        route = getattr(record, "route", "")
+        if route:
+            doc["route"] = route
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -32,7 +50,9 @@ def setup(fmt: str = "text", level: str = "info", worker: int | None = None) -> 
         handler.setFormatter(JsonFormatter(worker))
     else:
         who = "" if worker is None else f"worker {worker} "
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {who}%(route_prefix)s%(name)s: "
+                                               "%(message)s"))
+    handler.addFilter(RouteFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

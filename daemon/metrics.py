@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from prometheus_client import (
@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from .codec import REASONS
@@ -41,16 +41,44 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+def process_collectors(registry: CollectorRegistry) -> None:
+    """Memory, CPU, open files (process_*) and the Python version (python_info), as every Prometheus
+    client exposes them, but in the daemon's own registry (tests run several in one process)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
+def combine(parts: Iterable[tuple[str, Iterable[Metric]]], label: str,
+            unlabelled: Iterable[Metric] = ()) -> bytes:
+    """Several expositions as one: each part's samples labelled ``label="<its name>"``, HELP/TYPE once per
+    family (``--workers``' worker label, the routes' route label); ``unlabelled`` families as they are."""
+    families: dict[str, Metric] = {}
+    for fam in unlabelled:
+        families[fam.name] = fam
+    for name, fams in parts:
+        for fam in fams:
+            into = families.get(fam.name)
+            if into is None:
+                into = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            into.samples += [s._replace(labels={**s.labels, label: name}) for s in fam.samples]
+
+    class Combined:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Combined())  # a collector is anything with collect()
+    return generate_latest(registry)
+
+
 class Metrics:
     """The daemon's metrics. Every known label value has its series from the start, at 0: a panel
     or an alert on ``rate(...)`` then shows 0 rather than "No data" until the first event."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: bool = True) -> None:
         r = self.registry = CollectorRegistry()
-        # Memory, CPU, open files (process_*) and the Python version (python_info), as every
-        # Prometheus client exposes them, but in this daemon's own registry (tests run several).
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        if process:  # not for a route: its process's are exposed once, beside every route's (service/routes.py)
+            process_collectors(r)
         self.messages = Counter("rnnd_messages_consumed", "Input records consumed.", ["topic"], registry=r)
         self.predictions = Counter("rnnd_predictions", "Predictions produced to the output topic.", registry=r)
         self.dead_letters = Counter("rnnd_dead_letters", "Input records sent to the dead-letter topic.",

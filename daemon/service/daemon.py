@@ -40,7 +40,9 @@ class Daemon:
     """One bundle (replaceable while serving: ``reload``) served from one input topic. ``clients``: the Kafka
     client factory (aiokafka's by default)."""
 
-    def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None, clients: ClientFactory | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None, clients: ClientFactory | None = None,
+                 endpoints: bool = True) -> None:
+        """``endpoints``: serve /metrics (and the admin endpoint) itself; a route's are its router's."""
         self.cfg = cfg
         self.metrics = metrics = metrics or Metrics()
         model, provider = open_model(cfg)
@@ -49,7 +51,7 @@ class Daemon:
                                                                         cfg.input_topic, model.spec.model.name)
         cfg.check_changelog_topic(self.changelog_topic)  # its default name comes from the model's
         self.exit_code = 0
-        self.http = HttpServer(metrics, self.is_ready, cfg.http_host, cfg.http_port)
+        self.http = HttpServer(metrics, self.is_ready, cfg.http_host, cfg.http_port) if endpoints else None
         self.factory = factory = clients or AiokafkaFactory()
         self.clients = kc = Clients(factory, cfg, self.group_id, self.changelog_topic)
         self.assigned = Assignment()  # shared, updated in place by the rebalancer
@@ -72,7 +74,7 @@ class Daemon:
         self.loop_watch = LoopWatch(metrics)
         self.reloader = Reloader(cfg, pipeline, metrics, self.checkpointer, provider, self._stopping)
         admin = cfg.admin_endpoint
-        self.admin = AdminServer(self.reloader, *admin) if admin else None
+        self.admin = AdminServer(self.reloader, *admin) if admin and endpoints else None
         report_model(metrics, model, provider)
         metrics.messages.labels(cfg.input_topic)  # a series at 0 before the first message
         metrics.ready.set_function(lambda: float(self.is_ready()))  # what /readyz answers, when scraped
@@ -101,12 +103,13 @@ class Daemon:
             except OSError as e:
                 log.error("cannot serve %s on %s:%d (%s): choose another %s", what, host, port, e.strerror or e,
                           settings)
-                await self.http.stop()
+                if self.http is not None:
+                    await self.http.stop()
                 return 2
         provider = self.reloader.provider
-        log.info("serving %s on %s (requested %s) | http://%s:%d/metrics | %s → %s", self.model.spec.model.ref,
-                 provider.actual, provider.requested, cfg.http_host, self.http.port, cfg.input_topic,
-                 cfg.output_topic)
+        where = f" | http://{cfg.http_host}:{self.http.port}/metrics" if self.http is not None else ""
+        log.info("serving %s on %s (requested %s)%s | %s → %s%s", self.model.spec.model.ref, provider.actual,
+                 provider.requested, where, cfg.input_topic, cfg.output_topic, " (shadow)" if cfg.shadow else "")
         if self.admin is not None:
             log.info("admin endpoint: POST http://%s:%d/admin/reload", self.admin.host, self.admin.port)
         if cfg.watch_model:
@@ -201,7 +204,8 @@ class Daemon:
         self.metrics.unwatch_gc()
         self.rebalancer.close()
         await self.clients.close()
-        await self.http.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.admin is not None:
             await self.admin.stop()
         self.inferrer.close()

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..config import ServeConfig
 from ..errors import ConfigError
@@ -15,8 +15,9 @@ from .daemon import Daemon
 log = logging.getLogger("rnnd.daemon")
 
 
-def serve(cfg: ServeConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT; the exit code for the CLI."""
+def serve(cfg: ServeConfig, routes: Mapping[str, ServeConfig] | None = None) -> int:
+    """Run the daemon (``routes``: every route of a config file, in one process; ``cfg`` is then any of
+    them, for the process's settings) until SIGTERM/SIGINT; the exit code for the CLI."""
     if cfg.gc_threshold:
         # Every message allocates a few container objects that live until their checkpoint, so at
         # Python's default of 700 the collector runs every few hundred messages and its older
@@ -26,7 +27,7 @@ def serve(cfg: ServeConfig) -> int:
     loop_factory = _loop_factory(cfg.event_loop)
     log.info("event loop: %s", "uvloop" if loop_factory else "asyncio")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(cfg))
+        return runner.run(_serve_routes(routes) if routes else _serve(cfg))
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -48,5 +49,16 @@ async def _serve(cfg: ServeConfig) -> int:
     gc.freeze()  # the model, its session and the imports live as long as the process: never scan them again
     code = await daemon.run()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late second signal changes nothing now
+        signal.signal(sig, signal.SIG_IGN)
+    return code
+
+
+async def _serve_routes(routes: Mapping[str, ServeConfig]) -> int:
+    from .routes import Router
+
+    router = Router(routes)
+    gc.freeze()
+    code = await router.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     return code

@@ -44,15 +44,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import orjson
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .. import settings
 from ..children import free_port, parent_death_signal
 from ..config import ServeConfig
 from ..metrics import NOT_FOUND, Answer, HttpEndpoint
+from ..metrics import combine as metrics_combine
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
 from .budgets import ADMIN_ANSWER_S, CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
 
@@ -102,21 +101,7 @@ def worker_env(cfg: ServeConfig, index: int, port: int, environ: Mapping[str, st
 
 def combine(expositions: Iterable[tuple[int, str]]) -> bytes:
     """The workers' expositions as one: every sample labelled ``worker="<index>"``, HELP/TYPE once per family."""
-    families: dict[str, Metric] = {}
-    for index, text in expositions:
-        for fam in text_string_to_metric_families(text):
-            into = families.get(fam.name)
-            if into is None:
-                into = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            into.samples += [s._replace(labels={**s.labels, "worker": str(index)}) for s in fam.samples]
-
-    class Combined:
-        def collect(self) -> list[Metric]:
-            return list(families.values())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Combined())  # a collector is anything with collect()
-    return generate_latest(registry)
+    return metrics_combine(((str(i), text_string_to_metric_families(text)) for i, text in expositions), "worker")
 
 
 def exit_code(returncode: int) -> int:
