@@ -183,13 +183,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 async def _score_topic(args: argparse.Namespace, bootstrap: str, kafka: dict[str, Any], scorer: _Scorer) -> None:
     """Every partition's records in [start, end), each fetch scored as it arrives, read without a group
-    (``read_to_end`` stops at the end as the fetches report it: right on Tansu as on Apache Kafka)."""
+    (``read_to_end`` stops at ``end``, or at the end as the fetches report it: right on Tansu as on
+    Apache Kafka)."""
     from aiokafka import TopicPartition
     from aiokafka.errors import KafkaError
 
     from rnnd.daemon.kafka import read_to_end, reader
 
-    end = args.end_offset
     partitions = await existing_partitions(bootstrap, args.input_topic, kafka)
     consumer = reader(connection(bootstrap, kafka), "rnnd-predict")
     try:
@@ -198,14 +198,13 @@ async def _score_topic(args: argparse.Namespace, bootstrap: str, kafka: dict[str
         raise unreachable(bootstrap, e) from None
 
     def take(tp: Any, recs: list) -> None:
-        rows: list[Row] = [(r.key or b"", r.value, tp.partition, r.offset, r.timestamp) for r in recs
-                           if end is None or r.offset < end]
+        rows: list[Row] = [(r.key or b"", r.value, tp.partition, r.offset, r.timestamp) for r in recs]
         if rows:
             scorer.score(rows)
 
     try:
         await read_to_end(consumer, [TopicPartition(args.input_topic, p) for p in partitions], take,
-                          start=args.start_offset)
+                          start=args.start_offset, end=args.end_offset)
     finally:
         await consumer.stop()
 

@@ -132,6 +132,18 @@ def test_position_at_end_lands_after_the_newest_batch_and_read_to_end_reads_ever
                 await consumer.stop()
             assert everything == [f"a{i}".encode() for i in range(5)] + [f"b{i}".encode() for i in range(3)]
 
+            # An offset range [2, 6): cut at its end, and read no further than the fetch that passed it.
+            ranged: list[bytes] = []
+            consumer = reader({"bootstrap_servers": bootstrap}, "rnnd-test")
+            await consumer.start()
+            try:
+                await read_to_end(consumer, tps, lambda tp, recs: ranged.extend(r.value for r in recs),
+                                  max_records=1, start=2, end=6)
+                assert await consumer.position(tps[0]) == 6  # one record a fetch: stopped at the end
+            finally:
+                await consumer.stop()
+            assert ranged == [b"a2", b"a3", b"a4", b"b0"]
+
             consumer = reader({"bootstrap_servers": bootstrap}, "rnnd-test")
             await consumer.start()
             try:
