@@ -158,3 +158,57 @@ def test_the_readme_routes_file_loads_as_it_says(tmp_path: Path) -> None:
     candidate = routes["sensors-candidate"]
     assert candidate.shadow and candidate.dlq_topic == "sensors.sensors-candidate.dlq"
     assert routes["reviews"].max_batch == 256 and routes["sensors"].group_id == "rnnd-sensors"
+
+
+def test_a_shadow_that_stops_leaves_the_others_serving_and_a_served_route_that_stops_stops_all(
+        bootstrap, topic_factory, upgrade_bundles, tmp_path) -> None:
+    """A route whose changelog holds state of another layout stops (exit 2, as one daemon would). As a
+    shadow it stops alone and the served route goes on; as a served route it stops the process."""
+    import base64
+
+    import orjson
+
+    from rnnd.daemon.local import Session
+
+    v1, _, v3 = upgrade_bundles
+    in1, out1, out_s = (topic_factory(n, 1) for n in ("f-in1", "f-out1", "f-out-s"))
+    session = Session(v3)
+    session.predict([("k", {"x": [0.5]})])
+    _, key, record = orjson.loads(session.checkpoint())["streams"][0]
+    foreign = (base64.b64decode(key), base64.b64decode(record))  # a stream's state of v3's layout
+
+    def run(shadow: bool) -> tuple[int, str, int]:
+        suffix = "shadow" if shadow else "served"
+        changelog = topic_factory(f"f-state-{suffix}", 1)
+        produce(bootstrap, changelog, [foreign])
+        path = tmp_path / f"routes-{suffix}.toml"
+        path.write_text(f'bootstrap_servers = "{bootstrap}"\ncommit_interval_s = 0.5\nsession_timeout_ms = 6000\n'
+                        f'[routes.a]\nmodel = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out1}"\n'
+                        f'group_id = "g-a-{suffix}"\n'
+                        f'[routes.s]\nmodel = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out_s}"\n'
+                        f'changelog_topic = "{changelog}"\ndead_letter_topic = "{changelog}.dlq"\n'
+                        f'shadow = {str(shadow).lower()}\n')
+        d = DaemonProcess(v1, bootstrap, in1, out1, log_dir=tmp_path)
+        d.args = [sys.executable, "-m", "rnnd", "serve", "--config", str(path), "--http-host", "127.0.0.1",
+                  "--http-port", str(d.port)]
+        with d:
+            d.start(wait_ready=False)
+            deadline = time.monotonic() + 60
+            while "STOPPED" not in d.log() and "stopped unasked" not in d.log() and d.proc.poll() is None:
+                assert time.monotonic() < deadline, d.log()[-3000:]
+                time.sleep(0.1)
+            served = 0
+            if shadow:  # the served route goes on
+                d.wait_ready()
+                produce(bootstrap, in1, [(b"k", {"x": [0.25]})])
+                served = len(consume(bootstrap, out1, 1, timeout=30))
+                assert d.metric("rnnd_route_up", route="s", shadow="true") == 0
+                d.send_signal(signal.SIGTERM)
+            return d.wait(60), d.log(), served
+
+    code, log, served = run(shadow=True)
+    assert code == 0 and served >= 1, log[-3000:]
+    assert "shadow route s STOPPED (exit 2); the other routes go on" in log
+    code, log, _ = run(shadow=False)
+    assert code == 2, log[-3000:]
+    assert "route s stopped unasked (exit 2): stopping every route" in log
