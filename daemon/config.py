@@ -58,6 +58,11 @@ class ServeConfig:
     intra_op_threads: int = opt(0, "ONNX Runtime intra-op threads (0: ONNX Runtime's default).", ge=0, le=1024)
     ort_spinning: bool = opt(False, "Let ONNX Runtime's threads busy-wait between calls (slightly lower latency; "
                                     "an idle daemon then keeps its cores busy).")
+    device_state: bool = opt(False, "Keep every stream's state on the model's device (the GPU's memory), moved by "
+                                    "small ONNX graphs run by the same provider, the model called with IO "
+                                    "binding: per call only the input and the predictions cross to the host. "
+                                    "Stateful bundles; not with forecasts or generation. On the CPU the same "
+                                    "code runs, with identical results.")
     # --- batching ---
     max_batch: int = opt(1024, "Most streams advanced in one model call.", ge=1, le=1 << 20)
     max_chunk: int = opt(64, "Most steps of one stream run in one call (T); a backlog runs as chunks.", ge=1,
@@ -249,6 +254,10 @@ class ServeConfig:
         elif self.generate_seed and self.generate_strategy == "greedy":
             raise ConfigError(f"generate_seed must be 0 with generate_strategy greedy, not {self.generate_seed}: "
                               "greedy generation draws nothing; set generate_strategy = \"topk\"", "generate_seed")
+        if self.device_state and (self.forecast_horizon or self.generate_tokens):
+            name = "forecast_horizon" if self.forecast_horizon else "generate_tokens"
+            raise ConfigError(f"{name} must be 0 with device_state, not {getattr(self, name)}: roll-outs run on host "
+                              "copies of the state; set device_state = false for them", name)
         if self.beam_size == 1 and self.length_penalty != 1.0:
             raise ConfigError(f"length_penalty must be left at 1.0 when beam_size is 1, not {self.length_penalty}: "
                               "greedy decoding ranks no hypotheses; set beam_size too", "length_penalty")

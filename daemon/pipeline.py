@@ -26,8 +26,10 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from . import changelog, codec
+from .bundle import BundleSpec
 from .codec import DeadLetter, Output, Record
 from .config import ConfigError, ServeConfig
+from .device import DeviceArena, placement_of
 from .emit import Emitter
 from .heads import Forecaster, Generator, Heads
 from .metrics import Metrics
@@ -35,7 +37,7 @@ from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
 from .seq2seq import Answer, Cells, encoded
-from .state import Eviction, StateArena, Streams, WindowArena
+from .state import ArenaFactory, Eviction, StateArena, Streams, WindowArena
 
 #: emit=end: what is kept of a stream's latest prediction, to encode should the stream end before
 #: its next one: the step's (record, index), its stream step, prediction, output time, non-finite.
@@ -62,9 +64,9 @@ class Call:
     group: Group
     x: np.ndarray
     slots: np.ndarray
-    states: list[np.ndarray]
+    states: list[Any]  # host arrays, or device values (device_state)
     y: np.ndarray | None = None
-    new_states: list[np.ndarray] = field(default_factory=list)
+    new_states: list[Any] = field(default_factory=list)
     seconds: float = 0.0
     forecast: np.ndarray | None = None
     generated: np.ndarray | None = None
@@ -74,13 +76,22 @@ class Call:
 class Pipeline:
     def __init__(self, model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        check_config(model, cfg)
         spec = model.spec
         self.cfg = cfg
         self.topic = topic
         self.metrics = metrics
         self.window = spec.mode == "window"
         self.numeric = spec.input.kind == "numeric"
-        self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock)
+        self.on_device = cfg.device_state  # check_config: a stateful bundle's
+        arena: ArenaFactory | None = None
+        if self.on_device:
+            placement = placement_of(model.session)
+            self.device = placement.device, placement.device_id
+
+            def arena(spec: BundleSpec, capacity: int) -> DeviceArena:
+                return DeviceArena(spec, capacity, placement)
+        self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock, arena=arena)
         self.streams.on_evict.append(self._evicted)
         rollout = cfg.forecast_horizon > 0 or cfg.generate_tokens > 0
         # Forecasts and generation start from the state after each step, so steps run one at a time;
@@ -222,7 +233,7 @@ class Pipeline:
                 states: list[np.ndarray] = []
             else:
                 arena = self.streams.arena
-                assert isinstance(arena, StateArena)
+                assert isinstance(arena, StateArena | DeviceArena)
                 states = arena.gather(slots)
             calls.append(Call(g, np.ascontiguousarray(x), slots, states))
         return calls
@@ -236,7 +247,10 @@ class Pipeline:
             self._start(calls)
         for c in calls:
             t0 = time.perf_counter()
-            c.y, c.new_states = self.model.run(c.x, c.states)
+            if self.on_device:
+                c.y, c.new_states = self.model.run_bound(c.x, c.states, *self.device)
+            else:
+                c.y, c.new_states = self.model.run(c.x, c.states)
             c.seconds = time.perf_counter() - t0
             if self.forecaster is not None:
                 c.forecast = self.forecaster.roll(c.y[:, -1], c.new_states)
@@ -261,7 +275,7 @@ class Pipeline:
         their calls gathered at ``plan`` (before this ran): one call of the start graph for all."""
         starting, self.starting = self.starting, {}
         arena = self.streams.arena
-        assert isinstance(arena, StateArena)  # a context start needs a stateful bundle
+        assert isinstance(arena, StateArena | DeviceArena)  # a context start needs a stateful bundle
         slots = np.fromiter(starting, dtype=np.int64, count=len(starting))
         arena.scatter(slots, self.model.start_state(np.asarray(list(starting.values()), dtype=np.float32)))
         for c in calls:
@@ -276,7 +290,7 @@ class Pipeline:
             assert c.y is not None
             if not self.window:
                 arena = self.streams.arena
-                assert isinstance(arena, StateArena)
+                assert isinstance(arena, StateArena | DeviceArena)
                 arena.scatter(c.slots, c.new_states)
             y = c.y.reshape(-1, c.y.shape[-1])  # [B*T, O], row-major (stream, step) like g.refs
             if c.forecast is None and c.generated is None:
@@ -344,11 +358,12 @@ class Pipeline:
         out: list[tuple[int, bytes, bytes | None]] = [(p, k, None) for p, k in self.tombstones]
         self.tombstones = []
         streams = self.streams
-        for slot in streams.dirty:
+        slots = [slot for slot in streams.dirty if streams.keys[slot] is not None]
+        tensors = streams.arena.get_many(np.array(slots, dtype=np.int64)) if slots else []  # one copy per tensor
+        for j, slot in enumerate(slots):
             key = streams.keys[slot]
-            if key is None:
-                continue
-            state = changelog.StreamState(streams.arena.get(slot), int(streams.steps[slot]),
+            assert key is not None
+            state = changelog.StreamState([t[j] for t in tensors], int(streams.steps[slot]),
                                           int(streams.last_offset[slot]), int(streams.last_index[slot]),
                                           self._layout_hash)
             out.append((int(streams.partition[slot]), key, changelog.encode(state)))
@@ -396,7 +411,6 @@ class Pipeline:
 def pipeline_for(model: BundleModel, cfg: ServeConfig, topic: str, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> Pipeline:
     """The pipeline a bundle calls for: ``Seq2SeqPipeline`` for an encoder–decoder, else ``Pipeline``."""
-    check_config(model, cfg)
     if model.spec.mode == "seq2seq":
         return Seq2SeqPipeline(model, cfg, topic, metrics, clock)
     return Pipeline(model, cfg, topic, metrics, clock)
@@ -406,6 +420,9 @@ def check_config(model: BundleModel, cfg: ServeConfig) -> None:
     """The settings that only some bundles take, checked against this one (at start and at a swap)."""
     spec = model.spec
     s2s = spec.seq2seq
+    if cfg.device_state and spec.mode != "stateful":
+        raise ConfigError(f"device_state is for stateful bundles; {spec.model.ref} is a {spec.mode} bundle, whose "
+                          "state is not per-stream tensors the model carries: leave it false", "device_state")
     if s2s is None:
         if cfg.beam_size != 1 or cfg.max_output_len:
             name = "beam_size" if cfg.beam_size != 1 else "max_output_len"

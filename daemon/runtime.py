@@ -177,6 +177,21 @@ class BundleModel:
         y, *new = self.session.run(self._outputs, feed)
         return y, new
 
+    def run_bound(self, x: np.ndarray, states: Sequence[ort.OrtValue], device: str,
+                  device_id: int = 0) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """``run`` with IO binding, for state kept on the device (``device.DeviceArena``): ``x`` from the
+        host, ``states`` and the new states on ``device``, only ``y`` back to the host."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.spec.x_name, x)
+        for name, v in zip(self._state_in, states, strict=True):
+            binding.bind_ortvalue_input(name, v)
+        binding.bind_output(self.spec.y_name, "cpu")
+        for name in self._outputs[1:]:
+            binding.bind_output(name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        y, *new = binding.get_outputs()
+        return y.numpy(), new
+
     def run_sequence(
         self, x: np.ndarray, chunk: int = 1, states: Sequence[np.ndarray] | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -65,6 +65,10 @@ class StateArena:
         """One stream's state, per-stream shapes (for the changelog)."""
         return [np.take(t, slot, axis=ax).copy() for t, ax in zip(self.tensors, self._axes, strict=True)]
 
+    def get_many(self, slots: np.ndarray) -> list[np.ndarray]:
+        """Streams' states, batch-first (``[n, *per-stream shape]``): a checkpoint's changelog records."""
+        return [np.moveaxis(np.take(t, slots, axis=ax), ax, 0) for t, ax in zip(self.tensors, self._axes, strict=True)]
+
     def put(self, slot: int, values: list[np.ndarray]) -> None:
         for t, ax, v in zip(self.tensors, self._axes, values, strict=True):
             t[(slice(None),) * ax + (slot,)] = v
@@ -98,6 +102,9 @@ class WindowArena:
         order = (pos[:, None] + 1 + self._arange[None, :]) % self.w
         return self.ring[slots[:, None], order]
 
+    def adopt(self, spec: BundleSpec) -> None:
+        """Nothing to take from another bundle: a window holds inputs, and the input reads the same."""
+
     def init(self, slot: int, key: bytes, fresh: bool = False) -> None:
         if not fresh:  # a fresh slot holds the fill value since allocation
             self.ring[slot] = self.fill
@@ -105,12 +112,35 @@ class WindowArena:
     def get(self, slot: int) -> list[np.ndarray]:
         return [self.ring[slot].copy()]
 
+    def get_many(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [self.ring[slots]]
+
     def put(self, slot: int, values: list[np.ndarray]) -> None:
         self.ring[slot] = values[0]
 
     @property
     def bytes_per_stream(self) -> int:
         return int(self.ring[0].nbytes)
+
+
+class Arena(Protocol):
+    """What ``Streams`` and the pipeline ask of an arena: ``StateArena``, ``WindowArena``, ``device.DeviceArena``."""
+
+    def adopt(self, spec: BundleSpec) -> None: ...
+    def init(self, slot: int, key: bytes, fresh: bool = False) -> None: ...
+    def get(self, slot: int) -> list[np.ndarray]: ...
+    def get_many(self, slots: np.ndarray) -> list[np.ndarray]: ...
+    def put(self, slot: int, values: list[np.ndarray]) -> None: ...
+    @property
+    def bytes_per_stream(self) -> int: ...
+
+
+ArenaFactory = Callable[[BundleSpec, int], Arena]
+
+
+def host_arena(spec: BundleSpec, capacity: int) -> Arena:
+    """The host's arena for a bundle: a ring of inputs for a window bundle, else its state tensors."""
+    return WindowArena(spec, capacity) if spec.mode == "window" else StateArena(spec, capacity)
 
 
 @dataclass
@@ -125,12 +155,14 @@ class Streams:
     """(partition, key) → slot, with TTL and LRU eviction. Knows nothing of Kafka or the model."""
 
     def __init__(self, spec: BundleSpec, capacity: int, ttl_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, arena: ArenaFactory | None = None) -> None:
+        """``arena``: makes the state arena for a spec and a capacity (``host_arena`` unless given:
+        ``device.DeviceArena`` keeps the state on the model's device)."""
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.clock = clock
-        self.arena: StateArena | WindowArena = (
-            WindowArena(spec, capacity) if spec.mode == "window" else StateArena(spec, capacity))
+        self.new_arena = arena or host_arena
+        self.arena: Arena = self.new_arena(spec, capacity)
         self.index: dict[int, dict[bytes, int]] = {}
         self.keys: list[bytes | None] = []
         self.partition = np.zeros(capacity, dtype=np.int32)
@@ -285,10 +317,9 @@ class Streams:
         """
         used = [int(s) for s in np.flatnonzero(self.in_use[: self._next])]
         if not reset:
-            if isinstance(self.arena, StateArena):
-                self.arena.adopt(spec)
+            self.arena.adopt(spec)
             return used
-        self.arena = WindowArena(spec, self.capacity) if spec.mode == "window" else StateArena(spec, self.capacity)
+        self.arena = self.new_arena(spec, self.capacity)
         for slot in used:
             key = self.keys[slot]
             assert key is not None

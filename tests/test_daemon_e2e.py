@@ -110,10 +110,11 @@ def normalised_values(spec: BundleSpec, v: dict) -> np.ndarray:
     return (vals - mean) / std
 
 
-@pytest.mark.parametrize("mode", ["stateful", "window"])
+@pytest.mark.parametrize("mode", ["stateful", "stateful-device", "window"])
 def test_numeric_streams_match_full_sequence_reference(mode, bootstrap, topic_factory, recipe_bundle,
                                                        window_bundle, tmp_path):
-    bundle = recipe_bundle("sensors") if mode == "stateful" else window_bundle
+    """``stateful-device``: the state kept by device_state's code path (on the CPU provider here)."""
+    bundle = window_bundle if mode == "window" else recipe_bundle("sensors")
     model = BundleModel(bundle)
     spec = model.spec
     f = spec.input.n_features
@@ -148,7 +149,8 @@ def test_numeric_streams_match_full_sequence_reference(mode, bootstrap, topic_fa
                 for i, (_, m) in enumerate(items)}
     total = sum(steps_of.values())
     assert total == sum(len(s) for s in seqs.values())
-    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, log_dir=tmp_path) as d:
+    extra = ["--device-state"] if mode == "stateful-device" else []
+    with DaemonProcess(bundle, bootstrap, topic_in, topic_out, *extra, log_dir=tmp_path) as d:
         d.start()
         outputs = consume(bootstrap, topic_out, total, timeout=90, settle=0.5)
         by_key = check_ids_and_steps(topic_in, sent, outputs, steps_of)
@@ -157,11 +159,12 @@ def test_numeric_streams_match_full_sequence_reference(mode, bootstrap, topic_fa
         assert d.metric("rnnd_steps_total") == total
         assert d.metric("rnnd_active_streams") == N_STREAMS
         assert d.stop() == 0
+    # rnnd predict runs the host arena: the device_state daemon's documents must equal its own
     same_as_predict(bundle, topic_in, items, outputs, tmp_path, bootstrap if mode == "stateful" else None)
     worst = 0.0
     for key, raw in seqs.items():
         x = ((raw - np.array(spec.input.mean or 0.0)) / np.array(spec.input.std or 1.0)).astype(np.float32)[None]
-        ref = model.run_sequence(x, chunk=x.shape[1])[0][0] if mode == "stateful" else model.run_windows(x)[0]
+        ref = model.run_sequence(x, chunk=x.shape[1])[0][0] if mode != "window" else model.run_windows(x)[0]
         got = np.stack([normalised_values(spec, v) for v in by_key[key]])
         worst = max(worst, float(np.max(np.abs(got - ref))))
         warm = [v["warmup"] for v in by_key[key]]

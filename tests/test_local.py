@@ -177,3 +177,24 @@ def test_the_readme_example_runs_verbatim(tmp_path: Path, monkeypatch) -> None:
     session, later = scope["session"], scope["later"]
     assert session.state("dev-1") is not None and session.dead_letters == []
     np.testing.assert_array_equal(later.state("dev-1")["h"], session.state("dev-1")["h"])
+
+
+def test_device_state_checkpoints_restore_into_either_arena(recipe_bundle) -> None:
+    """State kept by device_state (its code path on the CPU provider) checkpoints and restores both
+    ways: a host Session continues a device one and the reverse, with the documents a host Session
+    alone writes, bit for bit."""
+    model = BundleModel(recipe_bundle("sensors"))
+    _, items = streams(model.spec, 60, seed=9)
+    half = len(items) // 2
+
+    def run(first_on_device: bool, then_on_device: bool) -> list[dict]:
+        first = Session(model, device_state=first_on_device)
+        docs = first.predict(items[:half])
+        second = Session(model, device_state=then_on_device)
+        second.restore(first.checkpoint())
+        docs += second.predict(items[half:])
+        assert second.state("dev-3") is not None
+        return [{k: v for k, v in d.items() if k not in ("output_ts", "input_ts")} for d in docs]  # the clock
+
+    host = run(False, False)
+    assert run(True, False) == host and run(False, True) == host and run(True, True) == host

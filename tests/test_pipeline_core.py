@@ -27,7 +27,8 @@ import torch
 
 from rnnd.daemon.bundle import InputSpec, OutputSpec, RandomInit, TokenizerSpec
 from rnnd.daemon.codec import Output
-from rnnd.daemon.config import ServeConfig
+from rnnd.daemon.config import ConfigError, ServeConfig
+from rnnd.daemon.device import DeviceArena
 from rnnd.daemon.pipeline import Pipeline
 from rnnd.daemon.runtime import BundleModel
 from rnnd.daemon.tokenizer import Tokenizer
@@ -670,11 +671,14 @@ def captioner(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module
                           output=OutputSpec("language_model", vocab=CAP_VOCAB), context_size=6)
 
 
-def test_streams_started_from_a_context_follow_pytorch_from_init_of_that_context(captioner) -> None:
+@pytest.mark.parametrize("device_state", [False, True])
+def test_streams_started_from_a_context_follow_pytorch_from_init_of_that_context(captioner,
+                                                                                device_state: bool) -> None:
     """Captioning's shape: each caption starts from its image's representation. Streams start from
     a context (with their first tokens, or in a control-only start), some start over from a new
     context mid-way, one never gets one (zeros); in random batches. Every prediction equals
-    PyTorch's init(context) followed by the module over that caption's tokens."""
+    PyTorch's init(context) followed by the module over that caption's tokens (``device_state``:
+    the init graph's states scattered into the device arena)."""
     torch_model, model = captioner
     assert model.spec.start is not None and model.spec.start.size == 6
     rng, nprng = random.Random(8), np.random.default_rng(8)
@@ -712,7 +716,7 @@ def test_streams_started_from_a_context_follow_pytorch_from_init_of_that_context
         offsets[p] += 1
         if not by_key[key]:
             del by_key[key]
-    docs = drive(Pipeline(model, config(top_k=len(CAP_VOCAB)), TOPIC), sent, rng).docs
+    docs = drive(Pipeline(model, config(top_k=len(CAP_VOCAB), device_state=device_state), TOPIC), sent, rng).docs
     assert len(docs) == sum(len(s.steps) for s in sent)
     mine = defaultdict(list)
     for d in docs:
@@ -757,3 +761,47 @@ def test_the_init_graph_is_sealed_with_the_rest_of_the_bundle(tmp_path: Path) ->
     entry.value = base64.b64encode(graph.SerializeToString()).decode()
     with pytest.raises(BundleIntegrityError, match="was modified after export"):
         BundleModel(proto.SerializeToString())
+
+
+# --- device-resident state ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bundle", ["gru", "lstm_tokens", "gru_random"])
+def test_device_state_gives_exactly_what_the_host_arena_gives(request: pytest.FixtureRequest, bundle: str) -> None:
+    """The same traffic (controls, dead letters, LRU evictions, re-fetches, the same random bursts) through
+    a pipeline with the host arena and one with device_state, here on the CPU provider: the same
+    documents, the same changelog records, and the same state in every slot, bit for bit."""
+    fixture = request.getfixturevalue(bundle)
+    model: BundleModel = fixture[1] if isinstance(fixture, tuple) else fixture
+    spec = model.spec
+    kind = spec.input.kind
+    traffic = make_traffic(random.Random(7), n_keys=60, n_records=400, kind=kind,
+                           spec=spec.input, dead_rate=0.03, controls=True)
+    runs = []
+    for device_state in (False, True):
+        pipeline = Pipeline(model, config(max_chunk=4, max_batch=16, max_streams=40, device_state=device_state),
+                            TOPIC)
+        records: list[tuple[int, bytes, bytes | None]] = []
+
+        def checkpoint(p: Pipeline, accepted: int, docs: list[dict[str, Any]], into: list = records) -> None:
+            if accepted % 7 == 0:
+                into += p.changelog_records()
+
+        result = drive(pipeline, traffic, random.Random(8), checkpoint)
+        records += pipeline.changelog_records()
+        docs = [{k: v for k, v in d.items() if k != "output_ts"} for d in result.docs]
+        slots = np.flatnonzero(pipeline.streams.in_use)
+        assert isinstance(pipeline.streams.arena, DeviceArena) == device_state
+        runs.append((docs, records, pipeline.streams.arena.get_many(slots)))
+    (host_docs, host_records, host_state), (dev_docs, dev_records, dev_state) = runs
+    assert len(host_docs) > 300 and dev_docs == host_docs
+    assert dev_records == host_records and len(host_records) > 100
+    for a, b in zip(host_state, dev_state, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_device_state_is_refused_where_it_cannot_work(window: BundleModel, gru: BundleModel) -> None:
+    with pytest.raises(ConfigError, match=r"device_state is for stateful bundles; win@.* is a window bundle"):
+        Pipeline(window, config(device_state=True), TOPIC)
+    with pytest.raises(ConfigError, match="forecast_horizon must be 0 with device_state, not 3"):
+        config(device_state=True, forecast_horizon=3)
