@@ -10,7 +10,15 @@
     streams allocated and touched (``slot()`` for N keys, then one scatter of new state over
     all of them), against the raw state bytes (``StateSpec.nbytes`` summed over the states).
 
-Both print one JSON document on stdout.
+``python -m bench.ceilings arena --model M --batches 1,64,512 --provider cpu``
+    A model call with its state's round trip, as the daemon makes it: B streams at random
+    slots of an arena of ``--capacity`` streams, gathered, run (T=1), scattered back. Host
+    arena (``state.StateArena``: numpy, ONNX Runtime copies state in and out) against device
+    state (``device.DeviceArena``: gather, IO-bound call and scatter on the provider's device).
+    On a GPU the second saves two transfers of the state per call; on the CPU it is the same
+    work through more ONNX Runtime calls, so this measures what the device path costs there.
+
+Each prints one JSON document on stdout.
 """
 
 from __future__ import annotations
@@ -50,6 +58,51 @@ def compute(model: str, batches: list[int], seconds: float) -> dict[str, Any]:
                 break
         out.append({"batch": b, "us_per_call": took / calls * 1e6, "steps_per_s": b * calls / took})
     return {"model": spec.model.ref, "results": out}
+
+
+def arena(model: str, batches: list[int], seconds: float, provider: str, capacity: int) -> dict[str, Any]:
+    from rnnd.daemon.device import DeviceArena, placement_of
+    from rnnd.daemon.runtime import open_bundle
+    from rnnd.daemon.state import StateArena
+
+    m, choice = open_bundle(model, provider)
+    spec = m.spec
+    placement = placement_of(m.session)
+    rng = np.random.default_rng(0)
+    out = []
+    for b in batches:
+        slots = np.sort(rng.choice(capacity, size=min(b, capacity), replace=False)).astype(np.int64)
+        if spec.input.kind == "numeric":
+            x = rng.standard_normal((len(slots), 1, spec.input.n_features)).astype(np.float32)
+        else:
+            x = rng.integers(2, spec.input.vocab_size, size=(len(slots), 1)).astype(np.int64)
+        row: dict[str, Any] = {"batch": len(slots)}
+        for name in ("host", "device"):
+            if name == "host":
+                a: Any = StateArena(spec, capacity)
+
+                def call(a: Any = a, x: np.ndarray = x, slots: np.ndarray = slots) -> None:
+                    _, new = m.run(x, a.gather(slots))
+                    a.scatter(slots, new)
+            else:
+                a = DeviceArena(spec, capacity, placement)
+
+                def call(a: Any = a, x: np.ndarray = x, slots: np.ndarray = slots) -> None:
+                    _, new = m.run_bound(x, a.gather(slots), placement.device, placement.device_id)
+                    a.scatter(slots, new)
+            for _ in range(3):
+                call()
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                call()
+                calls += 1
+                took = time.perf_counter() - t0
+                if took >= seconds and calls >= 5:
+                    break
+            row[f"{name}_steps_per_s"] = len(slots) * calls / took
+        row["device_over_host"] = row["device_steps_per_s"] / row["host_steps_per_s"]
+        out.append(row)
+    return {"model": spec.model.ref, "provider": choice.actual, "capacity": capacity, "results": out}
 
 
 def _rss() -> int:
@@ -122,9 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("memory")
     m.add_argument("--model", required=True)
     m.add_argument("--streams", type=int, required=True)
+    r = sub.add_parser("arena")
+    r.add_argument("--model", required=True)
+    r.add_argument("--batches", default="1,64,512,4096")
+    r.add_argument("--seconds", type=float, default=0.5)
+    r.add_argument("--provider", default="cpu")
+    r.add_argument("--capacity", type=int, default=100_000)
     args = p.parse_args(argv)
     if args.what == "compute":
         doc = compute(args.model, [int(b) for b in args.batches.split(",")], args.seconds)
+    elif args.what == "arena":
+        doc = arena(args.model, [int(b) for b in args.batches.split(",")], args.seconds, args.provider,
+                    args.capacity)
     else:
         doc = memory(args.model, args.streams)
     print(json.dumps(doc))

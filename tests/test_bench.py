@@ -241,3 +241,12 @@ def test_seq2seq_contender(runs, name: str) -> None:
             want = answer_one(bundle, np.asarray(orjson.loads(value)["tokens"], dtype=np.int64))
             assert d["prediction"]["output_ids"] == want.ids, name
             assert abs(d["prediction"]["logp"] - want.logp) <= 1e-4 * max(1, len(want.ids)), name
+
+
+def test_the_arena_ceiling_measures_both_arenas() -> None:
+    """``python -m bench.ceilings arena``: the host arena and device_state's path side by side (CPU here)."""
+    from bench.ceilings import arena
+
+    doc = arena(str(Path(__file__).parents[1] / "cli" / "demo_bundle" / "sensors.onnx"), [1, 32], 0.05, "cpu", 1_000)
+    assert doc["provider"] == "CPUExecutionProvider" and [r["batch"] for r in doc["results"]] == [1, 32]
+    assert all(r["host_steps_per_s"] > 0 and r["device_steps_per_s"] > 0 for r in doc["results"])
