@@ -40,6 +40,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .bundle import BundleSpec, StateSpec
+from .state import initial_values
 
 #: ONNX opset of the gather and scatter graphs (ScatterND with reduction needs 16; we use none).
 OPSET = 17
@@ -124,19 +125,23 @@ class DeviceArena:
 
     def adopt(self, spec: BundleSpec) -> None:
         self.specs = spec.states
-        self.initial = [None if s.init == "zeros" else s if s.init == "random" else s.initial() for s in spec.states]
+        self.initial = initial_values(spec)
 
     # --- the model's calls ------------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> list[ort.OrtValue]:
         """The streams' state in the graph's layout, on the device."""
+        return list(self._read(slots, self.device, self.device_id).get_outputs())
+
+    def _read(self, slots: np.ndarray, device: str, device_id: int = 0) -> ort.IOBinding:
+        """The gather graph's run, its outputs left on ``device``."""
         self._flush()
         binding = self._gather.io_binding()
         binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
         for i, v in enumerate(self.values):
             binding.bind_ortvalue_input(f"arena{i}", v)
-            binding.bind_output(f"state{i}", self.device, self.device_id)
+            binding.bind_output(f"state{i}", device, device_id)
         self._gather.run_with_iobinding(binding)
-        return list(binding.get_outputs())
+        return binding
 
     def scatter(self, slots: np.ndarray, states: Sequence[Any]) -> None:
         """The streams' new state (device values from ``run_bound``, or host arrays) into their slots."""
@@ -175,15 +180,8 @@ class DeviceArena:
 
     def get_many(self, slots: np.ndarray) -> list[np.ndarray]:
         """The streams' state on the host, batch-first (``[n, *per-stream shape]``), in one copy per tensor."""
-        self._flush()
-        binding = self._gather.io_binding()
-        binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
-        for i, v in enumerate(self.values):
-            binding.bind_ortvalue_input(f"arena{i}", v)
-            binding.bind_output(f"state{i}", "cpu")
-        self._gather.run_with_iobinding(binding)
-        return [np.moveaxis(t, s.batch_axis, 0) for t, s in zip(binding.copy_outputs_to_cpu(), self.specs,
-                                                                  strict=True)]
+        on_host = self._read(slots, "cpu").copy_outputs_to_cpu()
+        return [np.moveaxis(t, s.batch_axis, 0) for t, s in zip(on_host, self.specs, strict=True)]
 
     def _flush(self) -> None:
         if not self._pending:

@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import numpy as np
 from prometheus_client import (
@@ -246,6 +246,18 @@ class HttpEndpoint:
             pass
         finally:
             writer.close()
+
+
+class Endpoint(HttpEndpoint):
+    """An endpoint whose answers come from a callable: the supervisor's and the router's, which answer
+    for their workers and routes."""
+
+    def __init__(self, host: str, port: int, answer: Callable[[str, str], Awaitable[Answer]]) -> None:
+        super().__init__(host, port)
+        self._answer = answer
+
+    async def answer(self, path: str, method: str = "GET") -> Answer:
+        return await self._answer(path, method)
 
 
 class HttpServer(HttpEndpoint):

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from .codec import Record
 
 
+def initial_values(spec: BundleSpec) -> list[np.ndarray | StateSpec | None]:
+    """Per state: None (zeros), the value every stream starts from (learned), or the spec (random: each
+    stream's own draw, ``StateSpec.initial_for``)."""
+    return [None if s.init == "zeros" else s if s.init == "random" else s.initial() for s in spec.states]
+
+
 class StateArena:
     def __init__(self, spec: BundleSpec, capacity: int) -> None:
         self.tensors = [np.zeros(s.graph_shape(capacity), dtype=s.dtype) for s in spec.states]
@@ -36,9 +42,7 @@ class StateArena:
     def adopt(self, spec: BundleSpec) -> None:
         """Start new streams from ``spec``'s initial values; the state held stays (same layout: same hash)."""
         self.specs = spec.states
-        # Per state: None (zeros), a value every stream starts from (learned), or the spec (random:
-        # each stream's own draw).
-        self.initial = [None if s.init == "zeros" else s if s.init == "random" else s.initial() for s in spec.states]
+        self.initial = initial_values(spec)
         self._axes = [s.batch_axis for s in spec.states]
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:

@@ -81,6 +81,16 @@ def test_a_command_of_one_route_must_name_it_and_shadow_needs_routes(tmp_path: P
 # --- one process, several routes, on a broker --------------------------------------------------------
 
 
+def routes_daemon(path: Path, bootstrap: str, tmp_path: Path, **tables: str) -> DaemonProcess:
+    """``rnnd serve --config path``, the file the given [routes.NAME] tables under the top level the tests share."""
+    path.write_text(f'bootstrap_servers = "{bootstrap}"\ncommit_interval_s = 0.5\nsession_timeout_ms = 6000\n'
+                    + tables.pop("top", "") + "".join(f"[routes.{n}]\n{t}" for n, t in tables.items()))
+    d = DaemonProcess(Path("unused.onnx"), bootstrap, "unused-in", "unused-out", log_dir=tmp_path)
+    d.args = [sys.executable, "-m", "rnnd", "serve", "--config", str(path), "--http-host", "127.0.0.1",
+              "--http-port", str(d.port)]
+    return d
+
+
 def reference(model: BundleModel, xs: list[float]) -> np.ndarray:
     y, _ = model.run_sequence(np.array(xs, dtype=np.float32)[None, :, None], chunk=1)
     return y[0, :, 0]
@@ -96,17 +106,12 @@ def test_two_routes_and_a_shadow_in_one_daemon(bootstrap, topic_factory, upgrade
     in1, out1, in2, out2, out_s, out_t = (topic_factory(n, 2) for n in ("r-in1", "r-out1", "r-in2", "r-out2",
                                                                        "r-out-s", "r-out-t"))
     admin = free_port()
-    path = tmp_path / "routes.toml"
-    path.write_text(f'bootstrap_servers = "{bootstrap}"\ncommit_interval_s = 0.5\nsession_timeout_ms = 6000\n'
-                    f'admin_address = "127.0.0.1:{admin}"\n'
-                    f'[routes.a]\nmodel = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out1}"\n'
-                    f'[routes.b]\nmodel = "{mavg}"\ninput_topic = "{in2}"\noutput_topic = "{out2}"\n'
-                    f'[routes.s]\nmodel = "{v2}"\ninput_topic = "{in1}"\noutput_topic = "{out_s}"\nshadow = true\n'
-                    f'[routes.t]\nmodel = "{tmp_path / "missing.onnx"}"\ninput_topic = "{in1}"\n'
-                    f'output_topic = "{out_t}"\nshadow = true\n')
-    d = DaemonProcess(v1, bootstrap, in1, out1, log_dir=tmp_path)
-    d.args = [sys.executable, "-m", "rnnd", "serve", "--config", str(path), "--http-host", "127.0.0.1",
-              "--http-port", str(d.port)]
+    d = routes_daemon(tmp_path / "routes.toml", bootstrap, tmp_path, top=f'admin_address = "127.0.0.1:{admin}"\n',
+                      a=f'model = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out1}"\n',
+                      b=f'model = "{mavg}"\ninput_topic = "{in2}"\noutput_topic = "{out2}"\n',
+                      s=f'model = "{v2}"\ninput_topic = "{in1}"\noutput_topic = "{out_s}"\nshadow = true\n',
+                      t=f'model = "{tmp_path / "missing.onnx"}"\ninput_topic = "{in1}"\noutput_topic = "{out_t}"\n'
+                        'shadow = true\n')
     rng = np.random.default_rng(4)
     xs1 = {f"k{i}".encode(): rng.uniform(-1, 1, 12).tolist() for i in range(20)}
     xs2 = {f"m{i}".encode(): rng.uniform(-1, 1, 12).tolist() for i in range(10)}
@@ -181,16 +186,12 @@ def test_a_shadow_that_stops_leaves_the_others_serving_and_a_served_route_that_s
         suffix = "shadow" if shadow else "served"
         changelog = topic_factory(f"f-state-{suffix}", 1)
         produce(bootstrap, changelog, [foreign])
-        path = tmp_path / f"routes-{suffix}.toml"
-        path.write_text(f'bootstrap_servers = "{bootstrap}"\ncommit_interval_s = 0.5\nsession_timeout_ms = 6000\n'
-                        f'[routes.a]\nmodel = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out1}"\n'
-                        f'group_id = "g-a-{suffix}"\n'
-                        f'[routes.s]\nmodel = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out_s}"\n'
-                        f'changelog_topic = "{changelog}"\ndead_letter_topic = "{changelog}.dlq"\n'
-                        f'shadow = {str(shadow).lower()}\n')
-        d = DaemonProcess(v1, bootstrap, in1, out1, log_dir=tmp_path)
-        d.args = [sys.executable, "-m", "rnnd", "serve", "--config", str(path), "--http-host", "127.0.0.1",
-                  "--http-port", str(d.port)]
+        d = routes_daemon(tmp_path / f"routes-{suffix}.toml", bootstrap, tmp_path,
+                          a=f'model = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out1}"\n'
+                            f'group_id = "g-a-{suffix}"\n',
+                          s=f'model = "{v1}"\ninput_topic = "{in1}"\noutput_topic = "{out_s}"\n'
+                            f'changelog_topic = "{changelog}"\ndead_letter_topic = "{changelog}.dlq"\n'
+                            f'shadow = {str(shadow).lower()}\n')
         with d:
             d.start(wait_ready=False)
             deadline = time.monotonic() + 60

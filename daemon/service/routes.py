@@ -39,7 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..config import ServeConfig
 from ..errors import RnndError
 from ..logs import ROUTE
-from ..metrics import Answer, HttpEndpoint, Metrics, combine, process_collectors
+from ..metrics import Answer, Endpoint, Metrics, combine, process_collectors
 from .budgets import ADMIN_ANSWER_S
 from .daemon import Daemon
 
@@ -76,8 +76,8 @@ class Router:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        http = _Endpoint(self, base.http_host, base.http_port)
-        admin = _Admin(self, *base.admin_endpoint) if base.admin_endpoint else None
+        http = Endpoint(base.http_host, base.http_port, self.answer)
+        admin = Endpoint(*base.admin_endpoint, self.reload) if base.admin_endpoint else None
         try:
             for endpoint, what, settings in ((http, "/metrics", "http_port or http_host"),
                                              (admin, "/admin/reload", "admin_address")):
@@ -151,7 +151,7 @@ class Router:
     def served(self) -> list[Daemon]:
         return [d for d in self.daemons.values() if not d.cfg.shadow]
 
-    async def answer(self, path: str) -> Answer:
+    async def answer(self, path: str, method: str = "GET") -> Answer:
         if path == "/metrics":
             parts = [(name, d.metrics.registry.collect()) for name, d in self.daemons.items()]
             return 200, combine(parts, "route", self.registry.collect()), CONTENT_TYPE_LATEST
@@ -192,21 +192,3 @@ class Router:
         body = {"result": results.pop() if len(results) == 1 else "mixed", "routes": docs}
         return max(d["status"] for d in docs), orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE), \
             "application/json"
-
-
-class _Endpoint(HttpEndpoint):
-    def __init__(self, router: Router, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.router = router
-
-    async def answer(self, path: str, method: str = "GET") -> Answer:
-        return await self.router.answer(path)
-
-
-class _Admin(HttpEndpoint):
-    def __init__(self, router: Router, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.router = router
-
-    async def answer(self, path: str, method: str = "GET") -> Answer:
-        return await self.router.reload(path, method)

@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .. import settings
 from ..children import free_port, parent_death_signal
 from ..config import ServeConfig
-from ..metrics import NOT_FOUND, Answer, HttpEndpoint
+from ..metrics import NOT_FOUND, Answer, Endpoint
 from ..metrics import combine as metrics_combine
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
 from .budgets import ADMIN_ANSWER_S, CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
@@ -158,7 +158,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        http = _Endpoint(self, cfg.http_host, cfg.http_port)
+        http = Endpoint(cfg.http_host, cfg.http_port, self.answer)
         try:
             await http.start()
         except OSError as e:  # before any worker starts: nothing to undo
@@ -166,7 +166,7 @@ class Supervisor:
                       cfg.http_host, cfg.http_port, e.strerror or e)
             return 2
         port = http.port
-        admin = _Admin(self, *cfg.admin_endpoint) if cfg.admin_endpoint else None
+        admin = Endpoint(*cfg.admin_endpoint, self.reload) if cfg.admin_endpoint else None
         watch = None
         try:
             if admin is not None:
@@ -318,25 +318,3 @@ class Supervisor:
         result = results.pop() if len(results) == 1 else "mixed"
         return worst, orjson.dumps({"result": result, "workers": docs}, option=orjson.OPT_APPEND_NEWLINE), \
             "application/json"
-
-
-class _Admin(HttpEndpoint):
-    """The supervisor's admin endpoint: forwards to every worker's."""
-
-    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.supervisor = supervisor
-
-    async def answer(self, path: str, method: str = "GET") -> Answer:
-        return await self.supervisor.reload(path, method)
-
-
-class _Endpoint(HttpEndpoint):
-    """The supervisor's HTTP: what it answers is the supervisor's."""
-
-    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.supervisor = supervisor
-
-    async def answer(self, path: str, method: str = "GET") -> Answer:
-        return await self.supervisor.answer(path, method)
