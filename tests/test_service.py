@@ -836,3 +836,56 @@ def test_a_fenced_partition_is_left_to_its_new_owner(recipe_bundle) -> None:
         await stopped(daemon, run)
 
     asyncio.run(scenario())
+
+
+def test_a_reload_swaps_only_at_a_checkpoint_that_commits(recipe_bundle, upgrade_bundles, tmp_path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """While commits fail (a broker outage), a reload's checkpoints swap nothing and the old bundle keeps
+    answering; the first one that commits swaps, under the call lock: every output before that commit
+    is the old bundle's, every one after it the new one's."""
+    import shutil
+
+    from aiokafka.errors import KafkaConnectionError
+
+    from rnnd.daemon.service import reload
+
+    monkeypatch.setattr(reload, "RELOAD_RETRY_S", 0.05)
+    v1, v2, _ = upgrade_bundles
+    serving = tmp_path / "serving.onnx"
+    shutil.copy(v1, serving)
+    fakes = FakeClients()
+    consumer, sink = fakes.group, fakes.out
+    commit = consumer.commit
+    failing = [True]
+
+    async def flaky_commit(offsets: dict) -> None:
+        if failing[0]:
+            fakes.log.append(("commit failed",))
+            raise KafkaConnectionError("broker away")
+        await commit(offsets)
+
+    consumer.commit = flaky_commit  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        daemon = make_daemon(serving, fakes, watch_model=False)
+        run = await started(daemon, fakes)
+        consumer.feed(TP0, values(b"a", 0.5, 0.25))
+        await until(lambda: len(sink.outputs()) == 2 and not daemon.pipeline.busy())
+        shutil.copy(v2, serving)
+        swap = asyncio.create_task(daemon.reloader.reload("test"))
+        await until(lambda: sum(e == ("commit failed",) for e in fakes.log) >= 3)
+        consumer.feed(TP0, values(b"a", 0.125))  # answered meanwhile, by the old bundle
+        await until(lambda: len(sink.outputs()) == 3)
+        assert daemon.model.spec.model.ref == "product@1" and not swap.done()
+        failing[0] = False
+        outcome = await asyncio.wait_for(swap, 10)
+        assert (outcome.result, outcome.serving) == ("swapped", "product@2")
+        consumer.feed(TP0, values(b"a", 0.75))
+        await until(lambda: len(sink.outputs()) == 4)
+        assert sorted((o["offset"], o["model"]) for o in sink.outputs()) == [
+            (0, "product@1"), (1, "product@1"), (2, "product@1"), (3, "product@2")]
+        assert consumer.commits == [{0: 3}]  # the swap's commit: everything the old bundle applied
+        assert daemon.metrics.reloads.labels("swapped")._value.get() == 1
+        await stopped(daemon, run)
+
+    asyncio.run(scenario())
