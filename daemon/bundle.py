@@ -439,6 +439,12 @@ class Provenance:
     source: str = ""
 
 
+#: A bundle's arithmetic (``BundleSpec.precision``), and the parity tolerance each is proven to by default
+#: (max abs error in model space, against PyTorch's float32): fp32 is exact up to kernel order; int8
+#: quantizes every weight matrix to 256 levels; fp16 keeps ~3 significant digits per operation.
+PRECISIONS = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1}
+
+
 @dataclass(frozen=True)
 class BundleSpec:
     """Everything in a bundle except its graph."""
@@ -460,8 +466,14 @@ class BundleSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
     start: ContextStart | None = None  # streams may start from init(context) (stateful only)
     seq2seq: Seq2SeqSpec | None = None  # mode seq2seq: the encoder and the decoder step
+    # The graph's arithmetic: fp32, or int8 (weights quantized, ONNX Runtime's dynamic quantization),
+    # or fp16. Inputs, outputs and the state tensors stay float32 whatever it is, so the state
+    # layout (state_hash) is the same across precisions: an int8 bundle continues fp32 streams.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BundleError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if (self.mode == "seq2seq") != (self.seq2seq is not None):
             raise BundleError("a seq2seq bundle, and only one, carries its encoder-decoder spec (seq2seq)")
         if self.mode == "seq2seq":
@@ -522,6 +534,8 @@ class BundleSpec:
         for name in ("start", "seq2seq"):
             if doc[name] is None:
                 del doc[name]
+        if doc["precision"] == "fp32":
+            del doc["precision"]  # written only where it is not the default: fp32 bundles' metadata stays as it was
         for state in doc["seq2seq"]["states"] if "seq2seq" in doc else ():
             if state["init_random"] is None:
                 del state["init_random"]
@@ -671,6 +685,18 @@ def embedded_graph(metadata: Mapping[str, str], key: str, source: str = "model")
         return base64.b64decode(metadata[key], validate=True)
     except ValueError:
         raise BundleError(f"{source}: the graph {key!r} is not base64: re-export it") from None
+
+
+def declared_precision(data: bytes) -> str:
+    """The precision a bundle's metadata declares, read before ONNX Runtime sees the graph (an fp16
+    recurrent op crashes its CPU provider's session creation); "fp32" if it cannot be read, and then
+    the checks that follow say what is wrong with the file."""
+    try:
+        doc = json.loads(metadata_entries(load_proto(data))[METADATA_KEY])
+        precision = doc.get("precision", "fp32")
+    except Exception:  # any unreadable file: the loader's own checks name the problem
+        return "fp32"
+    return precision if isinstance(precision, str) else "fp32"
 
 
 def spec_from_metadata(metadata: Mapping[str, str], source: str = "model") -> BundleSpec:

@@ -73,7 +73,8 @@ def describe(spec: BundleSpec) -> str:
     lines = [f"bundle       : {spec.model.ref}  (format {spec.format_version})"]
     if spec.model.description:
         lines.append(f"description  : {spec.model.description}")
-    lines.append(f"mode         : {spec.mode}" + (f", window {spec.window}" if spec.window else ""))
+    lines.append(f"mode         : {spec.mode}" + (f", window {spec.window}" if spec.window else "")
+                 + (f", precision {spec.precision}" if spec.precision != "fp32" else ""))
     if inp.kind == "numeric":
         feats = ", ".join(inp.features[:8]) + (" …" if len(inp.features) > 8 else "")
         norm = " normalised (mean/std)" if inp.mean else ""

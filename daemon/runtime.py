@@ -17,6 +17,7 @@ from .bundle import (
     BundleError,
     BundleIntegrityError,
     BundleSpec,
+    declared_precision,
     embedded_graph,
     load_proto,
     metadata_entries,
@@ -64,6 +65,10 @@ class BundleModel:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         source = "model" if isinstance(model, bytes) else str(model)
         data = model if isinstance(model, bytes) else read_bytes(model)
+        if providers[0] == "CPUExecutionProvider" and declared_precision(data) == "fp16":
+            raise ProviderError(f"{source} is an fp16 bundle, which ONNX Runtime's CPU provider cannot run (its "
+                                "fp16 recurrent ops have no CPU kernels): serve it with --provider cuda, or export "
+                                "the model with --precision fp32 or int8 for the CPU")
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=list(providers))
         except Exception as e:

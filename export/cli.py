@@ -117,7 +117,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--next-of", help="regression: the input feature each output predicts at the next step "
                    "(enables multi-step forecasts in the daemon)")
     g = p.add_argument_group("parity")
-    g.add_argument("--tolerance", type=float, default=None, help="max abs error allowed (default 1e-4)")
+    g.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32",
+                   help="the graph's arithmetic: fp32; int8 (weights quantized by ONNX Runtime's dynamic "
+                   "quantization: faster on the CPU); fp16 (for GPUs). Inputs, outputs and state stay float32")
+    g.add_argument("--tolerance", type=float, default=None,
+                   help="max abs error allowed (default by precision: fp32 1e-4, fp16 1e-2, int8 0.1)")
     g.add_argument("--parity-batches", default=None, help="batch sizes to check (default 1,7,512)")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
     p.add_argument("--debug", action="store_true", help="show tracebacks and PyTorch's warnings")
@@ -407,7 +411,7 @@ def _run_export(args: argparse.Namespace) -> int:
         sample=None if sample is None else np.asarray(sample.numpy() if hasattr(sample, "numpy") else sample),
         source=f"{factory} {args.checkpoint.name}", random_init=random_init, context_size=args.context_size,
         max_output_len=int(settings.get("max_output_len") or 64),
-        max_source_len=int(settings.get("max_source_len") or 256))
+        max_source_len=int(settings.get("max_source_len") or 256), precision=args.precision)
     result = export_bundle(model, opts, args.out, log=say)
     say(result.report)
     spec = result.spec
@@ -441,9 +445,11 @@ def _random_init(args: argparse.Namespace):
 
 
 def _parity_plan(args: argparse.Namespace):
+    from rnnd.daemon.bundle import PRECISIONS
+
     from .parity import ParityPlan
 
-    plan = ParityPlan()
+    plan = ParityPlan(tolerance=PRECISIONS[getattr(args, "precision", "fp32")])
     if args.tolerance is not None:
         if not args.tolerance > 0:
             raise UsageError(f"--tolerance must be a positive number, not {args.tolerance:g}")

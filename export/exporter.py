@@ -17,6 +17,7 @@ from torch import nn
 
 import rnnd
 from rnnd.daemon.bundle import (
+    PRECISIONS,
     BundleError,
     BundleSpec,
     ContextStart,
@@ -64,6 +65,9 @@ class ExportOptions:
     max_output_len: int = 64
     max_source_len: int = 256
     separator: str | None = None
+    # The graph's arithmetic (BundleSpec.precision); the parity plan's tolerance is the caller's
+    # (the CLI takes PRECISIONS' default for it).
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,14 @@ def export_bundle(
     model = model.eval()
     torch.manual_seed(0)
     with torch.no_grad():
+        if opts.precision not in PRECISIONS:
+            raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opts.precision!r}")
+        if opts.precision == "fp16":
+            _refuse_fp16()
         if opts.mode == "seq2seq":
+            if opts.precision != "fp32":
+                raise ExportError(f"--precision {opts.precision} is for stateful and window bundles; a seq2seq "
+                                  "bundle is exported in fp32")
             spec, onnx_model, report, check = _seq2seq_bundle(model, opts, say)
             strategy = "seq2seq"
         else:
@@ -97,6 +108,9 @@ def export_bundle(
             say(f"model: {adapter.describe()}")
             say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
             spec = _context_start(model, adapter, spec, opts, onnx_model, say)
+            if opts.precision != "fp32":
+                onnx_model = _at_precision(onnx_model, opts.precision, say)
+                spec = dataclasses.replace(spec, precision=opts.precision)
 
             attach(onnx_model, spec)
             bundle = BundleModel(onnx_model.SerializeToString())
@@ -317,6 +331,40 @@ def _self_check(bundle: BundleModel, adapter: protocol.Adapter, opts: ExportOpti
         y = adapter.reference(torch.from_numpy(x)).numpy().astype(np.float32)
     return SelfCheck(x=encode_array(x), x_shape=tuple(x.shape), y=encode_array(y), y_shape=tuple(y.shape),
                      tolerance=opts.parity.tolerance)
+
+
+def _at_precision(onnx_model: onnx.ModelProto, precision: str, say: Callable[[str], None]) -> onnx.ModelProto:
+    """The graph at ``precision``, its inputs and outputs (state included) still float32.
+
+    int8: ONNX Runtime's dynamic quantization (weights to int8 once, activations quantized per call):
+    its LSTM becomes DynamicQuantizeLSTM and its MatMuls MatMulInteger; a GRU's recurrence has no
+    quantized kernel and stays fp32. fp16 is refused here: its parity proof runs the graph, and
+    ONNX Runtime's CPU provider cannot run an fp16 recurrent op (session creation crashes), so it
+    needs a CUDA device, which this machine's onnxruntime does not offer.
+    """
+    if precision == "fp16":
+        _refuse_fp16()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(onnx_model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        quantized = onnx.load(dst)
+    ops = sorted({n.op_type for n in quantized.graph.node} - {n.op_type for n in onnx_model.graph.node})
+    say(f"int8: weights quantized ({', '.join(ops) or 'no op had a quantized kernel'})")
+    return quantized
+
+
+def _refuse_fp16() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ExportError("--precision fp16 needs a GPU to prove its parity (ONNX Runtime cannot run fp16 "
+                          "recurrent ops on the CPU): export it where onnxruntime-gpu sees a CUDA device, or use "
+                          "--precision int8 for the CPU")
+    raise ExportError("--precision fp16 is not built yet (its conversion is proven on a GPU only): export fp32, or "
+                      "int8 for the CPU")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
