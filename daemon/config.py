@@ -58,6 +58,9 @@ class ServeConfig:
     intra_op_threads: int = opt(0, "ONNX Runtime intra-op threads (0: ONNX Runtime's default).", ge=0, le=1024)
     ort_spinning: bool = opt(False, "Let ONNX Runtime's threads busy-wait between calls (slightly lower latency; "
                                     "an idle daemon then keeps its cores busy).")
+    tensorrt_cache_dir: str = opt("", "provider tensorrt: a directory where TensorRT keeps the engines it builds "
+                                      "for the bundle, so that a restart loads them instead of building them again "
+                                      "(minutes for a large model). Empty: no cache.")
     device_state: bool = opt(False, "Keep every stream's state on the model's device (the GPU's memory), moved by "
                                     "small ONNX graphs run by the same provider, the model called with IO "
                                     "binding: per call only the input and the predictions cross to the host. "
@@ -254,6 +257,10 @@ class ServeConfig:
         elif self.generate_seed and self.generate_strategy == "greedy":
             raise ConfigError(f"generate_seed must be 0 with generate_strategy greedy, not {self.generate_seed}: "
                               "greedy generation draws nothing; set generate_strategy = \"topk\"", "generate_seed")
+        if self.tensorrt_cache_dir and not self.provider.startswith("tensorrt"):
+            raise ConfigError(f"tensorrt_cache_dir must be empty unless provider is tensorrt[:N] (it is "
+                              f"{self.provider}), not {self.tensorrt_cache_dir!r}: only TensorRT builds engines",
+                              "tensorrt_cache_dir")
         if self.device_state and (self.forecast_horizon or self.generate_tokens):
             name = "forecast_horizon" if self.forecast_horizon else "generate_tokens"
             raise ConfigError(f"{name} must be 0 with device_state, not {getattr(self, name)}: roll-outs run on host "

@@ -49,7 +49,7 @@ from .config import ServeConfig
 from .config import replace as settings_replace
 from .errors import BundleError
 from .pipeline import Pipeline, pipeline_for
-from .runtime import BundleModel, open_bundle
+from .runtime import BundleModel, open_served
 from .upgrade import upgrade
 
 __all__ = ["Session"]
@@ -86,8 +86,7 @@ class Session:
         given: dict[str, Any] = {"model": name, "input_topic": topic, "output_topic": f"{topic}-out"}
         self.config = cfg = (settings_replace(config, **given) if config is not None
                              else ServeConfig(**given, **settings).validate())
-        self.model = loaded or open_bundle(cfg.model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
-                                           cfg.ort_spinning)[0]
+        self.model = loaded or open_served(cfg.model, cfg)[0]
         self.pipeline: Pipeline = pipeline_for(self.model, cfg, topic)
         self.dead_letters: list[dict[str, Any]] = []
         self._next: dict[int, int] = {}  # partition -> the offset its next message takes
@@ -162,9 +161,7 @@ class Session:
         (the same state layout), or starts over on it (another layout, with ``on_state_mismatch=reset``);
         anything else is refused with a ``BundleError``, and the serving bundle stays. Messages sent
         and not yet run are run by the new bundle. Returns what became of the streams."""
-        new = model if isinstance(model, BundleModel) else open_bundle(
-            model, self.config.provider, self.config.provider_fallback, self.config.intra_op_threads,
-            self.config.ort_spinning)[0]
+        new = model if isinstance(model, BundleModel) else open_served(model, self.config)[0]
         plan = upgrade(self.model.spec, new.spec, self.config)
         if plan.action == "refuse":
             raise BundleError(f"{new.spec.model.ref} cannot take over from {self.model.spec.model.ref}: {plan.why}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +27,9 @@ from .bundle import (
     verified_spec,
 )
 from .errors import ProviderError
+
+if TYPE_CHECKING:
+    from .config import ServeConfig
 
 
 def _refuse_if_modified(data: bytes, source: str) -> None:
@@ -267,8 +271,12 @@ class ProviderChoice:
         return {v: k for k, v in _PROVIDER_NAMES.items()}.get(self.actual, self.actual)
 
 
-def provider_list(requested: str) -> list:
-    """ONNX Runtime's provider list for ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` (CPU last, as ORT wants)."""
+def provider_list(requested: str, tensorrt_cache_dir: str = "") -> list:
+    """ONNX Runtime's provider list for ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` (CPU last, as ORT wants).
+
+    ``tensorrt_cache_dir``: where TensorRT keeps the engines it builds (ONNX Runtime's engine
+    cache, keyed by the graph and the shapes), so that a restart loads them instead of building
+    them again, which takes minutes for a large model."""
     kind, _, dev = requested.partition(":")
     if kind not in _PROVIDER_NAMES:
         raise ProviderError(f"unknown provider {requested!r}: use cpu, cuda[:N] or tensorrt[:N]")
@@ -277,12 +285,22 @@ def provider_list(requested: str) -> list:
     opts = {"device_id": int(dev or 0)}
     chain: list = [(_PROVIDER_NAMES[kind], opts)]
     if kind == "tensorrt":
+        if tensorrt_cache_dir:
+            chain[0] = (_PROVIDER_NAMES[kind], {**opts, "trt_engine_cache_enable": "True",
+                                                "trt_engine_cache_path": tensorrt_cache_dir})
         chain.append(("CUDAExecutionProvider", opts))
     return [*chain, "CPUExecutionProvider"]
 
 
+def open_served(path: str | Path, cfg: ServeConfig) -> tuple[BundleModel, ProviderChoice]:
+    """``open_bundle`` with the serve settings that say how (provider, fallback, threads, TensorRT's cache)."""
+    return open_bundle(path, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads, cfg.ort_spinning,
+                       cfg.tensorrt_cache_dir)
+
+
 def open_bundle(path: str | Path, requested: str = "cpu", fallback: bool = False,
-                intra_op_threads: int = 0, spinning: bool = False) -> tuple[BundleModel, ProviderChoice]:
+                intra_op_threads: int = 0, spinning: bool = False,
+                tensorrt_cache_dir: str = "") -> tuple[BundleModel, ProviderChoice]:
     """Load a bundle on the requested device and verify that it really runs there.
 
     ONNX Runtime only warns when a provider is missing and silently runs on CPU; a daemon
@@ -290,7 +308,7 @@ def open_bundle(path: str | Path, requested: str = "cpu", fallback: bool = False
     ``fallback`` is set, and report it either way.
     """
     want = _PROVIDER_NAMES.get(requested.partition(":")[0], requested)
-    providers = provider_list(requested)
+    providers = provider_list(requested, tensorrt_cache_dir)
     available = ort.get_available_providers()
     if want not in available:
         if not fallback:

@@ -93,3 +93,18 @@ def test_fp16_is_refused_where_it_cannot_run(lstm_bundles, tmp_path: Path, rnnd)
         BundleModel(fp16)
     res = rnnd("serve", "--check", "--model", fp16, "--input-topic", "in", "--output-topic", "out")
     one_line_error(res, 2, "serve it with --provider cuda, or export the model with --precision fp32 or int8")
+
+
+def test_provider_chains_and_tensorrt_engine_cache() -> None:
+    """What ONNX Runtime is asked for: CPU last in every chain; TensorRT with CUDA behind it, and its engine
+    cache where tensorrt_cache_dir says (a restart then loads the engines it built)."""
+    from rnnd.daemon.runtime import provider_list
+
+    assert provider_list("cpu") == ["CPUExecutionProvider"]
+    assert provider_list("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert provider_list("tensorrt") == [("TensorrtExecutionProvider", {"device_id": 0}),
+                                         ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert provider_list("tensorrt:2", "/var/cache/trt") == [
+        ("TensorrtExecutionProvider", {"device_id": 2, "trt_engine_cache_enable": "True",
+                                       "trt_engine_cache_path": "/var/cache/trt"}),
+        ("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]

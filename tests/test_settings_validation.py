@@ -299,6 +299,9 @@ IGNORED: list[tuple[dict[str, str], str, dict[str, str]]] = [
     ({"changelog": "false", "on_state_mismatch": "previous", "previous_model": "v1.onnx"},
      "on_state_mismatch from --on-state-mismatch must be left at 'refuse' when changelog is false, not 'previous': "
      "without a changelog there is no state to restore", {"changelog": "true"}),
+    ({"tensorrt_cache_dir": "/var/cache/trt"},
+     "tensorrt_cache_dir from --tensorrt-cache-dir must be empty unless provider is tensorrt[:N] (it is cpu), not "
+     "'/var/cache/trt': only TensorRT builds engines", {"provider": "tensorrt:0"}),
     ({"previous_model": "v1.onnx"}, "previous_model from --previous-model must be empty unless on_state_mismatch is "
                                     "previous (it is refuse), not 'v1.onnx'", {"on_state_mismatch": "previous"}),
     ({"on_state_mismatch": "previous"}, "on_state_mismatch=previous needs previous_model (the bundle whose state "

@@ -17,15 +17,14 @@ import logging
 from ..config import ServeConfig
 from ..errors import ConfigError
 from ..metrics import Metrics
-from ..runtime import BundleModel, ProviderChoice, open_bundle
+from ..runtime import BundleModel, ProviderChoice, open_served
 
 log = logging.getLogger("rnnd.daemon")
 
 
 def open_model(cfg: ServeConfig) -> tuple[BundleModel, ProviderChoice]:
     """The bundle to serve (``cfg.model``, or ``previous_model`` by the policy above) and its provider."""
-    model, provider = open_bundle(cfg.model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
-                                  cfg.ort_spinning)
+    model, provider = open_served(cfg.model, cfg)
     return choose_model(cfg, model), provider
 
 
@@ -36,8 +35,7 @@ def choose_model(cfg: ServeConfig, model: BundleModel) -> BundleModel:
     if not cfg.previous_model:
         raise ConfigError("on_state_mismatch=previous needs previous_model (the bundle whose state the "
                           "changelog holds)")
-    previous, _ = open_bundle(cfg.previous_model, cfg.provider, cfg.provider_fallback, cfg.intra_op_threads,
-                              cfg.ort_spinning)
+    previous, _ = open_served(cfg.previous_model, cfg)
     if previous.spec.state_hash == model.spec.state_hash:
         log.info("%s keeps the state layout of %s: streams continue on the new model", model.spec.model.ref,
                  previous.spec.model.ref)

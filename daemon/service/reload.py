@@ -51,7 +51,7 @@ from ..config import ServeConfig
 from ..errors import RnndError
 from ..metrics import Answer, HttpEndpoint, Metrics
 from ..pipeline import Pipeline, check_config
-from ..runtime import BundleModel, ProviderChoice, open_bundle
+from ..runtime import BundleModel, ProviderChoice, open_served
 from ..upgrade import upgrade
 from .budgets import ADMIN_ANSWER_S, RELOAD_RETRY_S, WATCH_POLL_S
 from .checkpoint import Checkpointer
@@ -133,8 +133,7 @@ class Reloader:
         self.seen = identity(cfg.model)  # read before the file is: a later change is another reload
         log.info("reload (%s): loading %s", trigger, cfg.model)
         try:  # 1. load, content hash and provider checked
-            model, provider = await asyncio.to_thread(open_bundle, cfg.model, cfg.provider, cfg.provider_fallback,
-                                                      cfg.intra_op_threads, cfg.ort_spinning)
+            model, provider = await asyncio.to_thread(open_served, cfg.model, cfg)
             check = model.spec.self_check
             if check is None:
                 return self._refused(serving, f"{cfg.model} has no self-check to prove it runs correctly here: "
