@@ -66,6 +66,10 @@ class ServeConfig:
                                     "binding: per call only the input and the predictions cross to the host. "
                                     "Stateful bundles; not with forecasts or generation. On the CPU the same "
                                     "code runs, with identical results.")
+    batch_buckets: bool = opt(False, "Pad each model call's batch to the next power of two (the padding rows are a "
+                                     "spare slot's, their results dropped), so that the model sees few distinct "
+                                     "shapes: what TensorRT's engines and CUDA's kernel choices are built for. "
+                                     "Stateful bundles; not with forecasts or generation.")
     # --- batching ---
     max_batch: int = opt(1024, "Most streams advanced in one model call.", ge=1, le=1 << 20)
     max_chunk: int = opt(64, "Most steps of one stream run in one call (T); a backlog runs as chunks.", ge=1,
@@ -261,10 +265,11 @@ class ServeConfig:
             raise ConfigError(f"tensorrt_cache_dir must be empty unless provider is tensorrt[:N] (it is "
                               f"{self.provider}), not {self.tensorrt_cache_dir!r}: only TensorRT builds engines",
                               "tensorrt_cache_dir")
-        if self.device_state and (self.forecast_horizon or self.generate_tokens):
-            name = "forecast_horizon" if self.forecast_horizon else "generate_tokens"
-            raise ConfigError(f"{name} must be 0 with device_state, not {getattr(self, name)}: roll-outs run on host "
-                              "copies of the state; set device_state = false for them", name)
+        for setting in ("device_state", "batch_buckets"):
+            if getattr(self, setting) and (self.forecast_horizon or self.generate_tokens):
+                name = "forecast_horizon" if self.forecast_horizon else "generate_tokens"
+                raise ConfigError(f"{name} must be 0 with {setting}, not {getattr(self, name)}: roll-outs run on "
+                                  f"host copies of each call's state; set {setting} = false for them", name)
         if self.beam_size == 1 and self.length_penalty != 1.0:
             raise ConfigError(f"length_penalty must be left at 1.0 when beam_size is 1, not {self.length_penalty}: "
                               "greedy decoding ranks no hypotheses; set beam_size too", "length_penalty")

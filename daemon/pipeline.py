@@ -37,7 +37,7 @@ from .offsets import Offsets
 from .runtime import BundleModel
 from .scheduler import Group, Scheduler, as_array
 from .seq2seq import Answer, Cells, encoded
-from .state import ArenaFactory, Eviction, StateArena, Streams, WindowArena
+from .state import Arena, ArenaFactory, Eviction, StateArena, Streams, WindowArena, host_arena
 
 #: emit=end: what is kept of a stream's latest prediction, to encode should the stream end before
 #: its next one: the step's (record, index), its stream step, prediction, output time, non-finite.
@@ -71,6 +71,7 @@ class Call:
     forecast: np.ndarray | None = None
     generated: np.ndarray | None = None
     generated_rows: list[int] | None = None  # generate_at=end: the rows ``generated`` belongs to (None: all)
+    padded: int = 0  # batch_buckets: rows of the spare slot after the streams' (their results are dropped)
 
 
 class Pipeline:
@@ -84,14 +85,19 @@ class Pipeline:
         self.window = spec.mode == "window"
         self.numeric = spec.input.kind == "numeric"
         self.on_device = cfg.device_state  # check_config: a stateful bundle's
-        arena: ArenaFactory | None = None
+        make: ArenaFactory = host_arena
         if self.on_device:
             placement = placement_of(model.session)
             self.device = placement.device, placement.device_id
 
-            def arena(spec: BundleSpec, capacity: int) -> DeviceArena:
+            def make(spec: BundleSpec, capacity: int) -> Arena:
                 return DeviceArena(spec, capacity, placement)
-        self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock, arena=arena)
+        # batch_buckets: one spare slot past the streams' (index max_streams), whose rows pad a call
+        self.buckets = cfg.batch_buckets
+        self.spare = cfg.max_streams
+        spare = int(self.buckets)
+        self.streams = Streams(spec, cfg.max_streams, cfg.stream_ttl_s, clock=clock,
+                               arena=lambda spec, capacity: make(spec, capacity + spare))
         self.streams.on_evict.append(self._evicted)
         rollout = cfg.forecast_horizon > 0 or cfg.generate_tokens > 0
         # Forecasts and generation start from the state after each step, so steps run one at a time;
@@ -226,6 +232,10 @@ class Pipeline:
             x = as_array(g.rows, len(g.slots), g.t, self.numeric)
             if normalise is not None:
                 x = normalise(x)
+            padded = 0
+            if self.buckets and (padded := (1 << (len(slots) - 1).bit_length()) - len(slots)):
+                slots = np.concatenate([slots, np.full(padded, self.spare, dtype=np.int64)])
+                x = np.concatenate([x, np.zeros((padded, *x.shape[1:]), dtype=x.dtype)])
             if self.window:
                 arena = self.streams.arena
                 assert isinstance(arena, WindowArena)
@@ -235,7 +245,7 @@ class Pipeline:
                 arena = self.streams.arena
                 assert isinstance(arena, StateArena | DeviceArena)
                 states = arena.gather(slots)
-            calls.append(Call(g, np.ascontiguousarray(x), slots, states))
+            calls.append(Call(g, np.ascontiguousarray(x), slots, states, padded=padded))
         return calls
 
     def execute(self, calls: list[Call]) -> list[Call]:
@@ -292,7 +302,7 @@ class Pipeline:
                 arena = self.streams.arena
                 assert isinstance(arena, StateArena | DeviceArena)
                 arena.scatter(c.slots, c.new_states)
-            y = c.y.reshape(-1, c.y.shape[-1])  # [B*T, O], row-major (stream, step) like g.refs
+            y = (c.y[:len(g.slots)] if c.padded else c.y).reshape(-1, c.y.shape[-1])  # [B*T, O] like g.refs
             if c.forecast is None and c.generated is None:
                 preds = self.heads.encoded(y)
             else:
@@ -420,9 +430,10 @@ def check_config(model: BundleModel, cfg: ServeConfig) -> None:
     """The settings that only some bundles take, checked against this one (at start and at a swap)."""
     spec = model.spec
     s2s = spec.seq2seq
-    if cfg.device_state and spec.mode != "stateful":
-        raise ConfigError(f"device_state is for stateful bundles; {spec.model.ref} is a {spec.mode} bundle, whose "
-                          "state is not per-stream tensors the model carries: leave it false", "device_state")
+    for setting in ("device_state", "batch_buckets"):
+        if getattr(cfg, setting) and spec.mode != "stateful":
+            raise ConfigError(f"{setting} is for stateful bundles; {spec.model.ref} is a {spec.mode} bundle, whose "
+                              "state is not per-stream tensors the model carries: leave it false", setting)
     if s2s is None:
         if cfg.beam_size != 1 or cfg.max_output_len:
             name = "beam_size" if cfg.beam_size != 1 else "max_output_len"

@@ -805,3 +805,31 @@ def test_device_state_is_refused_where_it_cannot_work(window: BundleModel, gru: 
         Pipeline(window, config(device_state=True), TOPIC)
     with pytest.raises(ConfigError, match="forecast_horizon must be 0 with device_state, not 3"):
         config(device_state=True, forecast_horizon=3)
+
+
+@pytest.mark.parametrize("device_state", [False, True])
+def test_batch_buckets_pad_every_call_to_a_power_of_two_and_change_no_prediction(gru: BundleModel,
+                                                                                device_state: bool) -> None:
+    """batch_buckets: the model sees only batches of 1, 2, 4, 8, 16 rows (the padding is a spare slot's);
+    every document and every stream's state is what the unpadded pipeline gives."""
+    traffic = make_traffic(random.Random(3), n_keys=50, n_records=300, kind="numeric", spec=NUM_IN, controls=True)
+    runs = []
+    for buckets in (False, True):
+        pipeline = Pipeline(gru, config(max_batch=16, batch_buckets=buckets, device_state=device_state), TOPIC)
+        seen: list[int] = []
+        execute = pipeline.execute
+
+        def counted(calls: list, execute: Callable = execute, seen: list[int] = seen) -> list:
+            seen += [len(c.x) for c in calls]
+            return execute(calls)
+
+        pipeline.execute = counted  # type: ignore[method-assign]
+        result = drive(pipeline, traffic, random.Random(4))
+        docs = [{k: v for k, v in d.items() if k != "output_ts"} for d in result.docs]
+        slots = np.flatnonzero(pipeline.streams.in_use)
+        runs.append((docs, pipeline.streams.arena.get_many(slots), seen))
+    (docs, state, plain), (padded_docs, padded_state, padded) = runs
+    assert padded_docs == docs and len(docs) > 200
+    for a, b in zip(state, padded_state, strict=True):
+        assert np.array_equal(a, b)
+    assert set(padded) <= {1, 2, 4, 8, 16} and set(plain) - {1, 2, 4, 8, 16}  # unpadded: other widths occur
