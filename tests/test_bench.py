@@ -250,3 +250,22 @@ def test_the_arena_ceiling_measures_both_arenas() -> None:
     doc = arena(str(Path(__file__).parents[1] / "cli" / "demo_bundle" / "sensors.onnx"), [1, 32], 0.05, "cpu", 1_000)
     assert doc["provider"] == "CPUExecutionProvider" and [r["batch"] for r in doc["results"]] == [1, 32]
     assert all(r["host_steps_per_s"] > 0 and r["device_steps_per_s"] > 0 for r in doc["results"])
+
+
+def test_the_device_check_runs_its_cpu_rows_and_says_what_it_did_not_measure(capsys) -> None:
+    """``python -m bench.gpu``: the CPU rows of both models, host and device state, and on a machine
+    without CUDA (CI) a plain statement that the CUDA rows were not measured. Its fp16 conversion makes a
+    bundle that declares fp16 (refused on the CPU, where it would crash ONNX Runtime)."""
+    from bench import gpu
+    from rnnd.daemon.errors import ProviderError
+    from rnnd.daemon.runtime import BundleModel
+
+    assert gpu.main(["--batches", "1,8", "--seconds", "0.01", "--hidden", "16"]) == 0
+    out = capsys.readouterr().out
+    assert ("the CUDA rows were NOT measured" in out) == (not gpu.providers())
+    assert "| sensors (2-layer LSTM, H=64) | cpu | fp32 | device |" in out
+    assert "| 2-layer LSTM, H=16 | cpu | fp32 | host |" in out
+    large = BundleModel(gpu.large_lstm(16))
+    assert [s.shape for s in large.spec.states] == [(2, 16), (2, 16)]
+    with pytest.raises(ProviderError, match="is an fp16 bundle"):
+        BundleModel(gpu.fp16_of(gpu.large_lstm(16)))
