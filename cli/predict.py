@@ -66,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "beam_size, ...) come from --config (serve's TOML file) and RNND_* variables; the Kafka settings there do "
         "not apply.")
     p.add_argument("file", type=Path, nargs="?", help="the CSV or JSONL file (or give --input-topic)")
-    p.add_argument("--model", required=True, help="the bundle (.onnx)")
+    p.add_argument("--model", default=None, help="the bundle (.onnx); or --route")
+    p.add_argument("--route", default=None, metavar="NAME",
+                   help="with --config of [routes.NAME] tables: that route's bundle and serving settings")
     p.add_argument("--key-column", default=None, help="a file's column (CSV) or field (JSONL) holding the stream key")
     add_reading_arguments(p)
     p.add_argument("--output", type=Path, default=None, help="where to write the predictions (default: stdout)")
@@ -108,7 +110,7 @@ Row = tuple[bytes, bytes | None, int, int | None, int | None]
 def predict(args: argparse.Namespace) -> int:
     _check_arguments(args)
     topic = args.input_topic or args.topic
-    given = {"model": args.model, "input_topic": topic, "output_topic": f"{topic}-out"}
+    given = {"model": args.model, "route": args.route, "input_topic": topic, "output_topic": f"{topic}-out"}
     if args.bootstrap_servers:
         given["bootstrap_servers"] = args.bootstrap_servers
     cfg = config.load(given, config_file=args.config)
@@ -161,6 +163,10 @@ class _Scorer:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """One input, and only the options that apply to it: none is silently ignored."""
+    if (args.model is None) == (args.route is None):
+        raise ToolError("give --model, or --route NAME with --config (the route names its bundle): one of them")
+    if args.route is not None and args.config is None:
+        raise ToolError("--route NAME picks a route of the --config file's [routes.NAME] tables: give --config")
     if (args.file is None) == (args.input_topic is None):
         raise ToolError("give a file or --input-topic (one of them)")
     if args.file is not None:

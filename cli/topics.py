@@ -40,7 +40,7 @@ DEFAULT_PARTITIONS = 4
 #: read from --config and RNND_* as serve reads them, but change nothing here, so they are
 #: not offered as flags: a flag that does nothing would be silently ignored.
 _SETTINGS = ("model", "bootstrap_servers", "input_topic", "output_topic", "dead_letter_topic", "group_id",
-             "changelog", "changelog_topic", "on_state_mismatch", "previous_model", "client_id")
+             "changelog", "changelog_topic", "on_state_mismatch", "previous_model", "client_id", "route")
 
 
 # --- argument parsing -------------------------------------------------------------------------
@@ -160,13 +160,18 @@ def create(args: argparse.Namespace) -> int:
     """Run ``rnnd topics create``; returns the exit status (errors are raised with their exit code)."""
     if not logging.getLogger().handlers:
         logging.getLogger("aiokafka").addHandler(logging.NullHandler())
-    cfg = load_settings(args)
-    planned = plan_names(cfg)
     from rnnd.daemon.kafka import client_settings
 
-    kafka = {**client_settings(cfg), "client_id": f"{cfg.client_id}-topics"}
-    for line in asyncio.run(_create(kafka, planned, args.partitions, args.replication_factor, args.dry_run)):
-        print(line, flush=True)
+    given = {name: getattr(args, name, None) for name in _SETTINGS}
+    for f in fields(security.KafkaSecurity):
+        given[f.name] = getattr(args, f.name, None)
+    routes = serve_config.load_routes(given, config_file=getattr(args, "config", None))
+    # Every route of a config file with routes (each its topics, co-partitioned with its own input), or the one
+    for name, cfg in (routes or {"": load_settings(args)}).items():
+        planned = plan_names(cfg)
+        kafka = {**client_settings(cfg), "client_id": f"{cfg.client_id}-topics"}
+        for line in asyncio.run(_create(kafka, planned, args.partitions, args.replication_factor, args.dry_run)):
+            print(f"route {name}: {line}" if name else line, flush=True)
     return 0
 
 

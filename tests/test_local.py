@@ -164,6 +164,21 @@ def test_predict_scores_a_file_as_a_session_does_and_says_what_to_fix(recipe_bun
     r = run_predict(rows, "--model", tmp_path / "missing.onnx", "--key-column", "device")
     assert r.returncode in (1, 2) and "missing.onnx" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
+    # A route of a config file with routes: its bundle and its serving settings (warmup = hold here).
+    routes = tmp_path / "routes.toml"
+    routes.write_text(f'[routes.s]\nmodel = "{bundle}"\ninput_topic = "sensors-in"\noutput_topic = "o"\n'
+                      'warmup = "hold"\n[routes.t]\nmodel = "x.onnx"\ninput_topic = "t"\noutput_topic = "t-o"\n')
+    r = run_predict(rows, "--config", routes, "--route", "s", "--key-column", "device", "--output", out,
+                    "--topic", "sensors-in")
+    assert r.returncode == 0, r.stderr
+    held = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(held) < len(got) and [{k: v for k, v in d.items() if k not in strip} for d in held] == [
+        {k: v for k, v in d.items() if k not in strip} for d in got if not d["warmup"]]
+    for argv, fix in ((["--config", routes, "--route", "s", "--model", bundle], "give --model, or --route NAME"),
+                      (["--route", "s"], "give --config"), (["--config", routes, "--model", bundle], "--route NAME")):
+        r = run_predict(rows, "--key-column", "device", *argv)
+        assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, r.stderr
+
 
 def test_the_readme_example_runs_verbatim(tmp_path: Path, monkeypatch) -> None:
     """README "Without Kafka": its Python block, run as written next to a bundle named model.onnx

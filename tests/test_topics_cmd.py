@@ -480,3 +480,28 @@ def test_topics_the_daemon_creates_get_a_replication_factor_kafka_accepts(broker
     factor = asyncio.run(default_replication(Admin()))  # type: ignore[arg-type]
     assert factor == expected
     NewTopic("t", num_partitions=4, replication_factor=factor)  # accepted
+
+
+def test_topics_create_makes_every_routes_topics(rnnd, bootstrap: str, tmp_path: Path, recipe_bundle) -> None:
+    """A config file of routes: each route's topics, its changelog named by its own group (rnnd-NAME), a
+    shadow's dead letters apart; --route NAME plans one route alone."""
+    a, b = f"a-{_uid()}", f"b-{_uid()}"
+    cfg = tmp_path / "routes.toml"
+    model = recipe_bundle("product")
+    cfg.write_text(f'bootstrap_servers = "{bootstrap}"\n'
+                   f'[routes.one]\nmodel = "{model}"\ninput_topic = "{a}"\noutput_topic = "{a}-out"\n'
+                   f'[routes.two]\nmodel = "{model}"\ninput_topic = "{b}"\noutput_topic = "{b}-out"\n'
+                   f'[routes.cand]\nmodel = "{model}"\ninput_topic = "{a}"\noutput_topic = "{a}-cand"\nshadow = true\n')
+    r = rnnd("topics", "create", "--config", cfg, "--dry-run")
+    assert r.code == 0, r.err
+    planned = []
+    for line in r.out.splitlines():
+        route, rest = re.fullmatch(r"route (\S+): (.*)", line).groups()  # type: ignore[union-attr]
+        planned.append(f"route {route} {report(rest)[0][2]}")
+    assert planned == [*(f"route one {t}" for t in (a, f"{a}-out", f"{a}.dlq", f"rnnd-one.{a}.changelog")),
+                       *(f"route two {t}" for t in (b, f"{b}-out", f"{b}.dlq", f"rnnd-two.{b}.changelog")),
+                       *(f"route cand {t}" for t in (a, f"{a}-cand", f"{a}.cand.dlq", f"rnnd-cand.{a}.changelog")),
+                       ], r.out
+    r = rnnd("topics", "create", "--config", cfg, "--route", "two", "--dry-run")
+    assert r.code == 0, r.err
+    assert [row[2] for row in report(r.out)] == [b, f"{b}-out", f"{b}.dlq", f"rnnd-two.{b}.changelog"]
