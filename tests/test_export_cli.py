@@ -195,6 +195,7 @@ OPTION_CASES = {
     "checkpoint_key": "checkpoint", "strip_prefix": "checkpoint",
     "target_vocab": "seq2seq", "max_output_len": "seq2seq", "max_source_len": "seq2seq",
     "debug": "test_debug_shows_the_traceback",
+    "precision": "test_export_at_int8_through_the_cli",
 }
 
 
