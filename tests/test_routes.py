@@ -151,6 +151,9 @@ def test_two_routes_and_a_shadow_in_one_daemon(bootstrap, topic_factory, upgrade
     assert metrics[("rnnd_route_up", (("route", "t"), ("shadow", "true")))] == 0
     assert metrics[("rnnd_route_up", (("route", "a"), ("shadow", "false")))] == 1
     assert ("process_resident_memory_bytes", ()) in metrics  # the process's own, once, unlabelled
+    lag = [labels for name, labels in metrics if name == "rnnd_event_loop_lag_max_seconds"]
+    assert lag == [()]  # one loop serves every route: measured once, not per route
+    assert not [labels for name, labels in metrics if name == "rnnd_predictions_total" and not labels]
 
 
 def test_the_readme_routes_file_loads_as_it_says(tmp_path: Path) -> None:

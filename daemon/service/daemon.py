@@ -42,7 +42,8 @@ class Daemon:
 
     def __init__(self, cfg: ServeConfig, metrics: Metrics | None = None, clients: ClientFactory | None = None,
                  endpoints: bool = True) -> None:
-        """``endpoints``: serve /metrics (and the admin endpoint) itself; a route's are its router's."""
+        """``endpoints``: serve /metrics (and the admin endpoint) itself, and watch what belongs to the
+        process (GC pauses, event-loop lag); a route's are its router's, once for all routes."""
         self.cfg = cfg
         self.metrics = metrics = metrics or Metrics()
         model, provider = open_model(cfg)
@@ -71,7 +72,7 @@ class Daemon:
         self.checkpointer.recovery = self.rebalancer  # exactly-once: a failed transaction's partition comes back
         self.housekeeper = Housekeeper(cfg, pipeline, metrics, kc, self.assigned)
         self.broker_watch = BrokerWatch(cfg, metrics, kc, factory, readiness)
-        self.loop_watch = LoopWatch(metrics)
+        self.loop_watch = LoopWatch(metrics) if endpoints else None
         self.reloader = Reloader(cfg, pipeline, metrics, self.checkpointer, provider, self._stopping)
         admin = cfg.admin_endpoint
         self.admin = AdminServer(self.reloader, *admin) if admin and endpoints else None
@@ -87,7 +88,8 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
-        self.metrics.watch_gc()
+        if self.loop_watch is not None:
+            self.metrics.watch_gc()
         handled = []
         for sig in (signal.SIGTERM, signal.SIGINT) if install_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
@@ -121,7 +123,7 @@ class Daemon:
             tasks = [asyncio.create_task(c, name=n) for n, c in (
                 ("fetch", self.fetcher.run()), ("infer", self.inferrer.run()), ("checkpoint", self.checkpointer.run()),
                 ("housekeep", self.housekeeper.run()), ("watch", self.broker_watch.run()),
-                ("loop-watch", self.loop_watch.run()),
+                *((("loop-watch", self.loop_watch.run()),) if self.loop_watch is not None else ()),
                 *((("model-watch", self.reloader.watch()),) if cfg.watch_model else ()))]
             stop = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)

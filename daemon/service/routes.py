@@ -5,8 +5,9 @@ A config file's ``[routes.NAME]`` tables (``config.load_routes``) each become a 
 output and dead-letter topics, checkpoints and hot reload. They share the event loop, the
 process's settings (the file's top level: brokers, security, HTTP) and one endpoint:
 
-* ``/metrics``: every route's metrics with a ``route`` label (the process's own, memory and
-  CPU, once, unlabelled), and ``rnnd_route_up{route,shadow}``;
+* ``/metrics``: every route's metrics with a ``route`` label; the process's own (memory,
+  CPU, GC pauses, event-loop lag: one loop serves every route) once, unlabelled; and
+  ``rnnd_route_up{route,shadow}``;
 * ``/readyz``: 200 when every route that is not a shadow is ready; ``/healthz``: 200 while
   every such route runs;
 * the admin endpoint: ``POST /admin/reload`` reloads every route (each from its own model
@@ -33,17 +34,22 @@ import signal
 from collections.abc import Mapping
 
 import orjson
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..config import ServeConfig
 from ..errors import RnndError
 from ..logs import ROUTE
-from ..metrics import Answer, Endpoint, Metrics, combine, process_collectors
+from ..metrics import Answer, Endpoint, Metrics, combine
 from .budgets import ADMIN_ANSWER_S
 from .daemon import Daemon
+from .housekeeping import LoopWatch
 
 log = logging.getLogger("rnnd.routes")
+
+#: The metrics of the process rather than of a route: the router's, unlabelled (a route's copy is empty).
+PROCESS_FAMILIES = frozenset({"rnnd_gc_pause_seconds", "rnnd_event_loop_lag_seconds",
+                              "rnnd_event_loop_lag_max_seconds"})
 
 
 class Router:
@@ -52,10 +58,12 @@ class Router:
     def __init__(self, routes: Mapping[str, ServeConfig]) -> None:
         self.configs = dict(routes)
         self.base = next(iter(routes.values()))  # the process's settings: the same in every route
-        self.registry = CollectorRegistry()
-        process_collectors(self.registry)
+        # What belongs to the process, not to a route (memory, CPU, GC pauses, event-loop lag), measured
+        # once here and shown unlabelled; the routes' own metrics carry their route label.
+        self.process = Metrics()
+        self.loop_watch = LoopWatch(self.process)
         self.up = Gauge("rnnd_route_up", "1 while the route serves; a shadow that could not start or stopped: 0.",
-                        ["route", "shadow"], registry=self.registry)
+                        ["route", "shadow"], registry=self.process.registry)
         self.daemons: dict[str, Daemon] = {}
         self.running: set[str] = set()
         for name, cfg in routes.items():
@@ -102,6 +110,15 @@ class Router:
                 await admin.stop()
 
     async def _serve(self) -> int:
+        self.process.watch_gc()
+        watch = asyncio.create_task(self.loop_watch.run())
+        try:
+            return await self._serve_routes()
+        finally:
+            watch.cancel()
+            self.process.unwatch_gc()
+
+    async def _serve_routes(self) -> int:
         runs: dict[asyncio.Task, str] = {}
         for name, daemon in self.daemons.items():
             token = ROUTE.set(name)  # the daemon's tasks inherit it: their log lines name the route
@@ -153,8 +170,11 @@ class Router:
 
     async def answer(self, path: str, method: str = "GET") -> Answer:
         if path == "/metrics":
-            parts = [(name, d.metrics.registry.collect()) for name, d in self.daemons.items()]
-            return 200, combine(parts, "route", self.registry.collect()), CONTENT_TYPE_LATEST
+            parts = [(name, [f for f in d.metrics.registry.collect() if f.name not in PROCESS_FAMILIES])
+                     for name, d in self.daemons.items()]
+            own = [f for f in self.process.registry.collect() if f.name in PROCESS_FAMILIES or f.name == "rnnd_route_up"
+                   or f.name.startswith(("process_", "python_"))]
+            return 200, combine(parts, "route", own), CONTENT_TYPE_LATEST
         if path == "/healthz":
             ok = all(n in self.running for n, d in self.daemons.items() if not d.cfg.shadow)
             return (200, b"ok\n", "text/plain") if ok else (503, b"a route is not running\n", "text/plain")
