@@ -12,9 +12,10 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import numpy as np
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -248,6 +249,25 @@ class HttpEndpoint:
             writer.close()
 
 
+async def start_endpoints(endpoints: Sequence[tuple[HttpEndpoint | None, str, str]]) -> bool:
+    """Start each (endpoint or None, what it serves, the settings that place it); False, with one error line
+    naming the settings to change, if a port cannot be bound: those already started are stopped again."""
+    started: list[HttpEndpoint] = []
+    for endpoint, what, settings in endpoints:
+        if endpoint is None:
+            continue
+        try:
+            await endpoint.start()
+        except OSError as e:
+            log.error("cannot serve %s on %s:%d (%s): choose another %s", what, endpoint.host, endpoint.port,
+                      e.strerror or e, settings)
+            for other in started:
+                await other.stop()
+            return False
+        started.append(endpoint)
+    return True
+
+
 class Endpoint(HttpEndpoint):
     """An endpoint whose answers come from a callable: the supervisor's and the router's, which answer
     for their workers and routes."""
@@ -258,6 +278,24 @@ class Endpoint(HttpEndpoint):
 
     async def answer(self, path: str, method: str = "GET") -> Answer:
         return await self._answer(path, method)
+
+
+def misdirected(path: str, method: str, named: bool = False) -> Answer | None:
+    """The answer to what is not ``POST /admin/reload`` (``named``: or ``/admin/reload/NAME``); None for it."""
+    if not (path == "/admin/reload" or (named and path.startswith("/admin/reload/"))):
+        return 404, f"not found: POST /admin/reload{' or /admin/reload/NAME' if named else ''}\n".encode(), "text/plain"
+    if method != "POST":
+        return 405, b"POST /admin/reload (it changes what the daemon serves)\n", "text/plain"
+    return None
+
+
+def combined_answer(key: str, docs: list[dict]) -> Answer:
+    """Several reloads' answers as one (``--workers``, routes): each listed under ``key``, the result theirs
+    if they agree (else "mixed"), the status the worst one's."""
+    results = {d.get("result") for d in docs}
+    body = {"result": results.pop() if len(results) == 1 else "mixed", key: docs}
+    return max((d["status"] for d in docs), default=503), orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE), \
+        "application/json"
 
 
 class HttpServer(HttpEndpoint):

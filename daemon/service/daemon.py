@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 
 from .. import changelog, kafka
 from ..config import ServeConfig
-from ..metrics import HttpServer, Metrics
+from ..metrics import HttpServer, Metrics, start_endpoints
 from ..pipeline import pipeline_for
 from ..runtime import BundleModel
 from .budgets import CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S, DRAIN_POLL_S, DRAIN_S
@@ -96,18 +96,9 @@ class Daemon:
                 loop.add_signal_handler(sig, self.stop)
                 handled.append(sig)
         cfg = self.cfg
-        for endpoint, what, host, port, settings in (
-                (self.http, "/metrics", cfg.http_host, cfg.http_port, "http_port or http_host"),
-                (self.admin, "/admin/reload", *(cfg.admin_endpoint or ("", 0)), "admin_address")):
-            try:
-                if endpoint is not None:
-                    await endpoint.start()
-            except OSError as e:
-                log.error("cannot serve %s on %s:%d (%s): choose another %s", what, host, port, e.strerror or e,
-                          settings)
-                if self.http is not None:
-                    await self.http.stop()
-                return 2
+        if not await start_endpoints([(self.http, "/metrics", "http_port or http_host"),
+                                      (self.admin, "/admin/reload", "admin_address")]):
+            return 2
         provider = self.reloader.provider
         where = f" | http://{cfg.http_host}:{self.http.port}/metrics" if self.http is not None else ""
         log.info("serving %s on %s (requested %s)%s | %s → %s%s", self.model.spec.model.ref, provider.actual,

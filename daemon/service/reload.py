@@ -49,7 +49,8 @@ from aiokafka.errors import KafkaError
 
 from ..config import ServeConfig
 from ..errors import RnndError
-from ..metrics import Answer, HttpEndpoint, Metrics
+from ..logs import ROUTE
+from ..metrics import Answer, HttpEndpoint, Metrics, misdirected
 from ..pipeline import Pipeline, check_config
 from ..runtime import BundleModel, ProviderChoice, open_served
 from ..upgrade import upgrade
@@ -64,8 +65,9 @@ Identity = tuple[int, int, int, int]
 
 
 class Outcome(NamedTuple):
-    """How a reload went: ``result`` (swapped, unchanged, refused), what serves now, why, and the
-    admin answer's HTTP status (409: refused as incompatible, 422: not a usable bundle)."""
+    """How a reload went: ``result`` (swapped, unchanged, refused; "waiting" for an admin answer that
+    could not wait longer), what serves now, why, and the admin answer's HTTP status (409: refused
+    as incompatible, 422: not a usable bundle, 202: waiting)."""
 
     result: str
     serving: str
@@ -191,6 +193,25 @@ class Reloader:
         return Outcome("refused", serving.spec.model.ref, why, status)
 
 
+async def answered(reloader: Reloader, route: str = "") -> Outcome:
+    """A reload for the admin endpoint: its outcome, or "waiting" (202) after ``ADMIN_ANSWER_S``.
+
+    Shielded: an answer that times out leaves the reload running, not cut short mid-swap.
+    ``route``: the route whose reload this is (its log lines name it)."""
+    token = ROUTE.set(route) if route else None
+    try:
+        reload = asyncio.ensure_future(reloader.reload("POST /admin/reload"))
+    finally:
+        if token is not None:
+            ROUTE.reset(token)
+    try:
+        return await asyncio.wait_for(asyncio.shield(reload), ADMIN_ANSWER_S)
+    except TimeoutError:
+        return Outcome("waiting", reloader.pipeline.model_ref,
+                       f"not done within {ADMIN_ANSWER_S:.0f}s (waiting for a checkpoint that commits?): it goes on; "
+                       "rnnd_model_info says when it serves", 202)
+
+
 class AdminServer(HttpEndpoint):
     """The admin endpoint (``admin_address``): POST /admin/reload, answered with the reload's outcome as JSON.
 
@@ -203,17 +224,8 @@ class AdminServer(HttpEndpoint):
         self.reloader = reloader
 
     async def answer(self, path: str, method: str = "GET") -> Answer:
-        if path != "/admin/reload":
-            return 404, b"not found: POST /admin/reload\n", "text/plain"
-        if method != "POST":
-            return 405, b"POST /admin/reload (it changes what the daemon serves)\n", "text/plain"
-        reload = asyncio.ensure_future(self.reloader.reload("POST /admin/reload"))
-        try:  # shielded: an answer that times out leaves the reload running, not cut short mid-swap
-            outcome = await asyncio.wait_for(asyncio.shield(reload), ADMIN_ANSWER_S)
-        except TimeoutError:
-            body = orjson.dumps({"result": "waiting", "serving": self.reloader.pipeline.model_ref,
-                                 "message": f"not done within {ADMIN_ANSWER_S:.0f}s (waiting for a checkpoint that "
-                                            "commits?): it goes on; rnnd_model_info says when it serves"},
-                                option=orjson.OPT_APPEND_NEWLINE)
-            return 202, body, "application/json"
+        refused = misdirected(path, method)
+        if refused is not None:
+            return refused
+        outcome = await answered(self.reloader)
         return outcome.status, outcome.document(), "application/json"

@@ -33,17 +33,16 @@ import logging
 import signal
 from collections.abc import Mapping
 
-import orjson
 from prometheus_client import Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..config import ServeConfig
 from ..errors import RnndError
 from ..logs import ROUTE
-from ..metrics import Answer, Endpoint, Metrics, combine
-from .budgets import ADMIN_ANSWER_S
+from ..metrics import Answer, Endpoint, Metrics, combine, combined_answer, misdirected, start_endpoints
 from .daemon import Daemon
 from .housekeeping import LoopWatch
+from .reload import answered
 
 log = logging.getLogger("rnnd.routes")
 
@@ -87,16 +86,9 @@ class Router:
         http = Endpoint(base.http_host, base.http_port, self.answer)
         admin = Endpoint(*base.admin_endpoint, self.reload) if base.admin_endpoint else None
         try:
-            for endpoint, what, settings in ((http, "/metrics", "http_port or http_host"),
-                                             (admin, "/admin/reload", "admin_address")):
-                if endpoint is None:
-                    continue
-                try:
-                    await endpoint.start()
-                except OSError as e:
-                    log.error("cannot serve %s on %s:%d (%s): choose another %s", what, endpoint.host,
-                              endpoint.port, e.strerror or e, settings)
-                    return 2
+            if not await start_endpoints([(http, "/metrics", "http_port or http_host"),
+                                          (admin, "/admin/reload", "admin_address")]):
+                return 2
             log.info("%d routes in one process: %s | http://%s:%d/metrics for all%s", len(self.configs),
                      ", ".join(f"{n} ({c.input_topic} → {c.output_topic}{', shadow' if c.shadow else ''})"
                                for n, c in self.configs.items()), base.http_host, http.port,
@@ -185,30 +177,13 @@ class Router:
 
     async def reload(self, path: str, method: str) -> Answer:
         """POST /admin/reload (every route) or /admin/reload/NAME (one): each route's outcome."""
-        if not (path == "/admin/reload" or path.startswith("/admin/reload/")):
-            return 404, b"not found: POST /admin/reload or /admin/reload/NAME\n", "text/plain"
-        if method != "POST":
-            return 405, b"POST /admin/reload (it changes what the daemon serves)\n", "text/plain"
+        refused = misdirected(path, method, named=True)
+        if refused is not None:
+            return refused
         name = path.removeprefix("/admin/reload").strip("/")
         if name and name not in self.daemons:
             return 404, f"no route {name!r}: {', '.join(self.daemons)}\n".encode(), "text/plain"
         chosen = [name] if name else list(self.daemons)
-
-        async def one(n: str) -> dict:
-            token = ROUTE.set(n)
-            try:
-                reload = asyncio.ensure_future(self.daemons[n].reloader.reload("POST /admin/reload"))
-            finally:
-                ROUTE.reset(token)
-            try:
-                outcome = await asyncio.wait_for(asyncio.shield(reload), ADMIN_ANSWER_S)
-            except TimeoutError:
-                return {"route": n, "status": 202, "result": "waiting", "serving": self.daemons[n].model.spec.model.ref}
-            return {"route": n, "status": outcome.status, "result": outcome.result, "serving": outcome.serving,
-                    "message": outcome.message}
-
-        docs = await asyncio.gather(*(one(n) for n in chosen))
-        results = {d["result"] for d in docs}
-        body = {"result": results.pop() if len(results) == 1 else "mixed", "routes": docs}
-        return max(d["status"] for d in docs), orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE), \
-            "application/json"
+        outcomes = await asyncio.gather(*(answered(self.daemons[n].reloader, n) for n in chosen))
+        return combined_answer("routes", [{"route": n, "status": o.status, "result": o.result, "serving": o.serving,
+                                    "message": o.message} for n, o in zip(chosen, outcomes, strict=True)])

@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .. import settings
 from ..children import free_port, parent_death_signal
 from ..config import ServeConfig
-from ..metrics import NOT_FOUND, Answer, Endpoint
+from ..metrics import NOT_FOUND, Answer, Endpoint, combined_answer, misdirected, start_endpoints
 from ..metrics import combine as metrics_combine
 from ..settings import ENV_NOT_SETTINGS, ENV_PREFIX, WORKER_ENV
 from .budgets import ADMIN_ANSWER_S, CLIENT_STOP_S, DRAIN_S, FINAL_CHECKPOINT_S
@@ -159,23 +159,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         http = Endpoint(cfg.http_host, cfg.http_port, self.answer)
-        try:
-            await http.start()
-        except OSError as e:  # before any worker starts: nothing to undo
-            log.error("cannot serve /metrics on %s:%d (%s): choose another http_port or http_host",
-                      cfg.http_host, cfg.http_port, e.strerror or e)
+        admin = Endpoint(*cfg.admin_endpoint, self.reload) if cfg.admin_endpoint else None
+        # before any worker starts: nothing to undo
+        if not await start_endpoints([(http, "/metrics", "http_port or http_host"),
+                                      (admin, "/admin/reload", "admin_address")]):
             return 2
         port = http.port
-        admin = Endpoint(*cfg.admin_endpoint, self.reload) if cfg.admin_endpoint else None
         watch = None
         try:
             if admin is not None:
-                try:
-                    await admin.start()
-                except OSError as e:
-                    log.error("cannot serve /admin/reload on %s (%s): choose another admin_address", cfg.admin_address,
-                              e.strerror or e)
-                    return 2
                 log.info("admin endpoint: POST http://%s:%d/admin/reload (forwarded to every worker)", admin.host,
                          admin.port)
             await self._start()
@@ -301,9 +293,9 @@ class Supervisor:
         Each worker swaps at its own checkpoint: for a moment some serve the new bundle while
         others serve the old one, as replicas on several machines would, and each output names
         the bundle that made it."""
-        if path != "/admin/reload" or method != "POST":
-            return (404, b"not found: POST /admin/reload\n", "text/plain") if path != "/admin/reload" else \
-                (405, b"POST /admin/reload (it changes what the daemon serves)\n", "text/plain")
+        refused = misdirected(path, method)
+        if refused is not None:
+            return refused
         answers = await asyncio.gather(*(w.ask(path, "POST", admin=True, timeout=ADMIN_ANSWER_S + ASK_TIMEOUT_S)
                                          for w in self.workers))
         docs = []
@@ -313,8 +305,4 @@ class Supervisor:
             except orjson.JSONDecodeError:
                 doc = {"result": "no answer"}
             docs.append({"worker": w.index, "status": status or 503, **doc})
-        worst = max((d["status"] for d in docs), default=503)
-        results = {d.get("result") for d in docs}
-        result = results.pop() if len(results) == 1 else "mixed"
-        return worst, orjson.dumps({"result": result, "workers": docs}, option=orjson.OPT_APPEND_NEWLINE), \
-            "application/json"
+        return combined_answer("workers", docs)
