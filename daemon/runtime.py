@@ -42,6 +42,21 @@ def _refuse_if_modified(data: bytes, source: str) -> None:
         return
 
 
+#: Providers that run an int8 bundle's quantized ops (DynamicQuantizeLSTM, MatMulInteger, ONNX
+#: Runtime's contrib ops) on the CPU only: ONNX Runtime would quietly place them there, and every
+#: call would copy to and from the device for an arithmetic the GPU never does.
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _refuse_unrunnable_precision(precision: str, providers: Sequence[object], source: str) -> None:
+    """Raise ProviderError, before a session exists, for a bundle its first provider cannot run."""
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if precision == "int8" and first in _GPU_PROVIDERS:
+        raise ProviderError(f"{source} is an int8 bundle, whose quantized ops ONNX Runtime runs on the CPU only: "
+                            "serve it with --provider cpu, or export the model with --precision fp32 or fp16 "
+                            "for the GPU")
+
+
 class BundleModel:
     """An ONNX Runtime session plus the spec read from its own metadata.
 
@@ -69,10 +84,12 @@ class BundleModel:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         source = "model" if isinstance(model, bytes) else str(model)
         data = model if isinstance(model, bytes) else read_bytes(model)
-        if providers[0] == "CPUExecutionProvider" and declared_precision(data) == "fp16":
-            raise ProviderError(f"{source} is an fp16 bundle, which ONNX Runtime's CPU provider cannot run (its "
-                                "fp16 recurrent ops have no CPU kernels): serve it with --provider cuda, or export "
-                                "the model with --precision fp32 or int8 for the CPU")
+        precision = declared_precision(data)
+        _refuse_unrunnable_precision(precision, providers, source)
+        if precision == "fp16":
+            # onnxruntime 1.31.1 segfaults creating a CPU session for an fp16 recurrent graph at
+            # ORT_ENABLE_ALL (its layout passes); ENABLE_EXTENDED keeps every fusion CUDA uses and runs.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=list(providers))
         except Exception as e:
