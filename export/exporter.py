@@ -90,8 +90,6 @@ def export_bundle(
     with torch.no_grad():
         if opts.precision not in PRECISIONS:
             raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opts.precision!r}")
-        if opts.precision == "fp16":
-            _refuse_fp16()
         if opts.mode == "seq2seq":
             if opts.precision != "fp32":
                 raise ExportError(f"--precision {opts.precision} is for stateful and window bundles; a seq2seq "
@@ -338,12 +336,17 @@ def _at_precision(onnx_model: onnx.ModelProto, precision: str, say: Callable[[st
 
     int8: ONNX Runtime's dynamic quantization (weights to int8 once, activations quantized per call):
     its LSTM becomes DynamicQuantizeLSTM and its MatMuls MatMulInteger; a GRU's recurrence has no
-    quantized kernel and stays fp32. fp16 is refused here: its parity proof runs the graph, and
-    ONNX Runtime's CPU provider cannot run an fp16 recurrent op (session creation crashes), so it
-    needs a CUDA device, which this machine's onnxruntime does not offer.
+    quantized kernel and stays fp32. fp16: ONNX Runtime's float16 tool, every weight and op in half
+    precision, with casts at the graph's inputs and outputs (keep_io_types), so the state crosses
+    the boundary as float32 and its layout is the same as fp32's.
     """
     if precision == "fp16":
-        _refuse_fp16()
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half: onnx.ModelProto = convert_float_to_float16(onnx_model, keep_io_types=True)
+        _sort_topologically(half.graph)  # the tool appends its input casts after their consumers
+        say("fp16: weights and ops in half precision, inputs, outputs and state float32")
+        return half
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -356,15 +359,22 @@ def _at_precision(onnx_model: onnx.ModelProto, precision: str, say: Callable[[st
     return quantized
 
 
-def _refuse_fp16() -> None:
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ExportError("--precision fp16 needs a GPU to prove its parity (ONNX Runtime cannot run fp16 "
-                          "recurrent ops on the CPU): export it where onnxruntime-gpu sees a CUDA device, or use "
-                          "--precision int8 for the CPU")
-    raise ExportError("--precision fp16 is not built yet (its conversion is proven on a GPU only): export fp32, or "
-                      "int8 for the CPU")
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph``'s nodes so each comes after the producers of its inputs (ONNX requires it)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [n for n in pending if all(i in ready for i in n.input)]
+        if not runnable:  # an input from an outer scope: leave the rest in the order they came
+            ordered += pending
+            break
+        for n in runnable:
+            ordered.append(n)
+            ready.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -1,28 +1,25 @@
-"""Bundle precision: an int8 bundle proven within its tolerance and served; fp16 refused where it cannot run.
+"""Bundle precision: int8 and fp16 bundles proven within their tolerances and served; int8 refused on GPUs.
 
-int8 is ONNX Runtime's dynamic quantization of the exported graph, proven against PyTorch's
-float32 like any bundle (at PRECISIONS' tolerance). An fp16 bundle cannot run on the CPU
-provider (its session creation crashes), so the exporter refuses to make one without a GPU and
-the daemon refuses to load one on the CPU, each with one line.
+int8 is ONNX Runtime's dynamic quantization of the exported graph, fp16 its float16 conversion;
+both are proven against PyTorch's float32 like any bundle (at PRECISIONS' tolerance). int8's
+quantized ops run on the CPU provider only, so the daemon refuses an int8 bundle on CUDA or
+TensorRT with one line rather than let ONNX Runtime place them on the CPU behind its back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from cli_checks import one_line_error
 
-from rnnd.daemon.bundle import PRECISIONS, InputSpec, OutputSpec, attach, load_proto, read_bytes
+from rnnd.daemon.bundle import PRECISIONS, InputSpec, OutputSpec, load_proto, read_bytes
 from rnnd.daemon.errors import ProviderError
 from rnnd.daemon.local import Session
 from rnnd.daemon.runtime import BundleModel
 from rnnd.export import zoo
-from rnnd.export.errors import ExportError
 from rnnd.export.exporter import ExportOptions, export_bundle
 from rnnd.export.parity import ParityPlan
 
@@ -79,20 +76,32 @@ def test_the_export_cli_takes_the_precision_and_its_tolerance(lstm_bundles, rnnd
     assert res.code == 0 and "mode         : stateful, precision int8" in res.out and "ok" in res.out
 
 
-def test_fp16_is_refused_where_it_cannot_run(lstm_bundles, tmp_path: Path, rnnd) -> None:
+def test_an_fp16_bundle_is_proven_at_its_tolerance_and_an_int8_one_is_refused_on_the_gpu(
+        lstm_bundles, tmp_path: Path, rnnd) -> None:
+    """--precision fp16 converts the graph (half-precision weights and LSTM), proves it against PyTorch at
+    fp16's tolerance and serves on the CPU provider; an int8 bundle asked to run on CUDA is refused before
+    ONNX Runtime sees it (its quantized ops would silently run on the CPU)."""
     torch.manual_seed(5)
-    model = zoo.build(cell="lstm", n_features=3, hidden=8, out_size=2)
-    with pytest.raises(ExportError, match="--precision fp16 needs a GPU to prove its parity"):
-        export_bundle(model, ExportOptions(name="m", input=IN, output=OUT, precision="fp16"), tmp_path / "m.onnx")
-    # A bundle that declares fp16 is refused on the CPU provider before ONNX Runtime sees its graph.
-    proto = load_proto(read_bytes(lstm_bundles[0]))
-    attach(proto, dataclasses.replace(BundleModel(lstm_bundles[0]).spec, precision="fp16"))
-    fp16 = tmp_path / "fp16.onnx"
-    fp16.write_bytes(proto.SerializeToString())
-    with pytest.raises(ProviderError, match="is an fp16 bundle, which ONNX Runtime's CPU provider cannot run"):
-        BundleModel(fp16)
-    res = rnnd("serve", "--check", "--model", fp16, "--input-topic", "in", "--output-topic", "out")
-    one_line_error(res, 2, "serve it with --provider cuda, or export the model with --precision fp32 or int8")
+    model = zoo.build(cell="lstm", n_features=3, hidden=32, layers=2, out_size=2)
+    path = tmp_path / "fp16.onnx"
+    export_bundle(model, ExportOptions(name="lstm", version="fp16", input=IN, output=OUT, precision="fp16",
+                                       parity=ParityPlan(tolerance=PRECISIONS["fp16"])), path)
+    fp32, fp16 = BundleModel(lstm_bundles[0]), BundleModel(path)
+    assert fp16.spec.precision == "fp16" and fp16.spec.parity is not None
+    assert fp16.spec.parity.tolerance == PRECISIONS["fp16"] and fp16.spec.parity.max_abs_err <= 1e-2
+    assert fp16.spec.state_hash == fp32.spec.state_hash  # same state layout: streams continue across precisions
+    half = {init.data_type for init in load_proto(read_bytes(path)).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in half  # the weights really are half precision
+    rng = np.random.default_rng(0)
+    messages = [(f"k{i % 5}", {"x": rng.standard_normal(3).tolist()}) for i in range(60)]
+    a, b = Session(fp32).predict(messages), Session(fp16).predict(messages)
+    err = max(abs(x["prediction"]["values"][n] - y["prediction"]["values"][n])
+              for x, y in zip(a, b, strict=True) for n in ("y1", "y2"))
+    assert 0 < err <= PRECISIONS["fp16"], err  # half precision (not the fp32 graph), within its tolerance
+    assert {d["model"] for d in b} == {"lstm@fp16"}
+
+    with pytest.raises(ProviderError, match="is an int8 bundle, whose quantized ops ONNX Runtime runs on the CPU"):
+        BundleModel(lstm_bundles[1], providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
 
 
 def test_provider_chains_and_tensorrt_engine_cache() -> None:
