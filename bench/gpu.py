@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|---|" + "---:|" * len(batches))
     for label, data in models:
         for dev in devices:
-            for precision, graph in (("fp32", data), *((("fp16", fp16_of(data)),) if dev == "cuda" else ())):
+            for precision, graph in (("fp32", data), ("fp16", fp16_of(data))):
                 rows = ceiling(graph, dev, batches, args.seconds, say)
                 for state in ("host", "device"):
                     cells = " | ".join(fmt(r[state]) for r in rows)
