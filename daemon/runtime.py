@@ -88,7 +88,7 @@ class BundleModel:
         _refuse_unrunnable_precision(precision, providers, source)
         if precision == "fp16":
             # onnxruntime 1.31.1 segfaults creating a CPU session for an fp16 recurrent graph at
-            # ORT_ENABLE_ALL; DISABLE_ALL, BASIC and EXTENDED create it and run, EXTENDED the fastest.
+            # ORT_ENABLE_ALL; DISABLE_ALL, BASIC and EXTENDED create it and run: the highest of those.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=list(providers))
