@@ -55,11 +55,15 @@ class Placement(NamedTuple):
     device_id: int
 
 
+#: The providers that place a session's tensors on a GPU (TensorRT runs on CUDA's memory).
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def placement_of(session: ort.InferenceSession) -> Placement:
     names = session.get_providers()
     options = session.get_provider_options()
     providers = [(p, dict(options.get(p, {}))) for p in names]
-    if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+    if names[0] in GPU_PROVIDERS:
         return Placement(providers, "cuda", int(options.get(names[0], {}).get("device_id", 0)))
     return Placement(providers, "cpu", 0)
 

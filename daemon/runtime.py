@@ -26,6 +26,7 @@ from .bundle import (
     spec_from_metadata,
     verified_spec,
 )
+from .device import GPU_PROVIDERS
 from .errors import ProviderError
 
 if TYPE_CHECKING:
@@ -42,16 +43,15 @@ def _refuse_if_modified(data: bytes, source: str) -> None:
         return
 
 
-#: Providers that run an int8 bundle's quantized ops (DynamicQuantizeLSTM, MatMulInteger, ONNX
-#: Runtime's contrib ops) on the CPU only: ONNX Runtime would quietly place them there, and every
-#: call would copy to and from the device for an arithmetic the GPU never does.
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
 def _refuse_unrunnable_precision(precision: str, providers: Sequence[object], source: str) -> None:
-    """Raise ProviderError, before a session exists, for a bundle its first provider cannot run."""
+    """Raise ProviderError, before a session exists, for a bundle its first provider cannot run.
+
+    An int8 bundle's quantized ops (DynamicQuantizeLSTM, MatMulInteger: ONNX Runtime's contrib ops)
+    have CPU kernels only: on a GPU provider ONNX Runtime would quietly place them on the CPU, and
+    every call would copy to and from the device for arithmetic the GPU never does.
+    """
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    if precision == "int8" and first in _GPU_PROVIDERS:
+    if precision == "int8" and first in GPU_PROVIDERS:
         raise ProviderError(f"{source} is an int8 bundle, whose quantized ops ONNX Runtime runs on the CPU only: "
                             "serve it with --provider cpu, or export the model with --precision fp32 or fp16 "
                             "for the GPU")
