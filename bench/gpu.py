@@ -92,14 +92,14 @@ def large_lstm(hidden: int = 1024, layers: int = 2, features: int = 8) -> bytes:
 
 
 def fp16_of(data: bytes) -> bytes:
-    """The bundle's graph in fp16, inputs, outputs and state float32 (ONNX Runtime's float16 tool), resealed."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
+    """The bundle's graph in fp16 as ``rnnd export --precision fp16`` makes it (inputs, outputs and
+    state float32), resealed."""
     from rnnd.daemon.bundle import attach, load_proto, metadata_entries, spec_from_metadata
+    from rnnd.export.precision import at_precision
 
     proto = load_proto(data)
     spec = spec_from_metadata(metadata_entries(proto))
-    half = convert_float_to_float16(proto, keep_io_types=True)
+    half = at_precision(proto, "fp16")
     attach(half, dataclasses.replace(spec, precision="fp16"))
     return half.SerializeToString()
 

@@ -35,7 +35,7 @@ from rnnd.daemon.bundle import (
 )
 from rnnd.daemon.runtime import BundleModel
 
-from . import compat, graph, parity, protocol
+from . import compat, graph, parity, precision, protocol
 from . import seq2seq as s2s
 from .errors import ExportError
 
@@ -107,7 +107,7 @@ def export_bundle(
             say(f"graph: {strategy} strategy, opset {graph.OPSET}, {len(spec.states)} state tensor(s)")
             spec = _context_start(model, adapter, spec, opts, onnx_model, say)
             if opts.precision != "fp32":
-                onnx_model = _at_precision(onnx_model, opts.precision, say)
+                onnx_model = precision.at_precision(onnx_model, opts.precision, say)
                 spec = dataclasses.replace(spec, precision=opts.precision)
 
             attach(onnx_model, spec)
@@ -329,52 +329,6 @@ def _self_check(bundle: BundleModel, adapter: protocol.Adapter, opts: ExportOpti
         y = adapter.reference(torch.from_numpy(x)).numpy().astype(np.float32)
     return SelfCheck(x=encode_array(x), x_shape=tuple(x.shape), y=encode_array(y), y_shape=tuple(y.shape),
                      tolerance=opts.parity.tolerance)
-
-
-def _at_precision(onnx_model: onnx.ModelProto, precision: str, say: Callable[[str], None]) -> onnx.ModelProto:
-    """The graph at ``precision``, its inputs and outputs (state included) still float32.
-
-    int8: ONNX Runtime's dynamic quantization (weights to int8 once, activations quantized per call):
-    its LSTM becomes DynamicQuantizeLSTM and its MatMuls MatMulInteger; a GRU's recurrence has no
-    quantized kernel and stays fp32. fp16: ONNX Runtime's float16 tool, every weight and op in half
-    precision, with casts at the graph's inputs and outputs (keep_io_types), so the state crosses
-    the boundary as float32 and its layout is the same as fp32's.
-    """
-    if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        half: onnx.ModelProto = convert_float_to_float16(onnx_model, keep_io_types=True)
-        _sort_topologically(half.graph)  # the tool appends its input casts after their consumers
-        say("fp16: weights and ops in half precision, inputs, outputs and state float32")
-        return half
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(onnx_model, src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-        quantized = onnx.load(dst)
-    ops = sorted({n.op_type for n in quantized.graph.node} - {n.op_type for n in onnx_model.graph.node})
-    say(f"int8: weights quantized ({', '.join(ops) or 'no op had a quantized kernel'})")
-    return quantized
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """Reorder ``graph``'s nodes so each comes after the producers of its inputs (ONNX requires it)."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [n for n in pending if all(i in ready for i in n.input)]
-        if not runnable:  # an input from an outer scope: leave the rest in the order they came
-            ordered += pending
-            break
-        for n in runnable:
-            ordered.append(n)
-            ready.update(n.output)
-        pending = [n for n in pending if all(n is not r for r in runnable)]
-    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
-    del graph.node[:]
-    graph.node.extend(copies)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
