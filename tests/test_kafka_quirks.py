@@ -13,12 +13,14 @@ import asyncio
 import uuid
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import ConsumerRecord
 from kafka_fixtures import TopicFactory, run_async
 
 from rnnd.daemon.kafka import (
     broker_answers,
+    install_raw_records,
     known_partition_count,
     partitions_of,
     position_at_end,
@@ -26,6 +28,7 @@ from rnnd.daemon.kafka import (
     reader,
     topic_partitions,
 )
+from rnnd.daemon.kafka.quirks import RAW_RECORDS
 from rnnd.embedded_broker import EmbeddedBroker, create_topics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +46,8 @@ FORBIDDEN = {
     "seek_to_end": "wrong on Tansu (the start of the newest batch + 1)",
     "describe_topics": "naming a topic creates it on Tansu: quirks.topic_partitions asks for all",
     "list_topics": "quirks.topic_partitions answers the same with partitions",
+    "PartitionRecords": "aiokafka's fetcher internals (quirks.install_raw_records)",
+    "_consumer_record": "aiokafka's fetcher internals (quirks.install_raw_records)",
 }
 
 
@@ -162,6 +167,51 @@ def test_position_at_end_lands_after_the_newest_batch_and_read_to_end_reads_ever
                 await consumer.stop()
         finally:
             await producer.stop()
+
+    run_async(asyncio.wait_for(body(), 60))
+
+
+def test_a_consumer_marked_raw_reads_c_records_with_the_fields_the_pipeline_reads_and_others_keep_theirs(
+        bootstrap: str, topic_factory: TopicFactory) -> None:
+    """The daemon's input consumer (``RAW_RECORDS``) gets aiokafka's parsed C records: the same offset,
+    timestamp, key, value and headers as the ConsumerRecord an unmarked consumer in the same
+    process gets for the same record."""
+    topic = topic_factory("quirks-raw", partitions=1)
+    assert install_raw_records() and install_raw_records()  # installed once, then idempotent
+
+    async def read(marked: bool) -> list:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    group_id=f"raw-{uuid.uuid4().hex[:8]}",
+                                    **({"value_deserializer": RAW_RECORDS} if marked else {}))
+        await consumer.start()
+        try:
+            got: list = []
+            for _ in range(40):
+                for recs in (await consumer.getmany(timeout_ms=250)).values():
+                    got += recs
+                if len(got) >= 3:
+                    return got
+            raise AssertionError(f"read {len(got)} of 3 records")
+        finally:
+            await consumer.stop()
+
+    async def body() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for i, headers in enumerate(([], [("trace", b"t-1")], [("a", b"1"), ("b", b"")])):
+                await (await producer.send(topic, b'{"x":[%d]}' % i, key=b"k%d" % i, partition=0,
+                                           timestamp_ms=1_700_000_000_000 + i, headers=headers))
+        finally:
+            await producer.stop()
+        raw, plain = await read(True), await read(False)
+        assert all(type(r) is ConsumerRecord for r in plain)
+        assert not any(isinstance(r, ConsumerRecord) for r in raw)
+        fields = ("offset", "timestamp", "key", "value")
+        assert [tuple(getattr(r, f) for f in fields) for r in raw] == [tuple(getattr(r, f) for f in fields)
+                                                                     for r in plain]
+        assert [list(r.headers) for r in raw] == [list(r.headers) for r in plain] == [
+            [], [("trace", b"t-1")], [("a", b"1"), ("b", b"")]]
 
     run_async(asyncio.wait_for(body(), 60))
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..security import KafkaSecurity, client_kwargs
-from .quirks import OFFSET_RESET
+from .quirks import OFFSET_RESET, RAW_RECORDS
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -52,6 +52,8 @@ def consumer_settings(cfg: ServeConfig, group_id: str) -> dict[str, Any]:
         "heartbeat_interval_ms": max(1000, cfg.session_timeout_ms // 3),
         "max_poll_interval_ms": 300_000,
         "isolation_level": input_isolation(cfg),
+        # Fetched records as aiokafka's C records, not ConsumerRecords built in Python (quirks).
+        "value_deserializer": RAW_RECORDS,
     }
 
 

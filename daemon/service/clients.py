@@ -57,6 +57,7 @@ class AiokafkaFactory:
     def consumer(self, cfg: ServeConfig, group_id: str) -> Any:
         from aiokafka import AIOKafkaConsumer
 
+        kafka.install_raw_records()  # consumer_settings marks this consumer's records to be taken raw
         return AIOKafkaConsumer(**kafka.consumer_settings(cfg, group_id))
 
     def restorer(self, cfg: ServeConfig) -> Any:
