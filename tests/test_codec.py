@@ -508,3 +508,14 @@ def test_a_context_starts_the_stream_before_the_messages_steps() -> None:
         assert r.remaining == (steps if isinstance(steps, int) else 0) + 1
     plain = record(START, b'{"x": [0, 0, 0]}')
     assert plain.context is None and not plain.reset
+
+
+def test_the_one_step_record_of_the_fast_path_equals_the_constructors_in_every_slot() -> None:
+    """``codec.one_step`` sets the slots itself (the common message's Record, built once per message):
+    a slot added to Record and forgotten there would be unset or wrong."""
+    fast = codec.one_step(b"dev-1", 3, 41, 1_700_000_000_000, [0.5, 1.0, 2.0])
+    made = Record(b"dev-1", 3, 41, 1_700_000_000_000, [[0.5, 1.0, 2.0]])
+    assert {s: getattr(fast, s) for s in Record.__slots__} == {s: getattr(made, s) for s in Record.__slots__}
+    decoded = Decoder(numeric_spec(), config(), "in").decode(b"dev-1", b'{"x":[0.5,1,2]}', 3, 41,
+                                                              1_700_000_000_000)
+    assert {s: getattr(decoded, s) for s in Record.__slots__} == {s: getattr(made, s) for s in Record.__slots__}
