@@ -274,3 +274,25 @@ def test_the_device_check_runs_its_cpu_rows_and_says_what_it_did_not_measure(cap
              .astype(np.float32) for i in large.session.get_inputs()}
     y32, y16 = (m.session.run(None, feeds)[0] for m in (large, half))
     assert 0 < float(np.abs(y32 - y16).max()) <= PRECISIONS["fp16"]
+
+
+def test_the_workers_target_is_judged_only_for_as_many_workers_as_the_free_cores_hold() -> None:
+    """One worker using 1.07 of 2 cores beside a broker using 0.15 leaves room for one: the 2-worker
+    ratio is reported but not judged; with 8 cores it is judged."""
+    from bench import report
+
+    def run(n: int, msgs: float) -> harness.RunResult:
+        return harness.RunResult("workers", f"rnnd-w{n}", "backlog", 10, 10, 10, outputs=10, distinct_ids=10,
+                                 seconds=1.0, steps_per_s=msgs, messages_per_s=msgs, cpu_s=1.07 * n,
+                                 broker_cpu_s=0.15)
+
+    def verdict(nproc: int) -> dict:
+        results = {"mode": "full", "runs": [run(1, 100.0), run(2, 150.0)], "memory": [], "compute": {},
+                   "workloads": {}, "machine": {"nproc": nproc}}
+        [t] = [t for t in report.targets(results) if t["target"].startswith("workers")]
+        return t
+
+    small, large = verdict(2), verdict(8)
+    assert small["met"] is None and report._verdict(small) == "beyond this machine"
+    assert "0.75×" in small["measured"] and "room for 1" in small["measured"]
+    assert large["met"] is False and report._verdict(large) == "MISSED"
