@@ -13,8 +13,9 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
@@ -39,6 +40,51 @@ def default_partition(key: bytes, partitions: int) -> int:
     Java clients and aiokafka place it; ``rnnd predict`` places a file's keys the same way."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
+
+_M = np.uint32(0x5BD1E995)  # murmur2's mixing constant
+_SEED = 0x9747B28C
+
+
+def default_partitions(keys: Sequence[bytes], partitions: int) -> list[int]:
+    """``default_partition`` of many keys at once: murmur2 run on numpy's uint32 (which wraps as
+    the hash's 32-bit arithmetic does) over every key of one length together.
+
+    aiokafka's murmur2 is pure Python, 1.7 µs a key: a stream's first output pays it once, and on
+    a backlog of 10,000 new streams that was 17 ms of the event loop (100,000 new streams: 0.17 s).
+    Here: a few numpy operations per 4-byte block for all keys of a length.
+    """
+    out = [0] * len(keys)
+    by_length: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_length.setdefault(len(key), []).append(i)
+    with np.errstate(over="ignore"):
+        for length, idx in by_length.items():
+            data = np.frombuffer(b"".join([keys[i] for i in idx]), dtype=np.uint8).reshape(len(idx), length)
+            h = np.full(len(idx), (_SEED ^ length) & 0xFFFFFFFF, dtype=np.uint32)
+            whole = length // 4 * 4
+            if whole:
+                blocks = np.ascontiguousarray(data[:, :whole]).view("<u4")
+                for j in range(whole // 4):
+                    k = blocks[:, j] * _M
+                    k ^= k >> np.uint32(24)
+                    k *= _M
+                    h *= _M
+                    h ^= k
+            extra = length - whole
+            if extra >= 3:
+                h ^= data[:, whole + 2].astype(np.uint32) << np.uint32(16)
+            if extra >= 2:
+                h ^= data[:, whole + 1].astype(np.uint32) << np.uint32(8)
+            if extra >= 1:
+                h ^= data[:, whole].astype(np.uint32)
+                h *= _M
+            h ^= h >> np.uint32(13)
+            h *= _M
+            h ^= h >> np.uint32(15)
+            for i, p in zip(idx, ((h & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)).tolist(), strict=True):
+                out[i] = p
+    return out
+
 class Sink:
     """The producer, plus the bookkeeping that makes ``flush`` mean 'everything acknowledged'.
 
@@ -61,7 +107,8 @@ class Sink:
         # One entry per batch handed to the producer: its future, and what to send again if it fails.
         self._sent: list[_Sent] = []
         self._partitions: dict[str, int] = {}  # topic → partition count
-        self._key_partition: dict[str, dict[bytes, int]] = {}  # topic → key → partition
+        # topic → key → partition (None, a record without a key, is never stored: its partition is random)
+        self._key_partition: dict[str, dict[bytes | None, int]] = {}
         # Per partition: the records waiting for its pump, and the pump (one task, while any wait).
         self._queued: dict[tuple[str, int], list[_Queued]] = {}
         self._pumps: dict[tuple[str, int], asyncio.Task] = {}
@@ -88,18 +135,7 @@ class Sink:
             return
         now = int(time.time() * 1000)
         if partitions is None:
-            n = await self._partition_count(topic)
-            cache = self._key_partition[topic]
-            partitions = []
-            for item in items:
-                key = item[0]
-                p = cache.get(key) if key is not None else random.randrange(n)
-                if p is None:
-                    p = default_partition(key, n)
-                    if len(cache) >= 1_000_000:
-                        cache.clear()
-                    cache[key] = p
-                partitions.append(p)
+            partitions = await self._partitions_of(topic, [item[0] for item in items])
         if len(set(partitions)) == 1:  # one partition: no regrouping
             self._sent += self._send_partition(topic, partitions[0], list(items),
                                                None if headers is None else list(headers), now)
@@ -194,6 +230,24 @@ class Sink:
             await submit(producer.send_batch(batch, topic, partition=partition), members)
         for w in waiters:
             w.sealed()
+
+    async def _partitions_of(self, topic: str, keys: list[bytes | None]) -> list[int]:
+        """Each key's partition, by Kafka's default partitioner (cached per key); a record without a
+        key goes to a random partition, as aiokafka's default partitioner sends it."""
+        n = await self._partition_count(topic)
+        cache = self._key_partition[topic]
+        found = list(map(cache.get, keys))  # None: a new key, or no key
+        if None in found:
+            new = [i for i, p in enumerate(found) if p is None]
+            keyed = [i for i in new if keys[i] is not None]
+            if len(cache) + len(keyed) > 1_000_000:
+                cache.clear()
+            for i, p in zip(keyed, default_partitions(cast(list[bytes], [keys[i] for i in keyed]), n), strict=True):
+                found[i] = cache[keys[i]] = p
+            for i in new:
+                if keys[i] is None:
+                    found[i] = random.randrange(n)
+        return cast(list[int], found)
 
     async def _partition_count(self, topic: str) -> int:
         n = self._partitions.get(topic)
