@@ -48,6 +48,8 @@ FORBIDDEN = {
     "list_topics": "quirks.topic_partitions answers the same with partitions",
     "PartitionRecords": "aiokafka's fetcher internals (quirks.install_raw_records)",
     "_consumer_record": "aiokafka's fetcher internals (quirks.install_raw_records)",
+    "_builder": "a producer batch's C builder (quirks.append_records)",
+    "_relative_offset": "a producer batch's record count (quirks.append_records)",
 }
 
 

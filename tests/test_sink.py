@@ -77,15 +77,20 @@ def test_outputs_land_on_the_default_partitioners_partition_in_order(bootstrap: 
 def test_headers_explicit_partitions_and_records_larger_than_a_batch(bootstrap: str, topic_factory) -> None:
     topic = topic_factory("sink-side", partitions=PARTITIONS)
     big = b"x" * 40_000  # larger than the 16 KiB batches of this producer: sent on its own
-    items = [(None, b'{"dead": 1}'), (b"k", big), (b"k", b"small"), (b"k2", b"changelog")]
-    headers = [[("rnnd.reason", b"not_json")], [("h", b"1")], [], []]
+    # then 1,500 records of ~24 bytes in one call: three 16 KiB batches' worth, cut where each is full
+    many = [(b"m", b'{"n":%d,"pad":"%s"}' % (n, b"p" * 8)) for n in range(1500)]
+    items = [(None, b'{"dead": 1}'), (b"k", big), (b"k", b"small"), (b"k2", b"changelog"), *many]
+    headers = [[("rnnd.reason", b"not_json")], [("h", b"1")], [], [], *([] for _ in many)]
 
     async def body(sink: Sink) -> None:
-        await sink.send_many(topic, items, partitions=[3, 1, 1, 2], headers=headers)
+        await sink.send_many(topic, items, partitions=[3, 1, 1, 2, *(0 for _ in many)], headers=headers)
         assert await sink.flush()
 
     asyncio.run(_with_sink(bootstrap, body, max_batch_size=16 * 1024, max_request_size=1024 * 1024))
-    got = {(r.partition, r.value[:20]): r for r in asyncio.run(_read(bootstrap, topic, len(items)))}
+    records = asyncio.run(_read(bootstrap, topic, len(items)))
+    spread = sorted((r for r in records if r.key == b"m"), key=lambda r: r.offset)
+    assert [r.value for r in spread] == [v for _, v in many] and {r.partition for r in spread} == {0}
+    got = {(r.partition, r.value[:20]): r for r in records if r.key != b"m"}
     assert len(got) == 4
     assert list(got[(3, b'{"dead": 1}')].headers) == [("rnnd.reason", b"not_json")]
     assert got[(3, b'{"dead": 1}')].key is None

@@ -45,6 +45,11 @@ one of them works on one broker and fails on the other. Measured on Tansu 0.6 wi
   and headers, all of which the C record has, so it takes the C records as they are
   (:data:`RAW_RECORDS`, :func:`install_raw_records`). Every other consumer in the process
   still gets ``ConsumerRecord`` objects.
+* A batch from ``producer.create_batch()`` takes records through a Python method per record (a
+  closed check, a serializer call, keyword arguments) around its C builder: 0.22 µs a record,
+  against 0.09 through the builder itself. The sink appends through the builder
+  (:func:`append_records`), which also leaves a batch that is full open, where aiokafka's
+  method closes it.
 * aiokafka has no public way to ask a consumer for the partitions of all topics (its
   ``topics()`` keeps only the names), to read what a producer already knows about a topic's
   partitions without a request, to send one small request to any broker, or to ask a
@@ -282,3 +287,27 @@ def install_raw_records() -> bool:
 
 def _as_is(tp: Any, record: Any) -> Any:
     return record
+
+
+_NO_HEADERS: list[tuple[str, bytes]] = []  # never mutated: the builder only iterates it
+
+
+def append_records(batch: Any, items: Sequence[tuple], headers: Sequence[list[tuple[str, bytes]]] | None,
+                   timestamp: int, start: int = 0) -> int:
+    """Append ``items[start:]`` ((key, value, ...) tuples, one header list each if ``headers``) to an
+    aiokafka ``BatchBuilder`` until it is full; how many it took (0: ``items[start]`` does not fit).
+
+    Through the batch's C builder, as ``BatchBuilder.append`` does, keeping its record count: the
+    batch is then sent as any other (``close``, ``send_batch``).
+    """
+    append = batch._builder.append
+    offset = batch._relative_offset
+    i, n = start, len(items)
+    while i < n:
+        item = items[i]
+        if append(offset, timestamp, item[0], item[1], headers[i] if headers is not None else _NO_HEADERS) is None:
+            break
+        offset += 1
+        i += 1
+    batch._relative_offset = offset
+    return i - start

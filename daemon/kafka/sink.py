@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from .quirks import known_partition_count
+from .quirks import append_records, known_partition_count
 
 __all__ = ["Headers", "Sink", "default_partition"]
 
@@ -209,22 +209,28 @@ class Sink:
             fut.add_done_callback(settle)
 
         for (items, headers, ts, _), w in zip(entries, waiters, strict=True):
-            for i, item in enumerate(items):
-                h = headers[i] if headers is not None else _NO_HEADERS
+            i, n = 0, len(items)
+            while i < n:
                 if batch is None:
                     batch, members = producer.create_batch(), []
-                if batch.append(key=item[0], value=item[1], timestamp=ts, headers=h) is None:
-                    if members:  # full: this one goes out, the record starts the next
-                        batch.close()
-                        await submit(producer.send_batch(batch, topic, partition=partition), members)
-                        batch, members = producer.create_batch(), []
-                    if batch.append(key=item[0], value=item[1], timestamp=ts, headers=h) is None:
-                        # larger than a batch: the producer's own path sizes (or refuses) it
-                        await submit(producer.send(topic, value=item[1], key=item[0], headers=h or None,
-                                                   partition=partition, timestamp_ms=ts), [w])
-                        continue
-                if not members or members[-1] is not w:
-                    members.append(w)
+                taken = append_records(batch, items, headers, ts, i)
+                if taken:
+                    i += taken
+                    if not members or members[-1] is not w:
+                        members.append(w)
+                    if i == n:
+                        break
+                if members:  # full: it goes out, and items[i] starts the next
+                    batch.close()
+                    await submit(producer.send_batch(batch, topic, partition=partition), members)
+                    batch = None
+                    continue
+                # larger than an empty batch: the producer's own path sizes (or refuses) it
+                key, value = items[i][0], items[i][1]
+                h = (headers[i] or None) if headers is not None else None
+                await submit(producer.send(topic, value=value, key=key, headers=h, partition=partition,
+                                           timestamp_ms=ts), [w])
+                i += 1
         if batch is not None and members:
             batch.close()  # complete: sent at once, no linger
             await submit(producer.send_batch(batch, topic, partition=partition), members)
@@ -303,7 +309,6 @@ class Sink:
         return sum(len(s[3]) for s in self._sent if not s[0].done())
 
 
-_NO_HEADERS: Headers = []  # never mutated: aiokafka only iterates it
 _MAX_QUEUED = 256  # send_many calls' records waiting for their pumps before send_many waits
 
 
