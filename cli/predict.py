@@ -36,7 +36,7 @@ import orjson
 
 from rnnd.daemon import config, security
 from rnnd.daemon.errors import RnndError
-from rnnd.daemon.kafka.sink import default_partition
+from rnnd.daemon.kafka.sink import default_partitions
 from rnnd.daemon.local import DEFAULT_TOPIC, Session
 from rnnd.tools import (
     MessageSource,
@@ -125,7 +125,8 @@ def predict(args: argparse.Namespace) -> int:
             asyncio.run(_score_topic(args, cfg.bootstrap_servers, kafka_security(args), scorer))
         else:
             for chunk in _chunks(source, CHUNK):
-                scorer.score([(m.key, m.value, default_partition(m.key, args.partitions), None, None) for m in chunk])
+                where = default_partitions([m.key for m in chunk], args.partitions)
+                scorer.score([(m.key, m.value, p, None, None) for m, p in zip(chunk, where, strict=True)])
         out.flush()
     where = f" -> {args.output}" if args.output else ""
     summary = f"rnnd predict: {scorer.messages:,} messages, {scorer.predictions:,} predictions{where}"
