@@ -18,6 +18,15 @@
     On a GPU the second saves two transfers of the state per call; on the CPU it is the same
     work through more ONNX Runtime calls, so this measures what the device path costs there.
 
+``python -m bench.ceilings pipeline --model M --messages 100000 --keys 10000``
+    The daemon's pipeline alone, per message: ``accept_many → plan → execute → finish`` (the
+    code ``rnnd serve`` runs between its consumer and producer) over the wide workload's
+    messages, fed as the daemon is fed: real record batches parsed by aiokafka's fetcher code
+    (the C records the daemon takes, ``kafka.quirks``), fetches of ``fetch_max_records`` per
+    partition taken in slices of the fetcher's ``INTAKE_SLICE``, a round after each slice, the
+    daemon's GC threshold. µs per message for each stage and in all, best of ``--repeat``: the
+    Python the event loop runs for each message, without the Kafka client's I/O and the sink.
+
 Each prints one JSON document on stdout.
 """
 
@@ -165,6 +174,92 @@ def memory(model: str, streams: int) -> dict[str, Any]:
             "slot_alloc_us": alloc_s / streams * 1e6, "active": st.active}
 
 
+def pipeline(model: str, messages: int, keys: int, repeat: int) -> dict[str, Any]:
+    from aiokafka.consumer import fetcher
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    from bench.common import ModelInfo
+    from bench.workloads import Data
+    from rnnd.daemon.config import ServeConfig
+    from rnnd.daemon.kafka import install_raw_records
+    from rnnd.daemon.kafka.quirks import RAW_RECORDS
+    from rnnd.daemon.kafka.sink import default_partitions
+    from rnnd.daemon.pipeline import pipeline_for
+    from rnnd.daemon.runtime import open_served
+    from rnnd.daemon.service.budgets import INTAKE_SLICE
+
+    install_raw_records()
+    cfg = ServeConfig(model=model, input_topic="in", output_topic="out", changelog=False).validate()
+    bundle = open_served(cfg.model, cfg)[0]
+    items = list(Data("numeric", keys, messages, 1, seed=1, key_prefix="dev-").items(ModelInfo.load(model).spec))
+    parts = 4
+    by_partition: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in range(parts)}
+    for (k, v), p in zip(items, default_partitions([k for k, _ in items], parts), strict=True):
+        by_partition[p].append((k, v))
+    fetch = cfg.fetch_max_records
+    fetches: dict[int, list[tuple[int, bytes]]] = {}  # partition -> (first offset, record batch bytes)
+    for p, kv in by_partition.items():
+        fetches[p] = []
+        for first in range(0, len(kv), fetch):
+            builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 30)
+            for i, (k, v) in enumerate(kv[first:first + fetch]):
+                builder.append(i, 1_700_000_000_000, k, v, [])
+            buf = bytearray(builder.build())
+            buf[:8] = first.to_bytes(8, "big")  # the batch's base offset (outside its CRC)
+            fetches[p].append((first, bytes(buf)))
+    gc.set_threshold(cfg.gc_threshold, *gc.get_threshold()[1:])
+    timer = time.perf_counter
+    best: dict[str, float] = {}
+    record_type = ""
+    for _ in range(repeat):
+        line = pipeline_for(bundle, cfg, "in")
+        spent = dict.fromkeys(("parse", "accept_many", "plan", "execute", "finish"), 0.0)
+        outputs = 0
+        gc.collect()
+        t_all = timer()
+
+        for j in range(max(len(f) for f in fetches.values())):
+            for p, batches in fetches.items():
+                if j >= len(batches):
+                    continue
+                first, raw = batches[j]
+                t = timer()
+                records = list(fetcher.PartitionRecords(TopicPartition("in", p), MemoryRecords(raw), [], first, None,
+                                                        RAW_RECORDS, True, 0))  # installed above: the C records
+                record_type = type(records[0]).__name__
+                spent["parse"] += timer() - t
+                for s in range(0, len(records), INTAKE_SLICE):
+                    t = timer()
+                    line.accept_many(p, records[s:s + INTAKE_SLICE])
+                    spent["accept_many"] += timer() - t
+                    outputs += max(0, _round(line, spent))
+        while (n := _round(line, spent)) >= 0:
+            outputs += n
+        spent["total"] = timer() - t_all
+        if outputs != messages:
+            raise RuntimeError(f"{outputs} outputs for {messages} messages")
+        for stage, seconds in spent.items():
+            best[stage] = min(best.get(stage, seconds), seconds)
+    return {"what": "pipeline", "model": bundle.spec.model.ref, "messages": messages, "keys": keys,
+            "repeat": repeat, "record_type": record_type,
+            "us_per_message": {stage: sec / messages * 1e6 for stage, sec in best.items()}}
+
+
+def _round(line: Any, spent: dict[str, float]) -> int:
+    """One round of model calls, each stage timed; its outputs, or -1 when there was nothing to do."""
+    timer = time.perf_counter
+    t = timer()
+    calls = line.plan()
+    spent["plan"] += (t1 := timer()) - t
+    calls = line.execute(calls)
+    spent["execute"] += (t2 := timer()) - t1
+    n = len(line.finish(calls))
+    spent["finish"] += timer() - t2
+    return n if calls else -1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -181,8 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--seconds", type=float, default=0.5)
     r.add_argument("--provider", default="cpu")
     r.add_argument("--capacity", type=int, default=100_000)
+    q = sub.add_parser("pipeline")
+    q.add_argument("--model", required=True)
+    q.add_argument("--messages", type=int, default=100_000)
+    q.add_argument("--keys", type=int, default=10_000)
+    q.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    if args.what == "compute":
+    if args.what == "pipeline":
+        doc = pipeline(args.model, args.messages, args.keys, args.repeat)
+    elif args.what == "compute":
         doc = compute(args.model, [int(b) for b in args.batches.split(",")], args.seconds)
     elif args.what == "arena":
         doc = arena(args.model, [int(b) for b in args.batches.split(",")], args.seconds, args.provider,

@@ -252,6 +252,19 @@ def test_the_arena_ceiling_measures_both_arenas() -> None:
     assert all(r["host_steps_per_s"] > 0 and r["device_steps_per_s"] > 0 for r in doc["results"])
 
 
+def test_the_pipeline_ceiling_answers_every_message_and_splits_its_time_by_stage() -> None:
+    """``python -m bench.ceilings pipeline``: every message answered once (it raises otherwise), and the
+    stages' times within the whole (each measured around its own calls)."""
+    from bench.ceilings import pipeline
+
+    doc = pipeline(str(Path(__file__).parents[1] / "cli" / "demo_bundle" / "sensors.onnx"), 3_000, 300, 1)
+    us = doc["us_per_message"]
+    stages = ("parse", "accept_many", "plan", "execute", "finish")
+    assert doc["messages"] == 3_000 and all(us[k] > 0 for k in (*stages, "total"))
+    assert doc["record_type"] != "ConsumerRecord"  # fed the C records, as the daemon's consumer is
+    assert sum(us[k] for k in stages) <= us["total"]
+
+
 def test_the_device_check_runs_its_cpu_rows_and_says_what_it_did_not_measure(capsys) -> None:
     """``python -m bench.gpu``: the CPU rows of both models, host and device state, and on a machine
     without CUDA (CI) a plain statement that the CUDA rows were not measured. Its fp16 conversion makes a

@@ -159,18 +159,3 @@ def test_records_carry_the_time_they_were_handed_over_not_the_time_the_pump_appe
     assert len(got) == len(items)
     assert all(window[0] <= r.timestamp <= window[1] for r in got), (window, sorted({r.timestamp for r in got}))
 
-
-def test_the_vectorised_partitioner_agrees_with_aiokafkas_murmur2_for_every_key_length() -> None:
-    """``default_partitions`` (numpy, all keys of a length at once) against aiokafka's own partitioner,
-    key by key: lengths 0-70 (every tail of 0-3 bytes), bytes of every value, long keys, and one
-    to 1,000 partitions."""
-    import random
-
-    from rnnd.daemon.kafka.sink import default_partitions
-
-    rng = random.Random(7)
-    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(71))) for _ in range(3000)]
-    keys += [b"", b"\x00", b"\xff" * 300, *(b"dev-%07d" % i for i in range(500))]
-    for n in (1, 2, 3, 4, 7, 64, 1000):
-        expected = [DefaultPartitioner()(k, list(range(n)), list(range(n))) for k in keys]
-        assert default_partitions(keys, n) == expected, n
