@@ -175,22 +175,17 @@ def memory(model: str, streams: int) -> dict[str, Any]:
 
 
 def pipeline(model: str, messages: int, keys: int, repeat: int) -> dict[str, Any]:
-    from aiokafka.consumer import fetcher
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
-    from aiokafka.record.memory_records import MemoryRecords
-    from aiokafka.structs import TopicPartition
 
     from bench.common import ModelInfo
     from bench.workloads import Data
     from rnnd.daemon.config import ServeConfig
-    from rnnd.daemon.kafka import install_raw_records
-    from rnnd.daemon.kafka.quirks import RAW_RECORDS
+    from rnnd.daemon.kafka.quirks import fetched_records
     from rnnd.daemon.kafka.sink import default_partitions
     from rnnd.daemon.pipeline import pipeline_for
     from rnnd.daemon.runtime import open_served
     from rnnd.daemon.service.budgets import INTAKE_SLICE
 
-    install_raw_records()
     cfg = ServeConfig(model=model, input_topic="in", output_topic="out", changelog=False).validate()
     bundle = open_served(cfg.model, cfg)[0]
     items = list(Data("numeric", keys, messages, 1, seed=1, key_prefix="dev-").items(ModelInfo.load(model).spec))
@@ -226,8 +221,7 @@ def pipeline(model: str, messages: int, keys: int, repeat: int) -> dict[str, Any
                     continue
                 first, raw = batches[j]
                 t = timer()
-                records = list(fetcher.PartitionRecords(TopicPartition("in", p), MemoryRecords(raw), [], first, None,
-                                                        RAW_RECORDS, True, 0))  # installed above: the C records
+                records = fetched_records("in", p, raw, first)
                 record_type = type(records[0]).__name__
                 spent["parse"] += timer() - t
                 for s in range(0, len(records), INTAKE_SLICE):

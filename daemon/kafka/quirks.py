@@ -289,6 +289,19 @@ def _as_is(tp: Any, record: Any) -> Any:
     return record
 
 
+def fetched_records(topic: str, partition: int, data: bytes, offset: int) -> list[Any]:
+    """The records a marked consumer's fetch yields for ``data`` (record batches as a fetch
+    response holds them, the first at ``offset``): aiokafka's fetcher code, C records. For
+    measuring the intake without a broker (``bench.ceilings pipeline``)."""
+    from aiokafka.consumer import fetcher
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    install_raw_records()
+    return list(fetcher.PartitionRecords(TopicPartition(topic, partition), MemoryRecords(data), [], offset, None,
+                                         RAW_RECORDS, True, 0))
+
+
 _NO_HEADERS: list[tuple[str, bytes]] = []  # never mutated: the builder only iterates it
 
 
