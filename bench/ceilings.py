@@ -214,7 +214,6 @@ def pipeline(model: str, messages: int, keys: int, repeat: int) -> dict[str, Any
         outputs = 0
         gc.collect()
         t_all = timer()
-
         for j in range(max(len(f) for f in fetches.values())):
             for p, batches in fetches.items():
                 if j >= len(batches):
@@ -222,8 +221,8 @@ def pipeline(model: str, messages: int, keys: int, repeat: int) -> dict[str, Any
                 first, raw = batches[j]
                 t = timer()
                 records = fetched_records("in", p, raw, first)
-                record_type = type(records[0]).__name__
                 spent["parse"] += timer() - t
+                record_type = type(records[0]).__name__
                 for s in range(0, len(records), INTAKE_SLICE):
                     t = timer()
                     line.accept_many(p, records[s:s + INTAKE_SLICE])

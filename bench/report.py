@@ -285,7 +285,7 @@ def _worker_room(one: dict[str, Any], nproc: int) -> int:
     if not seconds or not one.get("cpu_s"):
         return 0
     worker, broker = one["cpu_s"] / seconds, one.get("broker_cpu_s", 0.0) / seconds
-    return max(1, int((nproc - broker) / worker)) if worker > 0 else 0
+    return max(1, int((nproc - broker) / worker))
 
 
 def _verdict(t: dict[str, Any]) -> str:

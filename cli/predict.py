@@ -125,8 +125,8 @@ def predict(args: argparse.Namespace) -> int:
             asyncio.run(_score_topic(args, cfg.bootstrap_servers, kafka_security(args), scorer))
         else:
             for chunk in _chunks(source, CHUNK):
-                where = default_partitions([m.key for m in chunk], args.partitions)
-                scorer.score([(m.key, m.value, p, None, None) for m, p in zip(chunk, where, strict=True)])
+                placed = default_partitions([m.key for m in chunk], args.partitions)
+                scorer.score([(m.key, m.value, p, None, None) for m, p in zip(chunk, placed, strict=True)])
         out.flush()
     where = f" -> {args.output}" if args.output else ""
     summary = f"rnnd predict: {scorer.messages:,} messages, {scorer.predictions:,} predictions{where}"
